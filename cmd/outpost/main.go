@@ -1,0 +1,274 @@
+// Command outpost is the Outpost edge agent.
+//
+//	outpost run [flags]              run the agent
+//	outpost config validate FILE     check a configuration file
+//	outpost config print [FILE]      print the effective configuration
+//	outpost version                  print the version
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/outpost-edge/outpost/runtime"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `Outpost: the edge agent (local MQTT broker, durable store-and-forward, uplink).
+
+Usage:
+  outpost run [flags]              run the agent (see 'outpost run -h')
+  outpost config validate FILE     check a configuration file, report every problem
+  outpost config print [FILE]      print the effective configuration (defaults filled in)
+  outpost version                  print the version
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(args[1:], stdout, stderr)
+	case "config":
+		return cmdConfig(args[1:], stdout, stderr)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "outpost", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "outpost: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}
+
+// runFlags are the flags of 'outpost run'. Each can also be set with an
+// OUTPOST_* environment variable (OUTPOST_UPSTREAM for --upstream); a flag
+// on the command line wins.
+type runFlags struct {
+	config, listen, data, upstream, deviceID, durability, logLevel, logFormat string
+	hints                                                                     bool
+}
+
+func parseRunFlags(args []string, stderr io.Writer) (*runFlags, error) {
+	fs := flag.NewFlagSet("outpost run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f := &runFlags{}
+	fs.StringVar(&f.config, "config", "", "YAML configuration `file` (default: embedded defaults)")
+	fs.StringVar(&f.listen, "listen", "", "local broker `address`, replaces the configured listeners (default 127.0.0.1:1883)")
+	fs.StringVar(&f.data, "data", "", "data `directory` (default ./data)")
+	fs.StringVar(&f.upstream, "upstream", "", "upstream broker `URL`, mqtt://host:port or mqtts://host:port (default: none, store only)")
+	fs.StringVar(&f.deviceID, "device-id", "", "device `id` used upstream (default: host name)")
+	fs.StringVar(&f.durability, "durability", "", "process (survives kill -9) or fsync (survives power loss)")
+	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error")
+	fs.StringVar(&f.logFormat, "log-format", "", "auto, text or json")
+	fs.BoolVar(&f.hints, "hints", false, "print what to try once the agent is ready")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: outpost run [flags]\n\nFlags (each also as an environment variable: --upstream is OUTPOST_UPSTREAM):")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	var envErr error
+	fs.VisitAll(func(fl *flag.Flag) {
+		env := "OUTPOST_" + strings.ToUpper(strings.ReplaceAll(fl.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && !set[fl.Name] {
+			if err := fl.Value.Set(v); err != nil {
+				envErr = errors.Join(envErr, fmt.Errorf("%s: %w", env, err))
+			}
+		}
+	})
+	return f, envErr
+}
+
+// loadConfig builds the effective configuration: defaults, then the file,
+// then the flags.
+func (f *runFlags) loadConfig() (runtime.Config, error) {
+	cfg := runtime.DefaultConfig()
+	if f.config != "" {
+		var err error
+		if cfg, err = runtime.LoadConfig(f.config); err != nil {
+			return cfg, err
+		}
+	}
+	if f.listen != "" {
+		cfg.Broker.Listeners = []runtime.ListenerConfig{{Address: f.listen}}
+	}
+	if f.data != "" {
+		cfg.DataDir = f.data
+	}
+	if f.upstream != "" {
+		cfg.Uplink.URL = f.upstream
+	}
+	if f.deviceID != "" {
+		cfg.DeviceID = f.deviceID
+	}
+	if f.durability != "" {
+		cfg.Storage.Durability = f.durability
+	}
+	if f.logLevel != "" {
+		cfg.Log.Level = f.logLevel
+	}
+	if f.logFormat != "" {
+		cfg.Log.Format = f.logFormat
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, fmt.Errorf("config: %w", err)
+	}
+	return cfg, nil
+}
+
+func cmdRun(args []string, stdout, stderr io.Writer) int {
+	f, err := parseRunFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "outpost run:", err)
+		return 2
+	}
+	cfg, err := f.loadConfig()
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost run: %s\n", indentErr(err))
+		return 2
+	}
+	log := newLogger(cfg.Log, stderr)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	agent, err := runtime.New(cfg, log)
+	if err != nil {
+		log.Error("cannot start", "error", err)
+		return 1
+	}
+	if err := agent.Start(); err != nil {
+		log.Error("cannot start", "error", err)
+		_ = agent.Close(context.Background())
+		return 1
+	}
+	if f.hints {
+		printHints(stdout, cfg, agent.BrokerAddrs()[0])
+	}
+	<-ctx.Done()
+	stop()
+	log.Info("shutting down (signal again to force)")
+	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := agent.Close(closeCtx); err != nil {
+		log.Error("shutdown", "error", err)
+		return 1
+	}
+	return 0
+}
+
+func printHints(w io.Writer, cfg runtime.Config, addr string) {
+	host, port, _ := strings.Cut(addr, ":")
+	up := "none: messages are stored in " + cfg.DataDir + " until an uplink is configured"
+	if cfg.Uplink.URL != "" {
+		up = cfg.Uplink.URL
+	}
+	fmt.Fprintf(w, `
+Outpost is running.
+  local broker  %s
+  uplink        %s
+  device id     %s
+
+Try, in another terminal:
+  mosquitto_sub -h %s -p %s -t 'plant/#' -v                    # a local subscriber
+  mosquitto_pub -h %s -p %s -q 1 -t plant/line1/temp -m 21.5   # stored, then forwarded
+  bin/outpost run --upstream mqtt://BROKER:1883                 # forward to any MQTT 5 broker,
+                                                                # under outpost/%s/...
+Stop with Ctrl-C: the backlog stays in %s and drains on the next start.
+`, addr, up, cfg.DeviceID, host, port, host, port, cfg.DeviceID, cfg.DataDir)
+}
+
+func cmdConfig(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, "usage: outpost config validate FILE | outpost config print [FILE]\n")
+		return 2
+	}
+	switch args[0] {
+	case "validate":
+		if len(args) != 2 {
+			fmt.Fprint(stderr, "usage: outpost config validate FILE\n")
+			return 2
+		}
+		if _, err := runtime.LoadConfig(args[1]); err != nil {
+			fmt.Fprintf(stderr, "%s\n", indentErr(err))
+			return 1
+		}
+		fmt.Fprintf(stdout, "%s: valid\n", args[1])
+		return 0
+	case "print":
+		cfg := runtime.DefaultConfig()
+		if len(args) == 2 {
+			var err error
+			if cfg, err = runtime.LoadConfig(args[1]); err != nil {
+				fmt.Fprintf(stderr, "%s\n", indentErr(err))
+				return 1
+			}
+		}
+		if cfg.Uplink.Password != "" {
+			cfg.Uplink.Password = "<redacted>"
+		}
+		enc := yaml.NewEncoder(stdout)
+		enc.SetIndent(2)
+		if err := enc.Encode(cfg); err != nil {
+			fmt.Fprintln(stderr, "outpost config print:", err)
+			return 1
+		}
+		return 0
+	default:
+		fmt.Fprintf(stderr, "outpost config: unknown subcommand %q\n", args[0])
+		return 2
+	}
+}
+
+// indentErr puts each joined error on its own line.
+func indentErr(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}
+
+func newLogger(c runtime.LogConfig, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	format := c.Format
+	if format == "auto" {
+		format = "json"
+		if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+			format = "text"
+		}
+	}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}

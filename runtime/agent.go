@@ -1,0 +1,217 @@
+// Package runtime wires Outpost's parts into one agent: the local broker,
+// the router, the outbox and the uplink. It owns configuration and
+// lifecycle; the parts live in their own packages.
+package runtime
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/outpost-edge/outpost/runtime/broker"
+	"github.com/outpost-edge/outpost/runtime/dialect/generic"
+	"github.com/outpost-edge/outpost/runtime/router"
+	"github.com/outpost-edge/outpost/runtime/uplink"
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// Agent is one running Outpost: build it with New, then Start, then Close.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	outbox *storage.Outbox
+	broker *broker.Broker
+	uplink *uplink.Uplink // nil when no uplink is configured
+}
+
+// Status is a snapshot of the agent's state.
+type Status struct {
+	Broker broker.Stats
+	Outbox storage.Stats
+	Uplink *uplink.Stats // nil when no uplink is configured
+}
+
+// New opens the store and binds the broker's listeners. cfg must be valid
+// (see Config.Validate). log nil = discard.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("runtime: invalid config: %w", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	a := &Agent{cfg: cfg, log: log}
+
+	routes := make([]storage.Route, len(cfg.Routes))
+	rules := make([]router.Rule, len(cfg.Routes))
+	for i, r := range cfg.Routes {
+		routes[i] = storage.Route{Name: r.Name, Priority: r.Priority, TTL: time.Duration(r.TTL)}
+		rules[i] = router.Rule{Route: r.Name, Match: r.Match}
+	}
+	rt, err := router.New(rules)
+	if err != nil {
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+	durability := storage.DurabilityProcess
+	if cfg.Storage.Durability == "fsync" {
+		durability = storage.DurabilityFsync
+	}
+	whenFull := storage.DropOldest
+	if cfg.Storage.WhenFull == "reject_new" {
+		whenFull = storage.RejectNew
+	}
+	a.outbox, err = storage.Open(storage.Options{
+		Dir:         filepath.Join(cfg.DataDir, "outbox"),
+		Durability:  durability,
+		Routes:      routes,
+		MaxBytes:    int64(cfg.Storage.MaxBytes),
+		MaxMessages: cfg.Storage.MaxMessages,
+		WhenFull:    whenFull,
+		TTL:         time.Duration(cfg.Storage.TTL),
+		Logger:      log.With("component", "storage"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+
+	listeners := make([]broker.Listener, len(cfg.Broker.Listeners))
+	for i, l := range cfg.Broker.Listeners {
+		listeners[i] = broker.Listener{Address: l.Address, AllowAnonymous: l.AllowAnonymous}
+	}
+	a.broker, err = broker.New(broker.Options{
+		Listeners:     listeners,
+		MaxPacketSize: uint32(cfg.Broker.MaxPacketSize),
+		Route:         rt.Match,
+		Store:         a.outbox.Append,
+		Logger:        log.With("component", "broker"),
+	})
+	if err != nil {
+		_ = a.outbox.Close()
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+
+	if cfg.Uplink.URL != "" {
+		a.uplink, err = newUplink(cfg, a.outbox, log.With("component", "uplink"))
+		if err != nil {
+			_ = a.broker.Close()
+			_ = a.outbox.Close()
+			return nil, fmt.Errorf("runtime: %w", err)
+		}
+	}
+	return a, nil
+}
+
+func newUplink(cfg Config, src uplink.Source, log *slog.Logger) (*uplink.Uplink, error) {
+	u := cfg.Uplink
+	target, err := ParseUplinkURL(u.URL)
+	if err != nil {
+		return nil, fmt.Errorf("uplink.url: %w", err)
+	}
+	var tlsCfg *tls.Config
+	if target.Scheme == "mqtts" {
+		tlsCfg, err = loadTLS(u.TLS)
+		if err != nil {
+			return nil, err
+		}
+	}
+	clientID := u.ClientID
+	if clientID == "" {
+		clientID = "outpost-" + cfg.DeviceID
+	}
+	d := generic.New(u.TopicPrefix, cfg.DeviceID)
+	return uplink.New(uplink.Options{
+		URL:            target,
+		TLS:            tlsCfg,
+		ClientID:       clientID,
+		Username:       u.Username,
+		Password:       []byte(u.Password),
+		KeepAlive:      time.Duration(u.KeepAlive),
+		ConnectTimeout: time.Duration(u.ConnectTimeout),
+		BackoffMin:     time.Duration(u.BackoffMin),
+		BackoffMax:     time.Duration(u.BackoffMax),
+		StallTimeout:   time.Duration(u.StallTimeout),
+		Source:         src,
+		Topic:          func(m *storage.Message) string { return d.TelemetryTopic(m.Topic) },
+		Logger:         log,
+	})
+}
+
+func loadTLS(c TLSConfig) (*tls.Config, error) {
+	t := &tls.Config{ServerName: c.ServerName, InsecureSkipVerify: c.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("uplink.tls.ca_file: %w", err)
+		}
+		t.RootCAs = x509.NewCertPool()
+		if !t.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("uplink.tls.ca_file: %s holds no PEM certificate", c.CAFile)
+		}
+	}
+	if c.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("uplink.tls.cert_file: %w", err)
+		}
+		t.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
+}
+
+// Start serves the local broker and starts the uplink.
+func (a *Agent) Start() error {
+	if err := a.broker.Start(); err != nil {
+		return fmt.Errorf("runtime: %w", err)
+	}
+	if a.uplink != nil {
+		if err := a.uplink.Start(); err != nil {
+			return fmt.Errorf("runtime: %w", err)
+		}
+	} else {
+		a.log.Warn("no uplink configured (uplink.url): messages are stored until one is")
+	}
+	st := a.outbox.Stats()
+	a.log.Info("outpost ready", "device_id", a.cfg.DeviceID, "data_dir", a.cfg.DataDir,
+		"durability", a.cfg.Storage.Durability, "backlog", st.Messages)
+	return nil
+}
+
+// BrokerAddrs returns the bound addresses of the local broker's listeners.
+func (a *Agent) BrokerAddrs() []string { return a.broker.Addrs() }
+
+// Status returns a snapshot of the agent's counters.
+func (a *Agent) Status() Status {
+	s := Status{Broker: a.broker.Stats(), Outbox: a.outbox.Stats()}
+	if a.uplink != nil {
+		us := a.uplink.Stats()
+		s.Uplink = &us
+	}
+	return s
+}
+
+// Close shuts down in order: stop accepting local publishes, let the uplink
+// collect the acknowledgements of what is in flight (bounded by ctx), close
+// the store.
+func (a *Agent) Close(ctx context.Context) error {
+	var errs []error
+	if err := a.broker.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if a.uplink != nil {
+		if err := a.uplink.Close(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	st := a.outbox.Stats()
+	if err := a.outbox.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	a.log.Info("outpost stopped", "backlog", st.Messages)
+	return errors.Join(errs...)
+}

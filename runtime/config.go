@@ -1,0 +1,373 @@
+package runtime
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/outpost-edge/outpost/runtime/router"
+)
+
+// Config is the agent's configuration: one YAML file (snake_case keys),
+// decoded over the embedded defaults, then validated as a whole.
+type Config struct {
+	// DeviceID names this gateway upstream. Default: the host name.
+	DeviceID string        `yaml:"device_id"`
+	DataDir  string        `yaml:"data_dir"` // default ./data
+	Log      LogConfig     `yaml:"log"`
+	Broker   BrokerConfig  `yaml:"broker"`
+	Storage  StorageConfig `yaml:"storage"`
+	Routes   []RouteConfig `yaml:"routes"`
+	Uplink   UplinkConfig  `yaml:"uplink"`
+}
+
+// LogConfig configures logging.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // auto (text on a terminal, else JSON), text, json
+}
+
+// BrokerConfig configures the local broker.
+type BrokerConfig struct {
+	Listeners     []ListenerConfig `yaml:"listeners"`
+	MaxPacketSize ByteSize         `yaml:"max_packet_size"` // 0 = no limit
+}
+
+// ListenerConfig is one TCP listener.
+type ListenerConfig struct {
+	Address string `yaml:"address"`
+	// AllowAnonymous admits clients without credentials on a non-loopback
+	// address. Loopback listeners always admit them.
+	AllowAnonymous bool `yaml:"allow_anonymous"`
+}
+
+// StorageConfig configures the outbox.
+type StorageConfig struct {
+	Durability  string   `yaml:"durability"` // process, fsync
+	MaxBytes    ByteSize `yaml:"max_bytes"`  // 0 = no cap
+	MaxMessages int64    `yaml:"max_messages"`
+	WhenFull    string   `yaml:"when_full"` // drop_oldest, reject_new
+	TTL         Duration `yaml:"ttl"`       // 0 = messages do not expire
+}
+
+// RouteConfig is one outbox route: the local topics it takes, its priority
+// and the time to live of its messages.
+type RouteConfig struct {
+	Name     string   `yaml:"name"`
+	Match    []string `yaml:"match"`
+	Priority int      `yaml:"priority"`
+	TTL      Duration `yaml:"ttl"`
+}
+
+// UplinkConfig configures the upstream connection.
+type UplinkConfig struct {
+	Dialect string `yaml:"dialect"` // generic
+	// URL of the upstream broker, mqtt://host:port or mqtts://host:port.
+	// Empty: no uplink, messages are stored until one is configured.
+	URL      string    `yaml:"url"`
+	ClientID string    `yaml:"client_id"` // default outpost-{device_id}
+	Username string    `yaml:"username"`
+	Password string    `yaml:"password"`
+	TLS      TLSConfig `yaml:"tls"`
+	// TopicPrefix is put before each local topic upstream; {device_id} is
+	// replaced. Default "outpost/{device_id}/".
+	TopicPrefix    string   `yaml:"topic_prefix"`
+	KeepAlive      Duration `yaml:"keep_alive"`
+	ConnectTimeout Duration `yaml:"connect_timeout"`
+	BackoffMin     Duration `yaml:"backoff_min"`
+	BackoffMax     Duration `yaml:"backoff_max"`
+	StallTimeout   Duration `yaml:"stall_timeout"`
+}
+
+// TLSConfig configures mqtts:// connections.
+type TLSConfig struct {
+	CAFile             string `yaml:"ca_file"`
+	CertFile           string `yaml:"cert_file"`
+	KeyFile            string `yaml:"key_file"`
+	ServerName         string `yaml:"server_name"`
+	InsecureSkipVerify bool   `yaml:"insecure_skip_verify"`
+}
+
+// DefaultConfig returns the embedded defaults: a local broker on
+// 127.0.0.1:1883, data in ./data, one route for every topic, no uplink.
+func DefaultConfig() Config {
+	host, _ := os.Hostname()
+	return Config{
+		DeviceID: sanitizeID(host),
+		DataDir:  "./data",
+		Log:      LogConfig{Level: "info", Format: "auto"},
+		Broker: BrokerConfig{
+			Listeners:     []ListenerConfig{{Address: "127.0.0.1:1883"}},
+			MaxPacketSize: 1 << 20,
+		},
+		Storage: StorageConfig{
+			Durability: "process",
+			MaxBytes:   1 << 30,
+			WhenFull:   "drop_oldest",
+		},
+		Routes: []RouteConfig{{Name: "telemetry", Match: []string{"#"}}},
+		Uplink: UplinkConfig{
+			Dialect:        "generic",
+			TopicPrefix:    "outpost/{device_id}/",
+			KeepAlive:      Duration(30 * time.Second),
+			ConnectTimeout: Duration(10 * time.Second),
+			BackoffMin:     Duration(500 * time.Millisecond),
+			BackoffMax:     Duration(30 * time.Second),
+			StallTimeout:   Duration(30 * time.Second),
+		},
+	}
+}
+
+var idUnsafe = regexp.MustCompile(`[^A-Za-z0-9._-]`)
+
+func sanitizeID(s string) string {
+	s = idUnsafe.ReplaceAllString(s, "-")
+	if s == "" {
+		return "outpost"
+	}
+	return s
+}
+
+// LoadConfig reads the YAML file at path over the defaults and validates
+// the result. Unknown keys are errors.
+func LoadConfig(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	cfg, err := ParseConfig(b)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig decodes YAML over the defaults and validates the result.
+func ParseConfig(b []byte) (Config, error) {
+	cfg := DefaultConfig()
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// Validate reports every problem of the configuration at once, each naming
+// the key and what is allowed.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	oneOf := func(key, v string, allowed ...string) {
+		for _, a := range allowed {
+			if v == a {
+				return
+			}
+		}
+		bad(key, "%q is not one of %s", v, strings.Join(allowed, ", "))
+	}
+
+	if c.DeviceID == "" {
+		bad("device_id", "must not be empty")
+	} else if idUnsafe.MatchString(c.DeviceID) || len(c.DeviceID) > 128 {
+		bad("device_id", "%q: use 1 to 128 of A-Z a-z 0-9 . _ -", c.DeviceID)
+	}
+	if c.DataDir == "" {
+		bad("data_dir", "must not be empty")
+	}
+	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
+	oneOf("log.format", c.Log.Format, "auto", "text", "json")
+
+	if len(c.Broker.Listeners) == 0 {
+		bad("broker.listeners", "at least one listener is required")
+	}
+	for i, l := range c.Broker.Listeners {
+		if _, port, err := net.SplitHostPort(l.Address); err != nil {
+			bad(fmt.Sprintf("broker.listeners[%d].address", i), "%q is not host:port (%v)", l.Address, err)
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad(fmt.Sprintf("broker.listeners[%d].address", i), "%q: port must be 0 to 65535", l.Address)
+		}
+	}
+	if c.Broker.MaxPacketSize < 0 || c.Broker.MaxPacketSize > 268435455 {
+		bad("broker.max_packet_size", "%d is out of range (0 = no limit, at most 268435455 bytes)", c.Broker.MaxPacketSize)
+	}
+
+	oneOf("storage.durability", c.Storage.Durability, "process", "fsync")
+	oneOf("storage.when_full", c.Storage.WhenFull, "drop_oldest", "reject_new")
+	if c.Storage.MaxBytes < 0 {
+		bad("storage.max_bytes", "must not be negative")
+	} else if c.Storage.MaxBytes > 0 && c.Storage.MaxBytes < 1<<20 {
+		bad("storage.max_bytes", "%d bytes is below the 1MiB minimum (0 = no cap)", c.Storage.MaxBytes)
+	}
+	if c.Storage.MaxMessages < 0 {
+		bad("storage.max_messages", "must not be negative (0 = no cap)")
+	}
+	if c.Storage.TTL < 0 {
+		bad("storage.ttl", "must not be negative (0 = no expiry)")
+	}
+
+	if len(c.Routes) == 0 {
+		bad("routes", "at least one route is required")
+	}
+	seen := map[string]bool{}
+	for i, r := range c.Routes {
+		key := fmt.Sprintf("routes[%d]", i)
+		switch {
+		case r.Name == "":
+			bad(key+".name", "must not be empty")
+		case len(r.Name) > 64:
+			bad(key+".name", "%q is longer than 64 bytes", r.Name)
+		case seen[r.Name]:
+			bad(key+".name", "%q is used by another route", r.Name)
+		}
+		seen[r.Name] = true
+		if len(r.Match) == 0 {
+			bad(key+".match", "at least one topic filter is required")
+		}
+		for j, f := range r.Match {
+			if err := router.ValidFilter(f); err != nil {
+				bad(fmt.Sprintf("%s.match[%d]", key, j), "%v", err)
+			}
+		}
+		if r.TTL < 0 {
+			bad(key+".ttl", "must not be negative")
+		}
+	}
+
+	u := &c.Uplink
+	oneOf("uplink.dialect", u.Dialect, "generic")
+	if u.URL != "" {
+		if _, err := ParseUplinkURL(u.URL); err != nil {
+			bad("uplink.url", "%v", err)
+		}
+	}
+	if strings.ContainsAny(u.TopicPrefix, "#+") {
+		bad("uplink.topic_prefix", "%q must not contain wildcards", u.TopicPrefix)
+	}
+	for key, d := range map[string]Duration{
+		"uplink.keep_alive": u.KeepAlive, "uplink.connect_timeout": u.ConnectTimeout,
+		"uplink.backoff_min": u.BackoffMin, "uplink.backoff_max": u.BackoffMax,
+		"uplink.stall_timeout": u.StallTimeout,
+	} {
+		if d <= 0 {
+			bad(key, "must be a positive duration such as 30s")
+		}
+	}
+	if u.KeepAlive > 0 && (u.KeepAlive < Duration(time.Second) || u.KeepAlive > Duration(65535*time.Second)) {
+		bad("uplink.keep_alive", "%s is out of range (1s to 18h12m15s)", time.Duration(u.KeepAlive))
+	}
+	if u.BackoffMax <= u.BackoffMin {
+		bad("uplink.backoff_max", "%s must be above uplink.backoff_min %s", time.Duration(u.BackoffMax), time.Duration(u.BackoffMin))
+	}
+	if (u.TLS.CertFile == "") != (u.TLS.KeyFile == "") {
+		bad("uplink.tls", "cert_file and key_file go together")
+	}
+	return errors.Join(errs...)
+}
+
+// ParseUplinkURL checks an upstream URL: mqtt:// or mqtts://, a host and a
+// port.
+func ParseUplinkURL(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("%q is not a URL: %v", s, err)
+	}
+	switch u.Scheme {
+	case "mqtt", "mqtts":
+	default:
+		return nil, fmt.Errorf("%q: scheme must be mqtt or mqtts", u.Redacted())
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("%q: no host", u.Redacted())
+	}
+	p, err := strconv.Atoi(u.Port())
+	if err != nil || p < 1 || p > 65535 {
+		return nil, fmt.Errorf("%q: a port from 1 to 65535 is required, as in mqtt://broker:1883", u.Redacted())
+	}
+	if u.Path != "" && u.Path != "/" {
+		return nil, fmt.Errorf("%q: a path is not allowed", u.Redacted())
+	}
+	return u, nil
+}
+
+// Duration is a time.Duration written in YAML as a string such as "30s".
+type Duration time.Duration
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: want a duration such as 30s or 24h", n.Line)
+	}
+	if s == "0" {
+		*d = 0
+		return nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration (use 500ms, 30s, 24h)", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration as a string.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// ByteSize is a size in bytes written in YAML as a number or with a unit:
+// "512KiB", "64MiB", "1GiB" (powers of 1024) or "1MB", "1GB" (powers of 1000).
+type ByteSize int64
+
+var sizeUnits = map[string]int64{
+	"": 1, "B": 1,
+	"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+	"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+}
+
+var sizeRe = regexp.MustCompile(`^\s*([0-9]+)\s*([A-Za-z]*)\s*$`)
+
+// ParseByteSize parses "64MiB", "1GB" or "1048576".
+func ParseByteSize(s string) (ByteSize, error) {
+	m := sizeRe.FindStringSubmatch(s)
+	if m == nil {
+		return 0, fmt.Errorf("%q is not a size (use 1048576, 512KiB, 64MiB, 1GiB)", s)
+	}
+	unit, ok := sizeUnits[m[2]]
+	if !ok {
+		return 0, fmt.Errorf("%q: unknown unit %q (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)", s, m[2])
+	}
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	if err != nil || n > (1<<62)/unit {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return ByteSize(n * unit), nil
+}
+
+// UnmarshalYAML parses a size.
+func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: want a size such as 64MiB", n.Line)
+	}
+	v, err := ParseByteSize(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	*b = v
+	return nil
+}

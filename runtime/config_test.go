@@ -1,0 +1,157 @@
+package runtime
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultConfigIsValid(t *testing.T) {
+	cfg := DefaultConfig()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("embedded defaults are invalid: %v", err)
+	}
+	if got := cfg.Broker.Listeners[0].Address; got != "127.0.0.1:1883" {
+		t.Errorf("default listener %q, want 127.0.0.1:1883", got)
+	}
+	if cfg.Uplink.URL != "" {
+		t.Errorf("default uplink %q, want none", cfg.Uplink.URL)
+	}
+}
+
+func TestParseConfig(t *testing.T) {
+	cfg, err := ParseConfig([]byte(`
+device_id: gw-7
+data_dir: /var/lib/outpost
+storage:
+  durability: fsync
+  max_bytes: 64MiB
+  when_full: reject_new
+  ttl: 24h
+routes:
+  - name: alarms
+    match: ["plant/+/alarm"]
+    priority: 5
+    ttl: 1h
+  - name: telemetry
+    match: ["#"]
+uplink:
+  url: mqtts://hub.example:8883
+  backoff_max: 2m
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.DeviceID != "gw-7" || cfg.Storage.Durability != "fsync" || cfg.Storage.MaxBytes != 64<<20 ||
+		time.Duration(cfg.Storage.TTL) != 24*time.Hour || len(cfg.Routes) != 2 || cfg.Routes[0].Priority != 5 ||
+		time.Duration(cfg.Uplink.BackoffMax) != 2*time.Minute {
+		t.Fatalf("decoded %+v", cfg)
+	}
+	// Keys the file did not set keep their defaults.
+	if time.Duration(cfg.Uplink.KeepAlive) != 30*time.Second || cfg.Broker.Listeners[0].Address != "127.0.0.1:1883" {
+		t.Fatalf("defaults lost: %+v", cfg)
+	}
+}
+
+func TestParseConfigEmptyFile(t *testing.T) {
+	if _, err := ParseConfig(nil); err != nil {
+		t.Fatalf("an empty file should mean the defaults: %v", err)
+	}
+}
+
+// TestValidateNamesEveryKey checks that each bad value is reported with its
+// key and what is allowed, and that all problems are reported at once.
+func TestValidateNamesEveryKey(t *testing.T) {
+	tests := []struct {
+		name, yaml string
+		want       []string // substrings of the error
+	}{
+		{"durability", "storage: {durability: sync}", []string{`storage.durability: "sync" is not one of process, fsync`}},
+		{"when_full", "storage: {when_full: block}", []string{`storage.when_full: "block" is not one of drop_oldest, reject_new`}},
+		{"max_bytes unit", "storage: {max_bytes: 10XB}", []string{`unknown unit "XB"`}},
+		{"max_bytes tiny", "storage: {max_bytes: 100}", []string{"storage.max_bytes: 100 bytes is below the 1MiB minimum"}},
+		{"ttl", "storage: {ttl: forever}", []string{`"forever" is not a duration`}},
+		{"url scheme", "uplink: {url: 'http://x:1883'}", []string{"uplink.url", "scheme must be mqtt or mqtts"}},
+		{"url port", "uplink: {url: 'mqtt://broker'}", []string{"uplink.url", "a port from 1 to 65535 is required"}},
+		{"url garbage", "uplink: {url: 'mqtt://[::1'}", []string{"uplink.url", "is not a URL"}},
+		{"listener", "broker: {listeners: [{address: 'localhost'}]}", []string{"broker.listeners[0].address", "is not host:port"}},
+		{"route filter", "routes: [{name: r, match: ['a/#/b']}]", []string{"routes[0].match[0]", "'#' must be the last level"}},
+		{"route dup", "routes: [{name: r, match: ['#']}, {name: r, match: ['x']}]", []string{`routes[1].name: "r" is used by another route`}},
+		{"route no match", "routes: [{name: r}]", []string{"routes[0].match: at least one topic filter is required"}},
+		{"no routes", "routes: []", []string{"routes: at least one route is required"}},
+		{"backoff", "uplink: {backoff_min: 10s, backoff_max: 5s}", []string{"uplink.backoff_max: 5s must be above uplink.backoff_min 10s"}},
+		{"device id", "device_id: 'a b'", []string{`device_id: "a b"`}},
+		{"unknown key", "storage: {durabilty: fsync}", []string{"field durabilty not found"}},
+		{"log level", "log: {level: verbose}", []string{`log.level: "verbose" is not one of debug, info, warn, error`}},
+		{"several at once", "storage: {durability: x, when_full: y}\nlog: {format: xml}", []string{"storage.durability", "storage.when_full", "log.format"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.yaml))
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestLoadConfigNamesFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "outpost.yaml")
+	if err := os.WriteFile(p, []byte("storage: {durability: nope}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadConfig(p)
+	if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "storage.durability") {
+		t.Fatalf("error %v should name the file and the key", err)
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Fatal("missing file accepted")
+	}
+}
+
+func TestParseByteSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want ByteSize
+		ok   bool
+	}{
+		{"1048576", 1 << 20, true},
+		{"512KiB", 512 << 10, true},
+		{"64MiB", 64 << 20, true},
+		{"1GiB", 1 << 30, true},
+		{"1GB", 1e9, true},
+		{" 2 MB ", 2e6, true},
+		{"1.5GiB", 0, false},
+		{"-1", 0, false},
+		{"10 parsecs", 0, false},
+		{"99999999999999999999TiB", 0, false},
+	}
+	for _, tc := range tests {
+		got, err := ParseByteSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("ParseByteSize(%q) = %d, %v; want %d, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("storage: {durability: fsync, max_bytes: 64MiB}\n"))
+	f.Add([]byte("routes: [{name: a, match: ['x/+/y', '#']}]\nuplink: {url: 'mqtt://h:1'}\n"))
+	f.Add([]byte("broker: {listeners: [{address: ':0'}]}"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		cfg, err := ParseConfig(b)
+		if err != nil {
+			return
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("ParseConfig returned a config that does not validate: %v", err)
+		}
+	})
+}

@@ -1,0 +1,454 @@
+// Package uplink forwards the outbox to an upstream MQTT 5 broker with
+// paho.golang's autopaho: in order, with a window of QoS 1 publishes bounded
+// by the server's Receive Maximum, deleting a message from the outbox only
+// when its PUBACK arrives.
+//
+// Three autopaho extension points carry the design (docs/DECISIONS.md):
+//   - Queue: autopaho's publish loop reads the outbox through an adapter, so
+//     sends are issued from one goroutine, in order, without waiting for
+//     each acknowledgement;
+//   - Session: a wrapper around paho's in-memory session state sees every
+//     PUBACK and every lost connection, so acknowledgements delete from the
+//     outbox and unacknowledged messages are resent after a reconnect;
+//   - AttemptConnection: the uplink keeps the network connection so that a
+//     connection that is up but not flowing can be cut and re-established.
+package uplink
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// Source is the part of the outbox the uplink reads. *storage.Outbox
+// implements it.
+type Source interface {
+	Next(c storage.Cursor, max int) ([]storage.Message, error)
+	Ack(refs ...storage.Ref) error
+	Notify() <-chan struct{}
+	MessageID(seq uint64) string
+}
+
+// MessageIDProperty is the MQTT 5 user property that carries each message's
+// stable id upstream, for de-duplication by the receiver.
+const MessageIDProperty = "message-id"
+
+// Options configure an Uplink.
+type Options struct {
+	URL      *url.URL    // mqtt://host:port or mqtts://host:port
+	TLS      *tls.Config // used for mqtts; nil = system roots
+	ClientID string
+	Username string
+	Password []byte
+
+	KeepAlive      time.Duration // default 30s
+	ConnectTimeout time.Duration // default 10s
+	// BackoffMin and BackoffMax bound the delay between reconnection
+	// attempts; the delay grows exponentially with random jitter. Defaults
+	// 500ms and 30s.
+	BackoffMin, BackoffMax time.Duration
+	// StallTimeout cuts a connection that has messages in flight but has
+	// received no PUBACK for this long. Default 30s.
+	StallTimeout time.Duration
+	// Batch is how many messages are read from the outbox at a time.
+	// Default 256.
+	Batch int
+
+	Source Source
+	// Topic maps a stored message to its upstream topic.
+	Topic  func(m *storage.Message) string
+	Logger *slog.Logger // nil = discard
+}
+
+// Stats are the uplink's counters.
+type Stats struct {
+	Connected  bool
+	Reconnects int64 // successful connections after the first
+	Forwarded  int64 // messages acknowledged upstream (QoS 0: sent)
+	Resent     int64 // messages sent again after a lost connection
+	Rejected   int64 // messages the upstream refused permanently (dropped)
+	Stalls     int64 // connections cut because acknowledgements stopped
+	InFlight   int   // messages sent and not yet acknowledged
+	LastError  string
+}
+
+// Uplink is the forwarding connection. Start it once; Close it when done.
+type Uplink struct {
+	opts Options
+	log  *slog.Logger
+	cm   *autopaho.ConnectionManager
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu         sync.Mutex
+	sent       storage.Cursor // per route, the highest seq handed to the session
+	maxSent    map[string]uint64
+	buf        []storage.Message // read ahead from the outbox, not yet sent
+	current    *pending          // the message autopaho is publishing now
+	inflight   map[uint16]pending
+	gen        uint64        // incremented when the in-flight window is rewound
+	wake       chan struct{} // closed when there may be something to send
+	pauseUntil time.Time     // no sends before this (after a transient refusal)
+	pause      time.Duration // current pause length, doubles up to BackoffMax
+	progress   time.Time     // last PUBACK, or when the window became non-empty
+	closing    bool
+
+	conn atomic.Pointer[net.Conn]
+
+	connected                                     atomic.Bool
+	connects, forwarded, resent, rejected, stalls atomic.Int64
+	lastErr                                       atomic.Value // string
+}
+
+type pending struct {
+	ref storage.Ref
+	id  string // message id
+	qos byte
+	gen uint64
+}
+
+// New validates opts. It does not connect; call Start.
+func New(opts Options) (*Uplink, error) {
+	if opts.URL == nil {
+		return nil, errors.New("uplink: no URL")
+	}
+	switch opts.URL.Scheme {
+	case "mqtt", "tcp", "mqtts", "ssl", "tls":
+	default:
+		return nil, fmt.Errorf("uplink: URL %q: scheme %q not supported (use mqtt:// or mqtts://)", opts.URL.Redacted(), opts.URL.Scheme)
+	}
+	if opts.URL.Port() == "" {
+		return nil, fmt.Errorf("uplink: URL %q: no port", opts.URL.Redacted())
+	}
+	if opts.Source == nil || opts.Topic == nil {
+		return nil, errors.New("uplink: Source and Topic are required")
+	}
+	if opts.ClientID == "" {
+		return nil, errors.New("uplink: empty client id")
+	}
+	setDefault(&opts.KeepAlive, 30*time.Second)
+	setDefault(&opts.ConnectTimeout, 10*time.Second)
+	setDefault(&opts.BackoffMin, 500*time.Millisecond)
+	setDefault(&opts.BackoffMax, 30*time.Second)
+	setDefault(&opts.StallTimeout, 30*time.Second)
+	if opts.Batch <= 0 {
+		opts.Batch = 256
+	}
+	if opts.BackoffMax <= opts.BackoffMin {
+		return nil, fmt.Errorf("uplink: backoff max %s must be above backoff min %s", opts.BackoffMax, opts.BackoffMin)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	u := &Uplink{
+		opts:     opts,
+		log:      log,
+		sent:     storage.Cursor{},
+		maxSent:  map[string]uint64{},
+		inflight: map[uint16]pending{},
+	}
+	u.lastErr.Store("")
+	return u, nil
+}
+
+func setDefault(d *time.Duration, v time.Duration) {
+	if *d <= 0 {
+		*d = v
+	}
+}
+
+// Start connects in the background and starts forwarding. It returns at once;
+// the connection is retried until Close.
+func (u *Uplink) Start() error {
+	u.ctx, u.cancel = context.WithCancel(context.Background())
+	o := u.opts
+	initialMax := min(o.BackoffMin*4, o.BackoffMax)
+	if initialMax <= o.BackoffMin {
+		initialMax = o.BackoffMax
+	}
+	cfg := autopaho.ClientConfig{
+		ServerUrls:                    []*url.URL{o.URL},
+		TlsCfg:                        o.TLS,
+		KeepAlive:                     uint16(o.KeepAlive / time.Second),
+		CleanStartOnInitialConnection: true,
+		SessionExpiryInterval:         0, // the outbox is the session
+		ConnectTimeout:                o.ConnectTimeout,
+		ReconnectBackoff:              autopaho.NewExponentialBackoff(o.BackoffMin, o.BackoffMax, initialMax, 2),
+		Queue:                         &outboxQueue{u: u},
+		AttemptConnection:             u.dial,
+		OnConnectionUp:                u.onUp,
+		OnConnectionDown:              u.onDown,
+		OnConnectError:                u.onConnectError,
+		ConnectUsername:               o.Username,
+		ConnectPassword:               o.Password,
+		ClientConfig: paho.ClientConfig{
+			ClientID: o.ClientID,
+			Session:  newSession(u),
+			OnServerDisconnect: func(d *paho.Disconnect) {
+				u.setErr(fmt.Errorf("server disconnected: reason 0x%02x %s", d.ReasonCode, reasonString(d.Properties)))
+				u.log.Warn("upstream sent DISCONNECT", "reason_code", d.ReasonCode, "reason", reasonString(d.Properties))
+			},
+			OnClientError: func(err error) {
+				u.setErr(err)
+				u.log.Warn("upstream connection error", "error", err)
+			},
+		},
+	}
+	cm, err := autopaho.NewConnection(u.ctx, cfg)
+	if err != nil {
+		u.cancel()
+		return fmt.Errorf("uplink: %w", err)
+	}
+	u.cm = cm
+	u.wg.Add(2)
+	go u.notifyLoop()
+	go u.watchdog()
+	u.log.Info("uplink started", "url", o.URL.Redacted(), "client_id", o.ClientID)
+	return nil
+}
+
+func reasonString(p *paho.DisconnectProperties) string {
+	if p == nil {
+		return ""
+	}
+	return p.ReasonString
+}
+
+// Close stops sending, waits until the messages in flight are acknowledged
+// (or ctx ends), then disconnects. Unacknowledged messages stay in the outbox.
+func (u *Uplink) Close(ctx context.Context) error {
+	if u.cancel == nil {
+		return nil
+	}
+	u.mu.Lock()
+	if u.closing {
+		u.mu.Unlock()
+		return nil
+	}
+	u.closing = true
+	u.wakeLocked()
+	u.mu.Unlock()
+
+	// Flush: wait for the acknowledgements of what is in flight.
+	t := time.NewTicker(5 * time.Millisecond)
+	for u.connected.Load() && u.Stats().InFlight > 0 {
+		select {
+		case <-ctx.Done():
+			u.log.Warn("uplink closing with messages in flight; they stay in the outbox", "in_flight", u.Stats().InFlight)
+		case <-t.C:
+			continue
+		}
+		break
+	}
+	t.Stop()
+	var err error
+	if u.connected.Load() {
+		if derr := u.cm.Disconnect(ctx); derr != nil && !errors.Is(derr, autopaho.ConnectionDownError) {
+			err = fmt.Errorf("uplink: disconnect: %w", derr)
+		}
+	}
+	u.cancel()
+	select {
+	case <-u.cm.Done():
+	case <-ctx.Done():
+		err = errors.Join(err, fmt.Errorf("uplink: close: %w", ctx.Err()))
+	}
+	u.wg.Wait()
+	return err
+}
+
+// Stats returns a snapshot of the uplink's counters.
+func (u *Uplink) Stats() Stats {
+	u.mu.Lock()
+	inflight := len(u.inflight)
+	u.mu.Unlock()
+	return Stats{
+		Connected:  u.connected.Load(),
+		Reconnects: max(u.connects.Load()-1, 0),
+		Forwarded:  u.forwarded.Load(),
+		Resent:     u.resent.Load(),
+		Rejected:   u.rejected.Load(),
+		Stalls:     u.stalls.Load(),
+		InFlight:   inflight,
+		LastError:  u.lastErr.Load().(string),
+	}
+}
+
+func (u *Uplink) setErr(err error) { u.lastErr.Store(err.Error()) }
+
+// dial opens the network connection and keeps it so that the watchdog can
+// cut it.
+func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *url.URL) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, u.opts.ConnectTimeout)
+	defer cancel()
+	var conn net.Conn
+	var err error
+	switch strings.ToLower(target.Scheme) {
+	case "mqtts", "ssl", "tls":
+		d := tls.Dialer{Config: cfg.TlsCfg}
+		conn, err = d.DialContext(ctx, "tcp", target.Host)
+	default:
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, "tcp", target.Host)
+	}
+	if err != nil {
+		return nil, err
+	}
+	u.conn.Store(&conn)
+	return conn, nil
+}
+
+// cut closes the current network connection; autopaho then reconnects.
+func (u *Uplink) cut() {
+	if c := u.conn.Load(); c != nil {
+		_ = (*c).Close()
+	}
+}
+
+func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
+	n := u.connects.Add(1)
+	u.connected.Store(true)
+	u.lastErr.Store("")
+	recvMax := uint16(65535)
+	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
+		recvMax = *ca.Properties.ReceiveMaximum
+	}
+	u.log.Info("uplink connected", "url", u.opts.URL.Redacted(), "receive_maximum", recvMax, "reconnects", n-1)
+	u.mu.Lock()
+	u.wakeLocked()
+	u.mu.Unlock()
+}
+
+func (u *Uplink) onDown() bool {
+	u.connected.Store(false)
+	u.log.Warn("uplink disconnected; storing until it returns")
+	return true
+}
+
+func (u *Uplink) onConnectError(err error) {
+	u.setErr(err)
+	u.log.Warn("uplink connect failed", "url", u.opts.URL.Redacted(), "error", err)
+}
+
+// notifyLoop wakes the publish loop when the outbox receives a message.
+func (u *Uplink) notifyLoop() {
+	defer u.wg.Done()
+	for {
+		select {
+		case <-u.ctx.Done():
+			return
+		case <-u.opts.Source.Notify():
+			u.mu.Lock()
+			u.wakeLocked()
+			u.mu.Unlock()
+		}
+	}
+}
+
+// watchdog cuts a connection that is up but not flowing: messages are in
+// flight and no PUBACK has arrived for StallTimeout.
+func (u *Uplink) watchdog() {
+	defer u.wg.Done()
+	every := max(u.opts.StallTimeout/4, 10*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-u.ctx.Done():
+			return
+		case <-t.C:
+		}
+		u.mu.Lock()
+		stalled := len(u.inflight) > 0 && time.Since(u.progress) > u.opts.StallTimeout
+		n := len(u.inflight)
+		if stalled {
+			u.progress = time.Now() // one cut per timeout
+		}
+		u.mu.Unlock()
+		if stalled {
+			u.stalls.Add(1)
+			u.setErr(fmt.Errorf("no PUBACK for %s with %d messages in flight", u.opts.StallTimeout, n))
+			u.log.Warn("uplink stalled: reconnecting", "in_flight", n, "stall_timeout", u.opts.StallTimeout)
+			u.cut()
+		}
+	}
+}
+
+// wakeLocked releases a waiting publish loop. u.mu must be held.
+func (u *Uplink) wakeLocked() {
+	if u.wake != nil {
+		close(u.wake)
+		u.wake = nil
+	}
+}
+
+// rewindLocked forgets the in-flight window after a lost connection: the
+// next sends start again at the oldest unacknowledged message of each route.
+// u.mu must be held.
+func (u *Uplink) rewindLocked() {
+	for _, p := range u.inflight {
+		if s, ok := u.sent[p.ref.Route]; ok && p.ref.Seq <= s {
+			u.sent[p.ref.Route] = p.ref.Seq - 1
+		}
+	}
+	clear(u.inflight)
+	u.buf = nil
+	u.current = nil
+	u.gen++
+	u.wakeLocked()
+}
+
+// acked handles the PUBACK of p.
+func (u *Uplink) acked(p pending, reason byte) {
+	switch {
+	case reason < 0x80:
+		if err := u.opts.Source.Ack(p.ref); err != nil {
+			u.log.Error("outbox ack failed; the message will be sent again", "message_id", p.id, "error", err)
+			return
+		}
+		u.forwarded.Add(1)
+		u.mu.Lock()
+		u.pause = 0
+		u.mu.Unlock()
+	case reason == 0x90 || reason == 0x99:
+		// Topic name invalid, payload format invalid: the message itself is
+		// refused, sending it again cannot succeed. Drop it, loudly.
+		u.rejected.Add(1)
+		u.log.Error("upstream refused message permanently: dropped", "message_id", p.id, "route", p.ref.Route, "reason_code", reason)
+		if err := u.opts.Source.Ack(p.ref); err != nil {
+			u.log.Error("outbox ack failed", "message_id", p.id, "error", err)
+		}
+	default:
+		// Quota exceeded, not authorized, unspecified...: may pass later.
+		// Pause, reconnect, and resend from this message on.
+		u.mu.Lock()
+		u.pause = min(max(u.pause*2, u.opts.BackoffMin), u.opts.BackoffMax)
+		u.pauseUntil = time.Now().Add(u.pause)
+		pause := u.pause
+		u.mu.Unlock()
+		u.setErr(fmt.Errorf("upstream refused message %s with reason 0x%02x", p.id, reason))
+		u.log.Warn("upstream refused message: pausing and resending", "message_id", p.id, "reason_code", reason, "pause", pause)
+		time.AfterFunc(pause, func() {
+			u.mu.Lock()
+			u.wakeLocked()
+			u.mu.Unlock()
+		})
+		u.cut()
+	}
+}

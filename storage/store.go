@@ -1,0 +1,835 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// Key layout: 'o' | len(route) | route | seq (8 bytes, big-endian) for
+// messages; 'm' | name for metadata.
+const (
+	prefixMsg  = 'o'
+	prefixMeta = 'm'
+)
+
+var metaStoreID = []byte{prefixMeta, 'i', 'd'}
+
+func routePrefix(route string) []byte {
+	k := make([]byte, 0, 2+len(route)+8)
+	k = append(k, prefixMsg, byte(len(route)))
+	return append(k, route...)
+}
+
+func msgKey(route string, seq uint64) []byte {
+	return binary.BigEndian.AppendUint64(routePrefix(route), seq)
+}
+
+// parseKey splits a message key.
+func parseKey(k []byte) (route string, seq uint64, ok bool) {
+	if len(k) < 2 || k[0] != prefixMsg || len(k) != 2+int(k[1])+8 {
+		return "", 0, false
+	}
+	n := int(k[1])
+	return string(k[2 : 2+n]), binary.BigEndian.Uint64(k[2+n:]), true
+}
+
+// userMeta bit on a message entry: the record has an expiry.
+const metaHasExpiry = 1
+
+// routeState is the in-memory view of one route. Guarded by Outbox.mu.
+type routeState struct {
+	Route
+	configured bool   // in Options.Routes; adopted routes only drain
+	prefix     []byte // key prefix
+	// appendMu orders process-mode appends of this route: a sequence number
+	// becomes visible only after every smaller one of the route, so a
+	// reader's cursor never passes a message still being written.
+	appendMu sync.Mutex
+	count    int64
+	bytes    int64
+	last     uint64 // highest seq ever stored in this route
+	hint     uint64 // no live message has a smaller seq
+}
+
+// Outbox is the durable store-and-forward queue. All methods are safe for
+// concurrent use. Close it when done.
+type Outbox struct {
+	db   *badger.DB
+	opts Options
+	log  *slog.Logger
+	now  func() time.Time
+	id   string
+
+	seq atomic.Uint64 // last assigned
+
+	mu      sync.Mutex // guards routes, order, served
+	routes  map[string]*routeState
+	order   []*routeState // priority, highest first
+	served  int           // consecutive Next calls that passed over a lower-priority route
+	dropped [3]atomic.Int64
+
+	delMu sync.Mutex // serializes deletions, so existence checks and accounting agree
+
+	ackMu   sync.Mutex
+	acks    []Ref
+	ackWake chan struct{}
+
+	appendCh chan *appendReq // fsync mode: to the committer
+	commits  atomic.Int64    // write requests committed (for tests)
+
+	notify chan struct{}
+	closed atomic.Bool
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type appendReq struct {
+	rs   *routeState
+	val  []byte
+	meta byte
+	size int64
+	seq  uint64 // set by the committer
+	done chan error
+}
+
+var reasonIndex = map[string]int{ReasonTTL: 0, ReasonEvicted: 1, ReasonRejected: 2}
+
+// Open opens (or creates) the outbox in opts.Dir and rebuilds its counters
+// from what is stored.
+func Open(opts Options) (*Outbox, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("storage: no directory")
+	}
+	if len(opts.Routes) == 0 {
+		return nil, errors.New("storage: no route")
+	}
+	if opts.MaintenanceInterval <= 0 {
+		opts.MaintenanceInterval = time.Minute
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
+	o := &Outbox{
+		opts:    opts,
+		log:     log,
+		now:     now,
+		routes:  map[string]*routeState{},
+		ackWake: make(chan struct{}, 1),
+		notify:  make(chan struct{}, 1),
+	}
+	for _, r := range opts.Routes {
+		if r.Name == "" || len(r.Name) > 64 {
+			return nil, fmt.Errorf("storage: route %q: name must be 1 to 64 bytes", r.Name)
+		}
+		if o.routes[r.Name] != nil {
+			return nil, fmt.Errorf("storage: route %q defined twice", r.Name)
+		}
+		o.routes[r.Name] = &routeState{Route: r, configured: true, prefix: routePrefix(r.Name)}
+	}
+
+	db, err := badger.Open(badgerOptions(opts, log))
+	if err != nil {
+		return nil, fmt.Errorf("storage: open %s: %w", opts.Dir, err)
+	}
+	o.db = db
+	if err := o.load(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	o.sortRoutes()
+
+	o.ctx, o.cancel = context.WithCancel(context.Background())
+	if opts.Durability == DurabilityFsync {
+		o.appendCh = make(chan *appendReq, 1024)
+		o.wg.Add(1)
+		go o.committer()
+	}
+	o.wg.Add(2)
+	go o.ackFlusher()
+	go o.maintainer()
+	return o, nil
+}
+
+// badgerOptions sizes Badger for a gateway: small memtables and caches keep
+// RSS low with a large backlog; values up to 1 MiB live in the LSM tree.
+func badgerOptions(opts Options, log *slog.Logger) badger.Options {
+	return badger.DefaultOptions(opts.Dir).
+		WithLogger(badgerLogger{log}).
+		WithSyncWrites(opts.Durability == DurabilityFsync).
+		WithMemTableSize(16 << 20).
+		WithNumMemtables(2).
+		WithNumLevelZeroTables(2).
+		WithNumLevelZeroTablesStall(8).
+		WithBlockCacheSize(16 << 20).
+		WithIndexCacheSize(8 << 20).
+		WithValueLogFileSize(64 << 20).
+		WithNumCompactors(2).
+		WithNumVersionsToKeep(1).
+		// Appends write fresh keys and deletions are serialized by delMu, so
+		// transactions never conflict: skip the bookkeeping.
+		WithDetectConflicts(false).
+		WithMetricsEnabled(false)
+}
+
+// load reads the store id and rebuilds every route's counters with a
+// key-only scan.
+func (o *Outbox) load() error {
+	err := o.db.Update(func(txn *badger.Txn) error {
+		item, err := txn.Get(metaStoreID)
+		if err == nil {
+			return item.Value(func(v []byte) error { o.id = string(v); return nil })
+		}
+		if !errors.Is(err, badger.ErrKeyNotFound) {
+			return err
+		}
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		o.id = hex.EncodeToString(b[:])
+		return txn.Set(metaStoreID, []byte(o.id))
+	})
+	if err != nil {
+		return fmt.Errorf("storage: store id: %w", err)
+	}
+	var maxSeq uint64
+	err = o.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixMsg}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			route, seq, ok := parseKey(item.Key())
+			if !ok {
+				continue
+			}
+			rs := o.routes[route]
+			if rs == nil {
+				// A route no longer configured: keep draining it, last.
+				rs = &routeState{Route: Route{Name: route, Priority: math.MinInt32}, prefix: routePrefix(route)}
+				o.routes[route] = rs
+				o.log.Warn("draining messages of a route that is no longer configured", "route", route)
+			}
+			if rs.count == 0 {
+				rs.hint = seq
+			}
+			rs.count++
+			rs.bytes += int64(len(item.Key())) + int64(item.ValueSize())
+			rs.last = max(rs.last, seq)
+			maxSeq = max(maxSeq, seq)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("storage: scan: %w", err)
+	}
+	o.seq.Store(maxSeq)
+	return nil
+}
+
+func (o *Outbox) sortRoutes() {
+	o.order = o.order[:0]
+	for _, r := range o.routes {
+		o.order = append(o.order, r)
+	}
+	slices.SortStableFunc(o.order, func(a, b *routeState) int {
+		if a.Priority != b.Priority {
+			return b.Priority - a.Priority
+		}
+		return bytes.Compare(a.prefix, b.prefix)
+	})
+}
+
+// ID returns the store's random identifier, made when it was created.
+func (o *Outbox) ID() string { return o.id }
+
+// MessageID returns the stable upstream id of the message with seq.
+func (o *Outbox) MessageID(seq uint64) string {
+	return o.id + "-" + strconv.FormatUint(seq, 10)
+}
+
+// Notify returns a channel that receives a value after appends. It is
+// meant for one consumer.
+func (o *Outbox) Notify() <-chan struct{} { return o.notify }
+
+func (o *Outbox) drop(reason string, n int64) {
+	o.dropped[reasonIndex[reason]].Add(n)
+}
+
+// Append stores m and assigns m.Seq. Under DurabilityProcess the write has
+// reached the operating system when Append returns; under DurabilityFsync it
+// is on disk. Concurrent appends may overshoot the caps by at most one
+// message each.
+func (o *Outbox) Append(m *Message) error {
+	if o.closed.Load() {
+		return ErrClosed
+	}
+	o.mu.Lock()
+	rs := o.routes[m.Route]
+	o.mu.Unlock()
+	if rs == nil || !rs.configured {
+		return fmt.Errorf("%w %q", ErrUnknownRoute, m.Route)
+	}
+	if m.Created.IsZero() {
+		m.Created = o.now()
+	}
+	if m.Expires.IsZero() {
+		if ttl := cmp(rs.TTL, o.opts.TTL); ttl > 0 {
+			m.Expires = m.Created.Add(ttl)
+		}
+	}
+	val := encodeRecord(nil, m)
+	size := int64(2+len(m.Route)+8) + int64(len(val))
+	if err := o.makeRoom(size); err != nil {
+		return err
+	}
+	var meta byte
+	if !m.Expires.IsZero() {
+		meta = metaHasExpiry
+	}
+	var seq uint64
+	var err error
+	if o.appendCh != nil {
+		req := &appendReq{rs: rs, val: val, meta: meta, size: size, done: make(chan error, 1)}
+		select {
+		case o.appendCh <- req:
+			select {
+			case err = <-req.done:
+				seq = req.seq
+			case <-o.ctx.Done():
+				err = ErrClosed
+			}
+		case <-o.ctx.Done():
+			err = ErrClosed
+		}
+	} else {
+		rs.appendMu.Lock()
+		seq = o.seq.Add(1)
+		err = o.db.Update(func(txn *badger.Txn) error {
+			return txn.SetEntry(badger.NewEntry(msgKey(m.Route, seq), val).WithMeta(meta))
+		})
+		o.commits.Add(1)
+		if err == nil {
+			o.stored(rs, seq, size)
+		}
+		rs.appendMu.Unlock()
+	}
+	if err != nil {
+		return fmt.Errorf("storage: append %s: %w", m.Route, err)
+	}
+	m.Seq = seq
+	select {
+	case o.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// stored counts a written message.
+func (o *Outbox) stored(rs *routeState, seq uint64, size int64) {
+	o.mu.Lock()
+	rs.count++
+	rs.bytes += size
+	rs.last = max(rs.last, seq)
+	o.mu.Unlock()
+}
+
+// cmp returns a if it is set, else b.
+func cmp(a, b time.Duration) time.Duration {
+	if a > 0 {
+		return a
+	}
+	return b
+}
+
+// makeRoom applies the caps before an append of size bytes.
+func (o *Outbox) makeRoom(size int64) error {
+	maxB, maxM := o.opts.MaxBytes, o.opts.MaxMessages
+	if maxB <= 0 && maxM <= 0 {
+		return nil
+	}
+	if maxB > 0 && size > maxB {
+		o.drop(ReasonRejected, 1)
+		return fmt.Errorf("%w: a %d-byte message is larger than the %d-byte cap", ErrFull, size, maxB)
+	}
+	for {
+		st := o.totals()
+		if (maxB <= 0 || st.bytes+size <= maxB) && (maxM <= 0 || st.count+1 <= maxM) {
+			return nil
+		}
+		if o.opts.WhenFull == RejectNew {
+			o.drop(ReasonRejected, 1)
+			return ErrFull
+		}
+		n, err := o.evictOldest()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			// Nothing left to evict (everything in flight was acked meanwhile).
+			return nil
+		}
+	}
+}
+
+type totals struct{ count, bytes int64 }
+
+func (o *Outbox) totals() totals {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var t totals
+	for _, r := range o.routes {
+		t.count += r.count
+		t.bytes += r.bytes
+	}
+	return t
+}
+
+// evictOldest deletes a few of the oldest messages of the lowest-priority
+// non-empty route and returns how many it deleted.
+func (o *Outbox) evictOldest() (int, error) {
+	o.flushAcks()
+	o.delMu.Lock()
+	defer o.delMu.Unlock()
+	o.mu.Lock()
+	var rs *routeState
+	for i := len(o.order) - 1; i >= 0; i-- {
+		if o.order[i].count > 0 {
+			rs = o.order[i]
+			break
+		}
+	}
+	var from uint64
+	if rs != nil {
+		from = rs.hint
+	}
+	o.mu.Unlock()
+	if rs == nil {
+		return 0, nil
+	}
+	var keys [][]byte
+	err := o.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
+		defer it.Close()
+		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(keys) < 16; it.Next() {
+			keys = append(keys, it.Item().KeyCopy(nil))
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("storage: evict: %w", err)
+	}
+	n, err := o.deleteLocked(keys, ReasonEvicted)
+	if len(keys) > 0 {
+		_, seq, _ := parseKey(keys[len(keys)-1])
+		o.mu.Lock()
+		rs.hint = max(rs.hint, seq+1)
+		o.mu.Unlock()
+	}
+	if n > 0 {
+		o.log.Debug("evicted oldest messages to make room", "route", rs.Name, "count", n)
+	}
+	return n, err
+}
+
+// deleteLocked deletes the keys that exist, updates the counters and counts
+// them under reason ("" = acknowledged). o.delMu must be held.
+func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
+	deleted := 0
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), 1000)]
+		keys = keys[len(chunk):]
+		sizes := make([]int64, len(chunk))
+		err := o.db.Update(func(txn *badger.Txn) error {
+			for i, k := range chunk {
+				item, err := txn.Get(k)
+				if errors.Is(err, badger.ErrKeyNotFound) {
+					sizes[i] = -1
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				sizes[i] = int64(len(k)) + int64(item.ValueSize())
+				if err := txn.Delete(k); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return deleted, fmt.Errorf("storage: delete: %w", err)
+		}
+		o.commits.Add(1)
+		o.mu.Lock()
+		for i, k := range chunk {
+			if sizes[i] < 0 {
+				continue
+			}
+			route, _, _ := parseKey(k)
+			if rs := o.routes[route]; rs != nil {
+				rs.count--
+				rs.bytes -= sizes[i]
+			}
+			deleted++
+		}
+		o.mu.Unlock()
+	}
+	if reason != "" && deleted > 0 {
+		o.drop(reason, int64(deleted))
+	}
+	return deleted, nil
+}
+
+// committer is the fsync-mode writer: it puts every pending append into one
+// write request, so concurrent appends share one sync.
+func (o *Outbox) committer() {
+	defer o.wg.Done()
+	batch := make([]*appendReq, 0, 256)
+	for {
+		select {
+		case <-o.ctx.Done():
+			return
+		case r := <-o.appendCh:
+			batch = append(batch[:0], r)
+		}
+		size := len(batch[0].val)
+	fill:
+		for len(batch) < 1000 && size < 4<<20 {
+			select {
+			case r := <-o.appendCh:
+				batch = append(batch, r)
+				size += len(r.val)
+			default:
+				break fill
+			}
+		}
+		// Sequence numbers are assigned here, in commit order, so they
+		// become visible in order.
+		err := o.db.Update(func(txn *badger.Txn) error {
+			for _, r := range batch {
+				r.seq = o.seq.Add(1)
+				if err := txn.SetEntry(badger.NewEntry(msgKey(r.rs.Name, r.seq), r.val).WithMeta(r.meta)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		o.commits.Add(1)
+		for _, r := range batch {
+			if err == nil {
+				o.stored(r.rs, r.seq, r.size)
+			}
+			r.done <- err
+		}
+	}
+}
+
+// Next returns up to max messages after the cursor, all from one route: the
+// highest-priority route with messages after its cursor position. After 64
+// calls in a row that passed over a lower-priority route with pending
+// messages, that route is served once (starvation guard). Next does not move
+// the cursor. Expired messages it meets are deleted and counted.
+func (o *Outbox) Next(c Cursor, max int) ([]Message, error) {
+	if o.closed.Load() {
+		return nil, ErrClosed
+	}
+	if max <= 0 {
+		return nil, nil
+	}
+	for _, rs := range o.candidates(c) {
+		msgs, err := o.read(rs, c[rs.Name], max)
+		if err != nil || len(msgs) > 0 {
+			return msgs, err
+		}
+	}
+	return nil, nil
+}
+
+// candidates returns the routes with messages after the cursor, in the
+// order to try them.
+func (o *Outbox) candidates(c Cursor) []*routeState {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var out []*routeState
+	for _, rs := range o.order {
+		if rs.count > 0 && rs.last > c[rs.Name] && rs.last >= rs.hint {
+			out = append(out, rs)
+		}
+	}
+	if len(out) > 1 && out[0].Priority > out[len(out)-1].Priority {
+		o.served++
+		if o.served >= 64 {
+			o.served = 0
+			// Serve the first route of lower priority than the top one.
+			for i, rs := range out {
+				if rs.Priority < out[0].Priority {
+					out[0], out[i] = out[i], out[0]
+					break
+				}
+			}
+		}
+	} else {
+		o.served = 0
+	}
+	return out
+}
+
+func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) {
+	o.mu.Lock()
+	from := after + 1
+	fromHint := rs.hint >= from
+	if fromHint {
+		from = rs.hint
+	}
+	lastAtStart := rs.last
+	o.mu.Unlock()
+	now := o.now()
+	var msgs []Message
+	var expired [][]byte
+	err := o.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix, PrefetchValues: true, PrefetchSize: min(max, 256)})
+		defer it.Close()
+		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(msgs) < max; it.Next() {
+			item := it.Item()
+			_, seq, ok := parseKey(item.Key())
+			if !ok {
+				continue
+			}
+			val, err := item.ValueCopy(nil)
+			if err != nil {
+				return err
+			}
+			m := Message{Seq: seq, Route: rs.Name}
+			if err := decodeRecord(val, &m); err != nil {
+				o.log.Error("unreadable message: skipped", "route", rs.Name, "seq", seq, "error", err)
+				continue
+			}
+			if !m.Expires.IsZero() && !now.Before(m.Expires) {
+				expired = append(expired, item.KeyCopy(nil))
+				continue
+			}
+			msgs = append(msgs, m)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: read %s: %w", rs.Name, err)
+	}
+	if len(expired) > 0 {
+		o.delMu.Lock()
+		_, err := o.deleteLocked(expired, ReasonTTL)
+		o.delMu.Unlock()
+		if err != nil {
+			return msgs, err
+		}
+	}
+	if len(msgs) == 0 && fromHint {
+		// Nothing live from the hint to the end of the route as it was when
+		// the read started (appends become visible in order).
+		o.mu.Lock()
+		rs.hint = max2(rs.hint, lastAtStart+1)
+		o.mu.Unlock()
+	}
+	return msgs, nil
+}
+
+func max2(a, b uint64) uint64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+// Ack deletes acknowledged messages. It is idempotent. Deletions are
+// batched in the background within milliseconds; Stats reflect them once
+// written. A crash before that only makes the message be sent again.
+func (o *Outbox) Ack(refs ...Ref) error {
+	if o.closed.Load() {
+		return ErrClosed
+	}
+	o.ackMu.Lock()
+	o.acks = append(o.acks, refs...)
+	o.ackMu.Unlock()
+	select {
+	case o.ackWake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (o *Outbox) ackFlusher() {
+	defer o.wg.Done()
+	for {
+		select {
+		case <-o.ctx.Done():
+			return
+		case <-o.ackWake:
+		}
+		o.flushAcks()
+	}
+}
+
+// flushAcks writes the pending acknowledgements.
+func (o *Outbox) flushAcks() {
+	o.ackMu.Lock()
+	refs := o.acks
+	o.acks = nil
+	o.ackMu.Unlock()
+	if len(refs) == 0 {
+		return
+	}
+	keys := make([][]byte, len(refs))
+	for i, r := range refs {
+		keys[i] = msgKey(r.Route, r.Seq)
+	}
+	o.delMu.Lock()
+	_, err := o.deleteLocked(keys, "")
+	o.delMu.Unlock()
+	if err != nil {
+		o.log.Error("deleting acknowledged messages failed; they will be sent again", "count", len(keys), "error", err)
+	}
+}
+
+// Stats returns the counters.
+func (o *Outbox) Stats() Stats {
+	s := Stats{Dropped: map[string]int64{}}
+	for r, i := range reasonIndex {
+		s.Dropped[r] = o.dropped[i].Load()
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, rs := range o.order {
+		s.Messages += rs.count
+		s.Bytes += rs.bytes
+		s.Routes = append(s.Routes, RouteStats{Name: rs.Name, Priority: rs.Priority, Messages: rs.count, Bytes: rs.bytes})
+	}
+	return s
+}
+
+func (o *Outbox) maintainer() {
+	defer o.wg.Done()
+	t := time.NewTicker(o.opts.MaintenanceInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-o.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := o.Maintain(); err != nil {
+			o.log.Warn("maintenance", "error", err)
+		}
+	}
+}
+
+// Maintain runs one maintenance pass now: it deletes expired messages and
+// reclaims disk space (compaction and value-log GC).
+func (o *Outbox) Maintain() error {
+	if o.closed.Load() {
+		return ErrClosed
+	}
+	o.flushAcks()
+	if err := o.sweepExpired(); err != nil {
+		return err
+	}
+	st := o.totals()
+	if st.count == 0 {
+		// An empty outbox: compact everything so deleted data leaves the disk.
+		if err := o.db.Flatten(1); err != nil {
+			return fmt.Errorf("storage: compact: %w", err)
+		}
+	}
+	for {
+		if err := o.db.RunValueLogGC(0.5); err != nil {
+			if errors.Is(err, badger.ErrNoRewrite) || errors.Is(err, badger.ErrRejected) {
+				return nil
+			}
+			return fmt.Errorf("storage: value log gc: %w", err)
+		}
+	}
+}
+
+// sweepExpired deletes expired messages: a key-only scan finds the entries
+// flagged with an expiry; only those are read.
+func (o *Outbox) sweepExpired() error {
+	now := o.now()
+	var expired [][]byte
+	err := o.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixMsg}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			if item.UserMeta()&metaHasExpiry == 0 {
+				continue
+			}
+			err := item.Value(func(v []byte) error {
+				var m Message
+				if err := decodeRecord(v, &m); err == nil && !m.Expires.IsZero() && !now.Before(m.Expires) {
+					expired = append(expired, item.KeyCopy(nil))
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("storage: sweep: %w", err)
+	}
+	if len(expired) == 0 {
+		return nil
+	}
+	o.delMu.Lock()
+	defer o.delMu.Unlock()
+	_, err = o.deleteLocked(expired, ReasonTTL)
+	return err
+}
+
+// Close writes pending acknowledgements, stops the background work and
+// closes the store. Later calls return ErrClosed.
+func (o *Outbox) Close() error {
+	if !o.closed.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
+	o.cancel()
+	o.wg.Wait()
+	o.flushAcks()
+	if err := o.db.Close(); err != nil {
+		return fmt.Errorf("storage: close: %w", err)
+	}
+	return nil
+}
+
+// badgerLogger sends Badger's warnings and errors to slog.
+type badgerLogger struct{ log *slog.Logger }
+
+func (l badgerLogger) Errorf(f string, a ...any) {
+	l.log.Error("badger: " + trim(fmt.Sprintf(f, a...)))
+}
+func (l badgerLogger) Warningf(f string, a ...any) {
+	l.log.Warn("badger: " + trim(fmt.Sprintf(f, a...)))
+}
+func (l badgerLogger) Infof(string, ...any)  {}
+func (l badgerLogger) Debugf(string, ...any) {}
+
+func trim(s string) string { return string(bytes.TrimSpace([]byte(s))) }
