@@ -378,7 +378,14 @@ func (o *Outbox) makeRoom(size int64) error {
 			o.drop(ReasonRejected, 1)
 			return ErrFull
 		}
-		n, err := o.evictOldest()
+		var needBytes, needMsgs int64
+		if maxB > 0 {
+			needBytes = st.bytes + size - maxB
+		}
+		if maxM > 0 {
+			needMsgs = st.count + 1 - maxM
+		}
+		n, err := o.evictOldest(needBytes, needMsgs)
 		if err != nil {
 			return err
 		}
@@ -402,9 +409,10 @@ func (o *Outbox) totals() totals {
 	return t
 }
 
-// evictOldest deletes a few of the oldest messages of the lowest-priority
-// non-empty route and returns how many it deleted.
-func (o *Outbox) evictOldest() (int, error) {
+// evictOldest deletes the oldest messages of the lowest-priority non-empty
+// route until at least needBytes and needMsgs are freed (or the route is
+// empty), and returns how many it deleted.
+func (o *Outbox) evictOldest(needBytes, needMsgs int64) (int, error) {
 	o.flushAcks()
 	o.delMu.Lock()
 	defer o.delMu.Unlock()
@@ -428,8 +436,14 @@ func (o *Outbox) evictOldest() (int, error) {
 	err := o.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
 		defer it.Close()
-		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(keys) < 16; it.Next() {
-			keys = append(keys, it.Item().KeyCopy(nil))
+		var freed int64
+		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(keys) < 1000; it.Next() {
+			if freed >= needBytes && int64(len(keys)) >= needMsgs {
+				break
+			}
+			item := it.Item()
+			keys = append(keys, item.KeyCopy(nil))
+			freed += int64(len(item.Key())) + int64(item.ValueSize())
 		}
 		return nil
 	})

@@ -1,0 +1,537 @@
+package storage
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+type fakeClock struct{ ns atomic.Int64 }
+
+func newClock() *fakeClock {
+	c := &fakeClock{}
+	c.ns.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+func (c *fakeClock) Now() time.Time      { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) Add(d time.Duration) { c.ns.Add(int64(d)) }
+func open(t testing.TB, o Options) *Outbox {
+	t.Helper()
+	if o.Dir == "" {
+		o.Dir = t.TempDir()
+	}
+	if o.Routes == nil {
+		o.Routes = []Route{{Name: "r"}}
+	}
+	ob, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ob.Close() })
+	return ob
+}
+
+func appendN(t testing.TB, ob *Outbox, route string, n int, payload string) []uint64 {
+	t.Helper()
+	var seqs []uint64
+	for i := range n {
+		m := &Message{Route: route, Topic: "t", QoS: 1, Payload: fmt.Appendf(nil, "%s%d", payload, i)}
+		if err := ob.Append(m); err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, m.Seq)
+	}
+	return seqs
+}
+
+// drain reads everything with a cursor, acking as it goes.
+func drain(t testing.TB, ob *Outbox, ack bool) []Message {
+	t.Helper()
+	c := Cursor{}
+	var all []Message
+	for {
+		msgs, err := ob.Next(c, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(msgs) == 0 {
+			return all
+		}
+		for _, m := range msgs {
+			c[m.Route] = m.Seq
+			if ack {
+				if err := ob.Ack(Ref{m.Route, m.Seq}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		all = append(all, msgs...)
+	}
+}
+
+func TestFIFOAndPriorities(t *testing.T) {
+	ob := open(t, Options{Routes: []Route{{Name: "low", Priority: 0}, {Name: "high", Priority: 5}}})
+	appendN(t, ob, "low", 10, "l")
+	appendN(t, ob, "high", 10, "h")
+	appendN(t, ob, "low", 5, "L")
+	got := drain(t, ob, true)
+	if len(got) != 25 {
+		t.Fatalf("read %d, want 25", len(got))
+	}
+	for i := range 10 {
+		if got[i].Route != "high" || string(got[i].Payload) != fmt.Sprintf("h%d", i) {
+			t.Fatalf("message %d is %s %q: high priority must drain first, in order", i, got[i].Route, got[i].Payload)
+		}
+	}
+	for i := 10; i < 25; i++ {
+		if got[i].Route != "low" || (i > 10 && got[i].Seq <= got[i-1].Seq) {
+			t.Fatalf("low route out of order at %d", i)
+		}
+	}
+	ob.flushAcks()
+	if st := ob.Stats(); st.Messages != 0 || st.Bytes != 0 {
+		t.Fatalf("after acking all: %+v", st)
+	}
+}
+
+func TestStarvationGuard(t *testing.T) {
+	ob := open(t, Options{Routes: []Route{{Name: "low", Priority: 0}, {Name: "high", Priority: 5}}})
+	appendN(t, ob, "low", 1, "l")
+	appendN(t, ob, "high", 200, "h")
+	c := Cursor{}
+	for call := 1; call <= 200; call++ {
+		msgs, err := ob.Next(c, 1)
+		if err != nil || len(msgs) != 1 {
+			t.Fatal(err, len(msgs))
+		}
+		c[msgs[0].Route] = msgs[0].Seq
+		if msgs[0].Route == "low" {
+			if call != 64 {
+				t.Fatalf("low route served at call %d, want 64", call)
+			}
+			return
+		}
+	}
+	t.Fatal("the low-priority route starved")
+}
+
+func TestNextSeeksPastAcked(t *testing.T) {
+	ob := open(t, Options{})
+	seqs := appendN(t, ob, "r", 1000, "m")
+	refs := make([]Ref, 900)
+	for i := range refs {
+		refs[i] = Ref{"r", seqs[i]}
+	}
+	if err := ob.Ack(refs...); err != nil {
+		t.Fatal(err)
+	}
+	ob.flushAcks()
+	// A fresh cursor (after a restart) starts at the first live message.
+	msgs, err := ob.Next(Cursor{}, 10)
+	if err != nil || len(msgs) != 10 || msgs[0].Seq != seqs[900] {
+		t.Fatalf("Next from zero: %v, %d msgs, first %v", err, len(msgs), msgs)
+	}
+	// A cursor in the middle continues from there.
+	msgs, _ = ob.Next(Cursor{"r": seqs[950]}, 1)
+	if len(msgs) != 1 || msgs[0].Seq != seqs[951] {
+		t.Fatalf("Next after %d: %+v", seqs[950], msgs)
+	}
+}
+
+func TestAckIdempotent(t *testing.T) {
+	ob := open(t, Options{})
+	seqs := appendN(t, ob, "r", 3, "m")
+	for range 3 {
+		if err := ob.Ack(Ref{"r", seqs[0]}, Ref{"r", 99999}, Ref{"gone", 1}); err != nil {
+			t.Fatal(err)
+		}
+		ob.flushAcks()
+	}
+	st := ob.Stats()
+	if st.Messages != 2 || st.Bytes <= 0 {
+		t.Fatalf("stats after repeated acks: %+v", st)
+	}
+}
+
+// TestHammer appends, reads, acks and evicts from many goroutines at once;
+// the accounting must end exact.
+func TestHammer(t *testing.T) {
+	ob := open(t, Options{MaxMessages: 500, Routes: []Route{{Name: "a", Priority: 1}, {Name: "b"}}})
+	const P, N = 8, 300
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for p := range P {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			route := []string{"a", "b"}[p%2]
+			c := Cursor{}
+			for i := range N {
+				if err := ob.Append(&Message{Route: route, Topic: "t", Payload: []byte(strconv.Itoa(i))}); err != nil {
+					t.Error(err)
+					return
+				}
+				if i%3 == 0 {
+					msgs, err := ob.Next(c, 5)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					for _, m := range msgs {
+						c[m.Route] = m.Seq
+						_ = ob.Ack(Ref{m.Route, m.Seq})
+					}
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	ob.flushAcks()
+	st := ob.Stats()
+	left := drain(t, ob, false)
+	if int64(len(left)) != st.Messages {
+		t.Fatalf("Stats say %d messages, %d are readable", st.Messages, len(left))
+	}
+	var bytes int64
+	for _, m := range left {
+		bytes += int64(2+len(m.Route)+8) + int64(len(encodeRecord(nil, &m)))
+	}
+	if bytes != st.Bytes {
+		t.Fatalf("Stats say %d bytes, messages hold %d", st.Bytes, bytes)
+	}
+	if st.Messages > 500+P {
+		t.Fatalf("%d messages over a 500 cap", st.Messages)
+	}
+}
+
+func TestRejectNew(t *testing.T) {
+	ob := open(t, Options{MaxBytes: 10_000, WhenFull: RejectNew})
+	payload := make([]byte, 900)
+	var err error
+	for i := 0; i < 100 && err == nil; i++ {
+		err = ob.Append(&Message{Route: "r", Topic: "t", Payload: payload})
+	}
+	if !errors.Is(err, ErrFull) {
+		t.Fatalf("want ErrFull, got %v", err)
+	}
+	before := ob.Stats()
+	if err := ob.Append(&Message{Route: "r", Topic: "t", Payload: payload}); !errors.Is(err, ErrFull) {
+		t.Fatal(err)
+	}
+	after := ob.Stats()
+	if after.Messages != before.Messages || after.Bytes != before.Bytes || after.Dropped[ReasonRejected] != before.Dropped[ReasonRejected]+1 {
+		t.Fatalf("a rejected append changed the store: %+v -> %+v", before, after)
+	}
+	if err := ob.Append(&Message{Route: "r", Topic: "t", Payload: make([]byte, 20_000)}); !errors.Is(err, ErrFull) {
+		t.Fatalf("a message over the cap by itself: %v", err)
+	}
+}
+
+func TestDropOldest(t *testing.T) {
+	ob := open(t, Options{MaxMessages: 10, Routes: []Route{{Name: "hi", Priority: 1}, {Name: "lo"}}})
+	appendN(t, ob, "lo", 5, "lo")
+	appendN(t, ob, "hi", 5, "hi")
+	appendN(t, ob, "hi", 3, "new")
+	st := ob.Stats()
+	if st.Messages != 10 || st.Dropped[ReasonEvicted] != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+	got := drain(t, ob, false)
+	var lo []string
+	for _, m := range got {
+		if m.Route == "lo" {
+			lo = append(lo, string(m.Payload))
+		}
+	}
+	if fmt.Sprint(lo) != "[lo3 lo4]" {
+		t.Fatalf("low route kept %v, want its two newest", lo)
+	}
+}
+
+func TestTTL(t *testing.T) {
+	clock := newClock()
+	ob := open(t, Options{Now: clock.Now, TTL: time.Hour, Routes: []Route{{Name: "fast", TTL: time.Minute}, {Name: "slow"}}})
+	appendN(t, ob, "fast", 3, "f")
+	appendN(t, ob, "slow", 3, "s")
+	if err := ob.Append(&Message{Route: "slow", Topic: "t", Payload: []byte("own"), Expires: clock.Now().Add(time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(2 * time.Second) // the message's own expiry passes
+	if err := ob.Maintain(); err != nil {
+		t.Fatal(err)
+	}
+	if d := ob.Stats().Dropped[ReasonTTL]; d != 1 {
+		t.Fatalf("after 2s: ttl drops %d, want 1", d)
+	}
+	clock.Add(2 * time.Minute) // the route TTL passes: found by Next
+	if got := drain(t, ob, false); len(got) != 3 || got[0].Route != "slow" {
+		t.Fatalf("read %d messages, want the 3 of the slow route", len(got))
+	}
+	if d := ob.Stats().Dropped[ReasonTTL]; d != 4 {
+		t.Fatalf("ttl drops %d, want 4", d)
+	}
+	clock.Add(time.Hour) // the global TTL passes
+	if err := ob.Maintain(); err != nil {
+		t.Fatal(err)
+	}
+	if st := ob.Stats(); st.Dropped[ReasonTTL] != 7 || st.Messages != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestReopen(t *testing.T) {
+	dir := t.TempDir()
+	ob, err := Open(Options{Dir: dir, Routes: []Route{{Name: "old"}, {Name: "keep"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seqs := appendN(t, ob, "old", 4, "o")
+	appendN(t, ob, "keep", 2, "k")
+	if err := ob.Ack(Ref{"old", seqs[0]}); err != nil {
+		t.Fatal(err)
+	}
+	id, before := ob.ID(), ob.Stats()
+	if err := ob.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Append(&Message{Route: "keep"}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("append after close: %v", err)
+	}
+	// "old" is no longer configured: its messages still drain, last.
+	ob2 := open(t, Options{Dir: dir, Routes: []Route{{Name: "keep"}}})
+	after := ob2.Stats()
+	if ob2.ID() != id || after.Messages != before.Messages-1 || after.Messages != 5 {
+		t.Fatalf("reopen: id %s/%s, stats %+v -> %+v", id, ob2.ID(), before, after)
+	}
+	m := &Message{Route: "keep", Topic: "t"}
+	if err := ob2.Append(m); err != nil || m.Seq <= seqs[3] {
+		t.Fatalf("seq %d after reopen, last was %d: %v", m.Seq, seqs[3], err)
+	}
+	if err := ob2.Append(&Message{Route: "old"}); !errors.Is(err, ErrUnknownRoute) {
+		t.Fatalf("append to an adopted route: %v", err)
+	}
+	got := drain(t, ob2, true)
+	if len(got) != 6 || got[len(got)-1].Route != "old" {
+		t.Fatalf("drained %d, last from %q", len(got), got[len(got)-1].Route)
+	}
+}
+
+func TestGroupCommit(t *testing.T) {
+	ob := open(t, Options{Durability: DurabilityFsync})
+	const P, N = 50, 40
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for range P {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			for range N {
+				if err := ob.Append(&Message{Route: "r", Topic: "t", Payload: []byte("x")}); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if c := ob.commits.Load(); c >= P*N {
+		t.Fatalf("%d commits for %d appends: no group commit", c, P*N)
+	} else {
+		t.Logf("%d appends in %d synced commits", P*N, c)
+	}
+	if got := len(drain(t, ob, false)); got != P*N {
+		t.Fatalf("read %d, want %d", got, P*N)
+	}
+}
+
+// duOf returns the disk space the files in dir use.
+func duOf(t *testing.T, dir string) int64 {
+	var n int64
+	_ = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			n += fi.Sys().(*syscall.Stat_t).Blocks * 512
+		}
+		return nil
+	})
+	return n
+}
+
+func TestDiskReclaimedAfterDrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes 60 MB")
+	}
+	dir := t.TempDir()
+	ob := open(t, Options{Dir: dir})
+	payload := make([]byte, 200)
+	const n = 150_000
+	for i := range n {
+		if err := ob.Append(&Message{Route: "r", Topic: "plant/line1/temp", Payload: payload}); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	// Let Badger flush its memtables to tables.
+	if err := ob.db.Flatten(1); err != nil {
+		t.Fatal(err)
+	}
+	peak := duOf(t, dir)
+	drain(t, ob, true)
+	if err := ob.Maintain(); err != nil {
+		t.Fatal(err)
+	}
+	after := duOf(t, dir)
+	t.Logf("disk: %d MB with %d messages, %d MB after the drain and maintenance", peak>>20, n, after>>20)
+	if after >= peak*2/3 {
+		t.Fatalf("disk use did not fall enough after the drain: %d -> %d bytes", peak, after)
+	}
+}
+
+// TestCrashKeepsAcknowledged re-runs this test binary as a child that
+// appends and prints each sequence number once Append returned, then kills
+// it with SIGKILL: every printed message must be in the store.
+func TestCrashKeepsAcknowledged(t *testing.T) {
+	if dir := os.Getenv("OUTPOST_CRASH_CHILD"); dir != "" {
+		crashChild(dir, os.Getenv("OUTPOST_CRASH_MODE"))
+		return
+	}
+	for _, mode := range []string{"process", "fsync"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			cmd := exec.Command(os.Args[0], "-test.run=^TestCrashKeepsAcknowledged$")
+			cmd.Env = append(os.Environ(), "OUTPOST_CRASH_CHILD="+dir, "OUTPOST_CRASH_MODE="+mode)
+			out, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			acked := map[uint64]bool{}
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				if seq, err := strconv.ParseUint(sc.Text(), 10, 64); err == nil {
+					acked[seq] = true
+				}
+				if len(acked) == 20_000 {
+					_ = cmd.Process.Kill()
+					break
+				}
+			}
+			_ = cmd.Wait()
+			if len(acked) < 20_000 {
+				t.Fatalf("child acknowledged only %d before it ended", len(acked))
+			}
+			ob := open(t, Options{Dir: dir})
+			have := map[uint64]bool{}
+			for _, m := range drain(t, ob, false) {
+				have[m.Seq] = true
+			}
+			for seq := range acked {
+				if !have[seq] {
+					t.Fatalf("acknowledged message %d lost after kill -9 (%d acknowledged, %d stored)", seq, len(acked), len(have))
+				}
+			}
+			t.Logf("%s: %d acknowledged before SIGKILL, %d stored after", mode, len(acked), len(have))
+		})
+	}
+}
+
+func crashChild(dir, mode string) {
+	d := DurabilityProcess
+	if mode == "fsync" {
+		d = DurabilityFsync
+	}
+	ob, err := Open(Options{Dir: dir, Durability: d, Routes: []Route{{Name: "r"}}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	w := bufio.NewWriterSize(os.Stdout, 0)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				m := &Message{Route: "r", Topic: "t", Payload: make([]byte, 200)}
+				if err := ob.Append(m); err != nil {
+					os.Exit(1)
+				}
+				mu.Lock()
+				fmt.Fprintln(w, m.Seq)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func BenchmarkAppendProcess(b *testing.B) {
+	ob := open(b, Options{})
+	payload := make([]byte, 200)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if err := ob.Append(&Message{Route: "r", Topic: "plant/line1/temp", QoS: 1, Payload: payload}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
+}
+
+func BenchmarkAppendFsyncParallel(b *testing.B) {
+	ob := open(b, Options{Durability: DurabilityFsync})
+	payload := make([]byte, 200)
+	b.ReportAllocs()
+	b.SetParallelism(25) // 50 publishers on 2 cores
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := ob.Append(&Message{Route: "r", Topic: "plant/line1/temp", QoS: 1, Payload: payload}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
+}
+
+func BenchmarkDrain(b *testing.B) {
+	ob := open(b, Options{})
+	payload := make([]byte, 200)
+	for range b.N {
+		if err := ob.Append(&Message{Route: "r", Topic: "t", QoS: 1, Payload: payload}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	c := Cursor{}
+	for {
+		msgs, err := ob.Next(c, 256)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(msgs) == 0 {
+			break
+		}
+		for _, m := range msgs {
+			c[m.Route] = m.Seq
+			_ = ob.Ack(Ref{m.Route, m.Seq})
+		}
+	}
+	ob.flushAcks()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
+}
