@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -46,6 +45,7 @@ type agentProc struct {
 	args   []string
 	addr   string
 	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has been waited for
 	stderr *bytes.Buffer
 }
 
@@ -65,9 +65,9 @@ func startAgent(t *testing.T, upstream string, extra ...string) *agentProc {
 		"--device-id", "gw", "--log-format", "text", "--upstream", upstream}, extra...)
 	p.start()
 	t.Cleanup(func() {
-		if p.cmd != nil && p.cmd.ProcessState == nil {
+		if p.cmd != nil {
 			_ = p.cmd.Process.Kill()
-			_ = p.cmd.Wait()
+			<-p.exited
 		}
 		if t.Failed() {
 			t.Logf("agent log:\n%s", p.stderr.String())
@@ -87,15 +87,11 @@ func (p *agentProc) start() {
 		p.t.Fatal(err)
 	}
 	exited := make(chan struct{})
+	p.exited = exited
+	cmd := p.cmd
 	go func() {
-		// Only to notice an early exit; Wait is called by kill/stop.
-		for p.cmd.ProcessState == nil {
-			if err := p.cmd.Process.Signal(syscall.Signal(0)); err != nil {
-				close(exited)
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		_ = cmd.Wait()
+		close(exited)
 	}()
 	err := mosqtest.Eventually(15*time.Second, 20*time.Millisecond, func() error {
 		select {
@@ -121,7 +117,7 @@ func (p *agentProc) kill() {
 	if err := p.cmd.Process.Kill(); err != nil {
 		p.t.Fatal(err)
 	}
-	_ = p.cmd.Wait()
+	<-p.exited
 }
 
 func waitFor(t *testing.T, timeout time.Duration, fn func() error) {

@@ -1,0 +1,608 @@
+// Command bench measures Outpost beside the setup users pick today, a
+// Mosquitto bridge with persistence, in the same run and on the same
+// workload, and prints one Markdown table. Run it with `make bench`.
+//
+// Everything runs on 127.0.0.1; every wait is bounded; every child process
+// is stopped on exit.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/eclipse/paho.golang/autopaho"
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/outpost-edge/outpost/internal/mosqtest"
+)
+
+var (
+	agentBin   = flag.String("agent", "bin/outpost", "path to the outpost binary")
+	n          = flag.Int("n", 50_000, "messages per case")
+	size       = flag.Int("size", 200, "payload bytes")
+	publishers = flag.Int("publishers", 50, "publishers in the concurrent case")
+	backlog    = flag.Int("backlog", 0, "only measure Outpost's RSS with this many messages queued (e.g. 1000000)")
+	durability = flag.String("durability", "process", "Outpost durability: process or fsync")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		cleanup()
+		os.Exit(1)
+	}
+	cleanup()
+}
+
+// Every child process, so that an error path still stops them.
+var (
+	childMu  sync.Mutex
+	children []func()
+)
+
+func onExit(f func()) {
+	childMu.Lock()
+	children = append(children, f)
+	childMu.Unlock()
+}
+
+func cleanup() {
+	childMu.Lock()
+	defer childMu.Unlock()
+	for i := len(children) - 1; i >= 0; i-- {
+		children[i]()
+	}
+	children = nil
+}
+
+// edge is the system under test: Outpost or the Mosquitto bridge.
+type edge interface {
+	name() string
+	start() error // start (or restart after kill) on the same port and data
+	kill() error  // SIGKILL
+	stop() error
+	addr() string
+	pid() int
+	upstreamFilter() string
+}
+
+type outpostEdge struct {
+	port int
+	dir  string
+	up   string
+	cmd  *exec.Cmd
+}
+
+func (e *outpostEdge) name() string           { return "outpost" }
+func (e *outpostEdge) addr() string           { return net.JoinHostPort("127.0.0.1", strconv.Itoa(e.port)) }
+func (e *outpostEdge) upstreamFilter() string { return "outpost/bench/#" }
+func (e *outpostEdge) pid() int {
+	if e.cmd == nil {
+		return 0
+	}
+	return e.cmd.Process.Pid
+}
+
+func (e *outpostEdge) start() error {
+	cfg := filepath.Join(e.dir, "outpost.yaml")
+	if err := os.WriteFile(cfg, []byte("storage: {max_bytes: 0}\nuplink: {backoff_min: 100ms, backoff_max: 1s}\nlog: {level: warn}\n"), 0o600); err != nil {
+		return err
+	}
+	e.cmd = exec.Command(*agentBin, "run", "--config", cfg, "--listen", e.addr(), "--data", filepath.Join(e.dir, "data"),
+		"--upstream", e.up, "--device-id", "bench", "--durability", *durability, "--log-format", "text")
+	logf, err := os.Create(filepath.Join(e.dir, "outpost.log"))
+	if err != nil {
+		return err
+	}
+	e.cmd.Stderr = logf
+	if err := e.cmd.Start(); err != nil {
+		return err
+	}
+	cmd := e.cmd
+	onExit(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return waitPort(e.addr())
+}
+
+func (e *outpostEdge) kill() error {
+	_ = e.cmd.Process.Kill()
+	_ = e.cmd.Wait()
+	return nil
+}
+
+func (e *outpostEdge) stop() error {
+	_ = e.cmd.Process.Signal(syscall.SIGTERM)
+	_ = e.cmd.Wait()
+	return nil
+}
+
+type bridgeEdge struct {
+	b    *mosqtest.Broker
+	opts mosqtest.Options
+}
+
+func newBridge(upPort int) (*bridgeEdge, error) {
+	port, err := mosqtest.FreePort()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "bench-bridge")
+	if err != nil {
+		return nil, err
+	}
+	onExit(func() { os.RemoveAll(dir) })
+	return &bridgeEdge{opts: mosqtest.Options{
+		Port: port, Persistence: true, DataDir: dir,
+		Extra: fmt.Sprintf(`connection upstream
+address 127.0.0.1:%d
+topic bench/# out 1 "" outpost/bridge/
+cleansession false
+bridge_protocol_version mqttv50
+restart_timeout 1
+`, upPort),
+	}}, nil
+}
+
+func (e *bridgeEdge) name() string           { return "mosquitto bridge" }
+func (e *bridgeEdge) addr() string           { return net.JoinHostPort("127.0.0.1", strconv.Itoa(e.opts.Port)) }
+func (e *bridgeEdge) upstreamFilter() string { return "outpost/bridge/#" }
+func (e *bridgeEdge) pid() int {
+	if e.b == nil {
+		return 0
+	}
+	return e.b.Pid()
+}
+
+func (e *bridgeEdge) start() error {
+	if e.b != nil {
+		return e.b.Restart()
+	}
+	b, err := mosqtest.Start(e.opts)
+	if err != nil {
+		return err
+	}
+	e.b = b
+	onExit(func() { _ = b.Kill() })
+	return nil
+}
+func (e *bridgeEdge) kill() error { return e.b.Kill() }
+func (e *bridgeEdge) stop() error { return e.b.Stop() }
+
+func waitPort(addr string) error {
+	return mosqtest.Eventually(15*time.Second, 10*time.Millisecond, func() error {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+}
+
+// counter subscribes upstream with a persistent session (it survives
+// upstream restarts) and counts distinct messages by their sequence number.
+type counter struct {
+	mu          sync.Mutex
+	seen        map[string]int
+	first, last time.Time
+	cancel      context.CancelFunc
+	done        <-chan struct{}
+}
+
+func newCounter(upURL, filter string) (*counter, error) {
+	u, err := url.Parse(upURL)
+	if err != nil {
+		return nil, err
+	}
+	c := &counter{seen: map[string]int{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	subscribed := make(chan struct{}, 1)
+	cm, err := autopaho.NewConnection(ctx, autopaho.ClientConfig{
+		ServerUrls: []*url.URL{u}, KeepAlive: 10, SessionExpiryInterval: 3600,
+		CleanStartOnInitialConnection: true,
+		ReconnectBackoff:              autopaho.NewConstantBackoff(20 * time.Millisecond),
+		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
+			go func() {
+				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
+					select {
+					case subscribed <- struct{}{}:
+					default:
+					}
+				}
+			}()
+		},
+		ClientConfig: paho.ClientConfig{
+			ClientID: fmt.Sprintf("bench-counter-%d", time.Now().UnixNano()),
+			OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+				p := pr.Packet.Payload
+				key := string(p[:min(len(p), 12)])
+				now := time.Now()
+				c.mu.Lock()
+				if c.first.IsZero() {
+					c.first = now
+				}
+				c.last = now
+				c.seen[key]++
+				c.mu.Unlock()
+				return true, nil
+			}},
+		},
+	})
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	c.done = cm.Done()
+	onExit(c.close)
+	select {
+	case <-subscribed:
+		return c, nil
+	case <-time.After(10 * time.Second):
+		c.close()
+		return nil, errors.New("upstream counter did not subscribe")
+	}
+}
+
+func (c *counter) close() {
+	c.cancel()
+	<-c.done
+}
+
+func (c *counter) counts() (distinct, dups int, first, last time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, k := range c.seen {
+		distinct++
+		dups += k - 1
+	}
+	return distinct, dups, c.first, c.last
+}
+
+// waitDistinct waits until want distinct messages arrived, or until nothing
+// new arrived for quiet (then it returns what it has), bounded by limit.
+func (c *counter) waitDistinct(want int, quiet, limit time.Duration) int {
+	deadline := time.Now().Add(limit)
+	lastN, lastChange := -1, time.Now()
+	for time.Now().Before(deadline) {
+		d, _, _, _ := c.counts()
+		if d >= want {
+			return d
+		}
+		if d != lastN {
+			lastN, lastChange = d, time.Now()
+		} else if time.Since(lastChange) > quiet {
+			return d
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	d, _, _, _ := c.counts()
+	return d
+}
+
+// workload writes count lines of payload size (with the sequence number in
+// front, so the counter can tell messages apart) into a file.
+func workload(dir string, from, count int) (string, error) {
+	p := filepath.Join(dir, fmt.Sprintf("lines-%d-%d", from, count))
+	f, err := os.Create(p)
+	if err != nil {
+		return "", err
+	}
+	w := bufio.NewWriter(f)
+	pad := strings.Repeat("x", max(*size-13, 0))
+	for i := from; i < from+count; i++ {
+		fmt.Fprintf(w, "%012d %s\n", i, pad)
+	}
+	if err := w.Flush(); err != nil {
+		return "", err
+	}
+	return p, f.Close()
+}
+
+// publish runs one mosquitto_pub -l per file, all at once, and waits.
+func publish(addr string, files []string) error {
+	host, port, _ := net.SplitHostPort(addr)
+	var wg sync.WaitGroup
+	errs := make(chan error, len(files))
+	for i, f := range files {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			in, err := os.Open(f)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer in.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			topic := "bench/t"
+			if len(files) > 1 {
+				topic = fmt.Sprintf("bench/t/%d", i)
+			}
+			cmd := exec.CommandContext(ctx, "mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-V", "mqttv5", "-t", topic, "-l")
+			cmd.Stdin = in
+			if out, err := cmd.CombinedOutput(); err != nil {
+				errs <- fmt.Errorf("mosquitto_pub: %v: %s", err, out)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
+
+// vm reads a field (VmRSS, VmHWM) of /proc/PID/status in MiB.
+func vm(pid int, field string) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, field+":") {
+			kb, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+type result struct {
+	live1, liveN, drain float64 // msg/s
+	lost, dups          int
+	rss                 float64 // MiB
+}
+
+// measure runs every case against one edge system, each on a fresh
+// upstream and fresh data.
+func measure(mk func(upURL string, upPort int) (edge, error), files1, filesN []string) (result, error) {
+	var r result
+	fresh := func() (*mosqtest.Broker, edge, *counter, error) {
+		up, err := mosqtest.Start(mosqtest.Options{Persistence: true})
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		onExit(up.Close)
+		e, err := mk(up.URL(), up.Port())
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		if err := e.start(); err != nil {
+			return nil, nil, nil, fmt.Errorf("%s: %w", e.name(), err)
+		}
+		c, err := newCounter(up.URL(), e.upstreamFilter())
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return up, e, c, nil
+	}
+	live := func(files []string) (float64, error) {
+		up, e, c, err := fresh()
+		if err != nil {
+			return 0, err
+		}
+		defer up.Close()
+		defer e.kill()
+		defer c.close()
+		// The edge has connected upstream once the first message goes through.
+		start := time.Now()
+		if err := publish(e.addr(), files); err != nil {
+			return 0, err
+		}
+		got := c.waitDistinct(*n, 10*time.Second, 5*time.Minute)
+		if got < *n {
+			return 0, fmt.Errorf("%s: live: only %d of %d arrived", e.name(), got, *n)
+		}
+		_, _, _, last := c.counts()
+		return float64(*n) / last.Sub(start).Seconds(), nil
+	}
+	var err error
+	if r.live1, err = live(files1); err != nil {
+		return r, err
+	}
+	if r.liveN, err = live(filesN); err != nil {
+		return r, err
+	}
+
+	// Backlog drain, then loss on kill -9, each from a fresh start.
+	up, e, c, err := fresh()
+	if err != nil {
+		return r, err
+	}
+	if err := up.Stop(); err != nil {
+		return r, err
+	}
+	if err := publish(e.addr(), files1); err != nil {
+		return r, err
+	}
+	r.rss = vm(e.pid(), "VmHWM")
+	if err := up.Restart(); err != nil {
+		return r, err
+	}
+	if got := c.waitDistinct(*n, 10*time.Second, 5*time.Minute); got < *n {
+		return r, fmt.Errorf("%s: drain: only %d of %d arrived", e.name(), got, *n)
+	}
+	_, _, first, last := c.counts()
+	r.drain = float64(*n-1) / last.Sub(first).Seconds()
+	r.rss = max(r.rss, vm(e.pid(), "VmHWM"))
+	e.kill()
+	c.close()
+	up.Close()
+
+	up, e, c, err = fresh()
+	if err != nil {
+		return r, err
+	}
+	defer up.Close()
+	if err := up.Stop(); err != nil {
+		return r, err
+	}
+	if err := publish(e.addr(), files1); err != nil { // every message acknowledged
+		return r, err
+	}
+	_ = e.kill()
+	if err := e.start(); err != nil {
+		return r, fmt.Errorf("%s: restart after kill: %w", e.name(), err)
+	}
+	if err := up.Restart(); err != nil {
+		return r, err
+	}
+	got := c.waitDistinct(*n, 5*time.Second, 3*time.Minute)
+	_, r.dups, _, _ = c.counts()
+	r.lost = *n - got
+	e.kill()
+	c.close()
+	return r, nil
+}
+
+func run() error {
+	if _, err := os.Stat(*agentBin); err != nil {
+		return fmt.Errorf("agent binary: %w (run make build)", err)
+	}
+	for _, tool := range []string{"mosquitto", "mosquitto_pub"} {
+		if _, err := mosqtest.LookPath(tool); err != nil {
+			return fmt.Errorf("%w: apt-get install -y mosquitto mosquitto-clients", err)
+		}
+	}
+	dir, err := os.MkdirTemp("", "outpost-bench")
+	if err != nil {
+		return err
+	}
+	onExit(func() { os.RemoveAll(dir) })
+
+	if *backlog > 0 {
+		return backlogRSS(dir)
+	}
+
+	files1 := []string{}
+	f, err := workload(dir, 0, *n)
+	if err != nil {
+		return err
+	}
+	files1 = append(files1, f)
+	var filesN []string
+	per := *n / *publishers
+	for i := range *publishers {
+		f, err := workload(dir, i*per, per)
+		if err != nil {
+			return err
+		}
+		filesN = append(filesN, f)
+	}
+
+	fmt.Printf("Outpost bench: %d QoS 1 messages of %d B per case, MQTT 5 publisher(s) (mosquitto_pub -l), upstream Mosquitto on 127.0.0.1.\n", *n, *size)
+	fmt.Printf("Machine: %d cores, %s. %s. Outpost durability: %s.\n\n", runtime.NumCPU(), cpuModel(), mosquittoVersion(), *durability)
+
+	op, err := measure(func(upURL string, _ int) (edge, error) {
+		port, err := mosqtest.FreePort()
+		if err != nil {
+			return nil, err
+		}
+		d, err := os.MkdirTemp(dir, "outpost")
+		if err != nil {
+			return nil, err
+		}
+		return &outpostEdge{port: port, dir: d, up: upURL}, nil
+	}, files1, filesN)
+	if err != nil {
+		return err
+	}
+	br, err := measure(func(_ string, upPort int) (edge, error) { return newBridge(upPort) }, files1, filesN)
+	if err != nil {
+		return err
+	}
+	ratio := func(a, b float64) string {
+		if b == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2fx", a/b)
+	}
+	fmt.Println("| metric | outpost | mosquitto bridge | ratio |")
+	fmt.Println("|---|---:|---:|---:|")
+	fmt.Printf("| live forwarding, 1 publisher (msg/s) | %.0f | %.0f | %s |\n", op.live1, br.live1, ratio(op.live1, br.live1))
+	fmt.Printf("| live forwarding, %d publishers (msg/s) | %.0f | %.0f | %s |\n", *publishers, op.liveN, br.liveN, ratio(op.liveN, br.liveN))
+	fmt.Printf("| backlog drain (msg/s, first to last arrival) | %.0f | %.0f | %s |\n", op.drain, br.drain, ratio(op.drain, br.drain))
+	fmt.Printf("| acknowledged messages lost on kill -9 (of %d) | %d | %d | |\n", *n, op.lost, br.lost)
+	fmt.Printf("| duplicates after kill -9 and restart | %d | %d | |\n", op.dups, br.dups)
+	fmt.Printf("| peak RSS of the edge process with the backlog (MiB) | %.1f | %.1f | |\n", op.rss, br.rss)
+	return nil
+}
+
+// backlogRSS queues count messages in Outpost (upstream down) and reports
+// its RSS.
+func backlogRSS(dir string) error {
+	up, err := mosqtest.Start(mosqtest.Options{})
+	if err != nil {
+		return err
+	}
+	onExit(up.Close)
+	if err := up.Stop(); err != nil {
+		return err
+	}
+	port, err := mosqtest.FreePort()
+	if err != nil {
+		return err
+	}
+	e := &outpostEdge{port: port, dir: dir, up: up.URL()}
+	if err := e.start(); err != nil {
+		return err
+	}
+	const chunk = 100_000
+	start := time.Now()
+	for from := 0; from < *backlog; from += chunk {
+		f, err := workload(dir, from, min(chunk, *backlog-from))
+		if err != nil {
+			return err
+		}
+		if err := publish(e.addr(), []string{f}); err != nil {
+			return err
+		}
+		os.Remove(f)
+		fmt.Printf("%d queued, RSS %.1f MiB\n", from+min(chunk, *backlog-from), vm(e.pid(), "VmRSS"))
+	}
+	fmt.Printf("\n%d messages of %d B queued in %s: RSS %.1f MiB, peak RSS %.1f MiB, data dir %s\n",
+		*backlog, *size, time.Since(start).Round(time.Second), vm(e.pid(), "VmRSS"), vm(e.pid(), "VmHWM"), du(filepath.Join(dir, "data")))
+	return e.stop()
+}
+
+func du(dir string) string {
+	out, err := exec.Command("du", "-sh", dir).Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.Fields(string(out))[0]
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, l := range bytes.Split(b, []byte("\n")) {
+		if k, v, ok := strings.Cut(string(l), ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown CPU"
+}
+
+func mosquittoVersion() string {
+	bin, err := mosqtest.LookPath("mosquitto")
+	if err != nil {
+		return "mosquitto ?"
+	}
+	out, _ := exec.Command(bin, "-h").CombinedOutput()
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line)
+}
