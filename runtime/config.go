@@ -22,13 +22,17 @@ import (
 // decoded over the embedded defaults, then validated as a whole.
 type Config struct {
 	// DeviceID names this gateway upstream. Default: the host name.
-	DeviceID string        `yaml:"device_id"`
-	DataDir  string        `yaml:"data_dir"` // default ./data
-	Log      LogConfig     `yaml:"log"`
-	Broker   BrokerConfig  `yaml:"broker"`
-	Storage  StorageConfig `yaml:"storage"`
-	Routes   []RouteConfig `yaml:"routes"`
-	Uplink   UplinkConfig  `yaml:"uplink"`
+	DeviceID string `yaml:"device_id"`
+	DataDir  string `yaml:"data_dir"` // default ./data
+	// MemoryLimit is the Go runtime's soft memory limit: the garbage
+	// collector works harder near it, so RSS stays flat under a large
+	// backlog. 0 = no limit. The GOMEMLIMIT environment variable wins.
+	MemoryLimit ByteSize      `yaml:"memory_limit"`
+	Log         LogConfig     `yaml:"log"`
+	Broker      BrokerConfig  `yaml:"broker"`
+	Storage     StorageConfig `yaml:"storage"`
+	Routes      []RouteConfig `yaml:"routes"`
+	Uplink      UplinkConfig  `yaml:"uplink"`
 }
 
 // LogConfig configures logging.
@@ -103,9 +107,10 @@ type TLSConfig struct {
 func DefaultConfig() Config {
 	host, _ := os.Hostname()
 	return Config{
-		DeviceID: sanitizeID(host),
-		DataDir:  "./data",
-		Log:      LogConfig{Level: "info", Format: "auto"},
+		DeviceID:    sanitizeID(host),
+		DataDir:     "./data",
+		MemoryLimit: 64 << 20,
+		Log:         LogConfig{Level: "info", Format: "auto"},
 		Broker: BrokerConfig{
 			Listeners:     []ListenerConfig{{Address: "127.0.0.1:1883"}},
 			MaxPacketSize: 1 << 20,
@@ -189,6 +194,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DataDir == "" {
 		bad("data_dir", "must not be empty")
+	}
+	if c.MemoryLimit != 0 && c.MemoryLimit < 16<<20 {
+		bad("memory_limit", "%d bytes is below the 16MiB minimum (0 = no limit)", c.MemoryLimit)
 	}
 	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	oneOf("log.format", c.Log.Format, "auto", "text", "json")

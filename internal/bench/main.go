@@ -195,6 +195,8 @@ func waitPort(addr string) error {
 
 // counter subscribes upstream with a persistent session (it survives
 // upstream restarts) and counts distinct messages by their sequence number.
+// It subscribes at QoS 0 so that its own acknowledgements do not limit the
+// figures (the upstream queues QoS 0 for its session: queue_qos0_messages).
 type counter struct {
 	mu          sync.Mutex
 	seen        map[string]int
@@ -218,7 +220,7 @@ func newCounter(upURL, filter string) (*counter, error) {
 		ReconnectBackoff:              autopaho.NewConstantBackoff(20 * time.Millisecond),
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
 			go func() {
-				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}}); err == nil {
+				if _, err := cm.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 0}}}); err == nil {
 					select {
 					case subscribed <- struct{}{}:
 					default:

@@ -119,7 +119,7 @@ func Start(opts Options) (*Broker, error) {
 	// Mosquitto started as root drops to the user mosquitto unless told not to.
 	c.WriteString("user root\n")
 	fmt.Fprintf(&c, "log_dest file %s\nlog_type error\nlog_type warning\nlog_type notice\n", b.logPath)
-	c.WriteString("max_queued_messages 0\nmax_queued_bytes 0\nqueue_qos0_messages true\n")
+	c.WriteString("max_queued_messages 0\nmax_queued_bytes 0\nqueue_qos0_messages true\nmax_inflight_messages 1000\n")
 	if opts.Persistence {
 		fmt.Fprintf(&c, "persistence true\npersistence_location %s/\n", b.dir)
 		if opts.AutosaveInterval > 0 {

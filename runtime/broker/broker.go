@@ -16,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -108,7 +109,7 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: listener %q: %w", l.Address, err)
 		}
 		h.anonymous[id] = loopback || l.AllowAnonymous
-		tcp := listeners.NewTCP(listeners.Config{ID: id, Address: l.Address})
+		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address})}
 		if err := srv.AddListener(tcp); err != nil {
 			_ = srv.Close()
 			return nil, fmt.Errorf("broker: listen on %s: %w", l.Address, err)
@@ -158,6 +159,16 @@ func (b *Broker) Close() error {
 		}
 	})
 	return err
+}
+
+// batchedTCP is mochi's TCP listener with coalesced writes on every client
+// connection: mochi writes each PUBACK with its own system call, which was
+// the largest cost of ingest in a profile (docs/DECISIONS.md).
+type batchedTCP struct{ *listeners.TCP }
+
+// Serve wraps each accepted connection before mochi takes it.
+func (l *batchedTCP) Serve(establish listeners.EstablishFn) {
+	l.TCP.Serve(func(id string, c net.Conn) error { return establish(id, batchconn.New(c)) })
 }
 
 // ingestHook stores routed publishes before mochi acknowledges them: mochi

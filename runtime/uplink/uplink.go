@@ -30,6 +30,7 @@ import (
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -311,7 +312,7 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 		return nil, err
 	}
 	u.conn.Store(&conn)
-	return conn, nil
+	return batchconn.New(conn), nil
 }
 
 // cut closes the current network connection; autopaho then reconnects.
