@@ -2,6 +2,7 @@ package uplink
 
 import (
 	"bytes"
+	"errors"
 	"context"
 	"io"
 	"time"
@@ -94,10 +95,10 @@ func (q *outboxQueue) fill() bool {
 	return len(u.buf) > 0
 }
 
+var errEnqueue = errors.New("uplink: messages enter through the outbox, not the queue")
+
 // Enqueue is not used: messages enter through the outbox.
-func (q *outboxQueue) Enqueue(io.Reader) error {
-	return storage.ErrUnknownRoute
-}
+func (q *outboxQueue) Enqueue(io.Reader) error { return errEnqueue }
 
 // Peek returns the next message to send, or queue.ErrEmpty.
 func (q *outboxQueue) Peek() (queue.Entry, error) {
