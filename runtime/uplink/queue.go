@@ -2,8 +2,8 @@ package uplink
 
 import (
 	"bytes"
-	"errors"
 	"context"
+	"errors"
 	"io"
 	"time"
 
