@@ -438,7 +438,7 @@ func TestDropOldestWhenFull(t *testing.T) {
 	if first := fmt.Sprintf("%04d%s", 0, strings.Repeat("z", 10_000)); col.Has(first) {
 		t.Fatal("the oldest message was delivered, yet it should have been evicted")
 	}
-	waitFor(t, 10*time.Second, func() error {
+	waitFor(t, 30*time.Second, func() error {
 		if d, _ := col.Counts(); int64(d) != st.Messages {
 			return fmt.Errorf("%d delivered, %d were stored", d, st.Messages)
 		}

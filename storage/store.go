@@ -701,8 +701,12 @@ func (o *Outbox) ackFlusher() {
 	}
 }
 
-// flushAcks writes the pending acknowledgements.
+// flushAcks writes the pending acknowledgements. It holds delMu from before
+// it takes the pending list, so it also waits for a flush in progress: when
+// it returns, every Ack that returned before it is reflected in Stats.
 func (o *Outbox) flushAcks() {
+	o.delMu.Lock()
+	defer o.delMu.Unlock()
 	o.ackMu.Lock()
 	refs := o.acks
 	o.acks = nil
@@ -710,14 +714,17 @@ func (o *Outbox) flushAcks() {
 	if len(refs) == 0 {
 		return
 	}
-	keys := make([][]byte, len(refs))
-	for i, r := range refs {
-		keys[i] = msgKey(r.Route, r.Seq)
+	// The same message may be acknowledged more than once; one delete each.
+	seen := make(map[Ref]struct{}, len(refs))
+	keys := make([][]byte, 0, len(refs))
+	for _, r := range refs {
+		if _, dup := seen[r]; dup {
+			continue
+		}
+		seen[r] = struct{}{}
+		keys = append(keys, msgKey(r.Route, r.Seq))
 	}
-	o.delMu.Lock()
-	_, err := o.deleteLocked(keys, "")
-	o.delMu.Unlock()
-	if err != nil {
+	if _, err := o.deleteLocked(keys, ""); err != nil {
 		o.log.Error("deleting acknowledged messages failed; they will be sent again", "count", len(keys), "error", err)
 	}
 }
