@@ -30,7 +30,6 @@ import (
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -312,7 +311,10 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 		return nil, err
 	}
 	u.conn.Store(&conn)
-	return batchconn.New(conn), nil
+	// Not wrapped in batchconn: paho writes a packet as net.Buffers, which
+	// is one writev on a *net.TCPConn but separate writes on any other
+	// net.Conn, where a second paho writer could land mid-packet.
+	return conn, nil
 }
 
 // cut closes the current network connection; autopaho then reconnects.
