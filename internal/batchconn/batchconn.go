@@ -2,6 +2,7 @@
 package batchconn
 
 import (
+	"bufio"
 	"net"
 	"sync"
 	"time"
@@ -17,10 +18,32 @@ import (
 // Write errors surface on a later Write. Close sends what is queued, waiting
 // at most a second, then closes c. The returned connection is safe for
 // concurrent use.
+//
+// The returned connection is also a sync.Locker: a writer that sends one
+// packet in several Writes holds Lock meanwhile so that no other writer's
+// bytes land inside it. paho's packet writer does this for any sync.Locker.
 func New(c net.Conn) net.Conn { return newBatchConn(c) }
+
+// NewBuffered is New with buffered reads as well, for a reader that reads
+// a packet in several small Reads (paho reads a fixed header byte by byte).
+// Only one goroutine may read at a time.
+func NewBuffered(c net.Conn) net.Conn {
+	return &bufferedConn{batchConn: newBatchConn(c), r: bufio.NewReaderSize(c, readBufferSize)}
+}
+
+// readBufferSize is the read buffer of NewBuffered.
+const readBufferSize = 32 << 10
+
+type bufferedConn struct {
+	*batchConn
+	r *bufio.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
 type batchConn struct {
 	net.Conn
+	packet  sync.Mutex // held by a writer across the Writes of one packet
 	mu      sync.Mutex
 	cond    *sync.Cond
 	buf     []byte
@@ -38,6 +61,13 @@ func newBatchConn(c net.Conn) *batchConn {
 	go b.loop()
 	return b
 }
+
+// Lock keeps other writers out until Unlock, so that several Writes reach the
+// peer together and in order.
+func (b *batchConn) Lock() { b.packet.Lock() }
+
+// Unlock ends what Lock began.
+func (b *batchConn) Unlock() { b.packet.Unlock() }
 
 // Write queues p. It fails once the connection has failed or is closed.
 func (b *batchConn) Write(p []byte) (int, error) {

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // TestBatchConnKeepsEveryWrite hammers a batchConn from several goroutines:
@@ -77,5 +80,108 @@ func TestBatchConnFailsAfterPeerCloses(t *testing.T) {
 	}
 	if err := b.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 		t.Logf("close: %v", err)
+	}
+}
+
+// TestPahoPacketsStayWhole writes MQTT packets the way paho does (several
+// Writes per packet, under the conn's lock when it is a sync.Locker) from
+// several goroutines: every packet must arrive whole. The payloads are large
+// so that writers often block mid-packet on a full buffer.
+func TestPahoPacketsStayWhole(t *testing.T) {
+	client, server := net.Pipe()
+	b := NewBuffered(client)
+	if _, ok := b.(sync.Locker); !ok {
+		t.Fatal("a batch conn is not a sync.Locker: paho would interleave packets")
+	}
+	const P, N = 6, 100
+	done := make(chan error, 1)
+	go func() {
+		// On a torn packet, stop reading and close: the writers then fail
+		// instead of blocking on a full buffer.
+		defer server.Close()
+		seen := 0
+		for seen < P*N {
+			cp, err := packets.ReadPacket(server)
+			if err != nil {
+				done <- fmt.Errorf("after %d packets: %w", seen, err)
+				return
+			}
+			switch p := cp.Content.(type) {
+			case *packets.Publish:
+				if want := payloadOf(p.Topic); string(p.Payload) != want {
+					done <- fmt.Errorf("packet torn: topic %q payload %q", p.Topic, p.Payload)
+					return
+				}
+				seen++
+			case *packets.Pingreq:
+			default:
+				done <- fmt.Errorf("unexpected packet %T", p)
+				return
+			}
+		}
+		done <- nil
+	}()
+	var wg sync.WaitGroup
+	for g := range P {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range N {
+				topic := fmt.Sprintf("w%d/m%d", g, i)
+				pub := &packets.Publish{Topic: topic, Payload: []byte(payloadOf(topic)), QoS: 1, PacketID: uint16(i + 1), Properties: &packets.Properties{}}
+				if _, err := pub.WriteTo(b); err != nil {
+					return // the reader failed; it reports why
+				}
+				if i%10 == 0 {
+					if _, err := packets.NewControlPacket(packets.PINGREQ).WriteTo(b); err != nil {
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("reader did not see every packet")
+	}
+	b.Close()
+}
+
+func payloadOf(topic string) string { return strings.Repeat(topic+";", 40<<10/len(topic)) }
+
+// TestBufferedReads reads packets that the peer wrote back to back through
+// the read buffer, in the small reads paho makes.
+func TestBufferedReads(t *testing.T) {
+	client, server := net.Pipe()
+	b := NewBuffered(client)
+	defer b.Close()
+	const N = 1000
+	go func() {
+		var all bytes.Buffer
+		for i := range N {
+			ack := &packets.Puback{PacketID: uint16(i + 1), Properties: &packets.Properties{}}
+			if _, err := ack.WriteTo(&all); err != nil {
+				t.Error(err)
+			}
+		}
+		_, _ = server.Write(all.Bytes())
+		server.Close()
+	}()
+	for i := range N {
+		cp, err := packets.ReadPacket(b)
+		if err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+		if ack, ok := cp.Content.(*packets.Puback); !ok || ack.PacketID != uint16(i+1) {
+			t.Fatalf("packet %d: got %v", i, cp)
+		}
+	}
+	if _, err := packets.ReadPacket(b); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last packet: %v, want EOF", err)
 	}
 }

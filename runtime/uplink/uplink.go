@@ -30,6 +30,7 @@ import (
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -311,10 +312,10 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 		return nil, err
 	}
 	u.conn.Store(&conn)
-	// Not wrapped in batchconn: paho writes a packet as net.Buffers, which
-	// is one writev on a *net.TCPConn but separate writes on any other
-	// net.Conn, where a second paho writer could land mid-packet.
-	return conn, nil
+	// paho writes one system call per packet and reads a PUBACK in three;
+	// batchconn coalesces both. paho holds the conn's lock (a sync.Locker)
+	// across the several Writes of one packet, so packets stay whole.
+	return batchconn.NewBuffered(conn), nil
 }
 
 // cut closes the current network connection; autopaho then reconnects.
