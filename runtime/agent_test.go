@@ -263,6 +263,17 @@ func waitFor(t *testing.T, timeout time.Duration, fn func() error) {
 	}
 }
 
+// missing returns up to max of the payloads "0".."n-1" that col has not seen.
+func missing(col *mqtttest.Collector, n, max int) []string {
+	var m []string
+	for i := 0; i < n && len(m) < max; i++ {
+		if p := strconv.Itoa(i); !col.Has(p) {
+			m = append(m, p)
+		}
+	}
+	return m
+}
+
 func TestUpstreamRestartsDuringStream(t *testing.T) {
 	requireClients(t)
 	up := mosqtest.StartT(t, mosqtest.Options{Persistence: true})
@@ -313,14 +324,13 @@ func TestUpstreamRestartsDuringStream(t *testing.T) {
 	}
 	waitFor(t, 60*time.Second, func() error {
 		if d, _ := col.Counts(); d < n {
-			return fmt.Errorf("%d of %d arrived", d, n)
+			st := a.Status()
+			return fmt.Errorf("%d of %d arrived; missing %v; outbox %+v; uplink %+v", d, n, missing(col, n, 10), st.Outbox, *st.Uplink)
 		}
 		return nil
 	})
-	for i := range n {
-		if !col.Has(strconv.Itoa(i)) {
-			t.Fatalf("message %d lost", i)
-		}
+	if m := missing(col, n, 10); len(m) > 0 {
+		t.Fatalf("messages lost: %v", m)
 	}
 	d, dups := col.Counts()
 	st := a.Status().Uplink

@@ -407,9 +407,7 @@ func (u *Uplink) wakeLocked() {
 // u.mu must be held.
 func (u *Uplink) rewindLocked() {
 	for _, p := range u.inflight {
-		if s, ok := u.sent[p.ref.Route]; ok && p.ref.Seq <= s {
-			u.sent[p.ref.Route] = p.ref.Seq - 1
-		}
+		u.resendFromLocked(p.ref)
 	}
 	clear(u.inflight)
 	u.buf = nil
@@ -418,12 +416,25 @@ func (u *Uplink) rewindLocked() {
 	u.wakeLocked()
 }
 
+// resendFromLocked moves the send cursor of r's route back so that r is sent
+// again. u.mu must be held.
+func (u *Uplink) resendFromLocked(r storage.Ref) {
+	if s, ok := u.sent[r.Route]; ok && r.Seq <= s {
+		u.sent[r.Route] = r.Seq - 1
+	}
+	u.buf = nil
+	u.gen++
+}
+
 // acked handles the PUBACK of p.
 func (u *Uplink) acked(p pending, reason byte) {
 	switch {
 	case reason < 0x80:
 		if err := u.opts.Source.Ack(p.ref); err != nil {
 			u.log.Error("outbox ack failed; the message will be sent again", "message_id", p.id, "error", err)
+			u.mu.Lock()
+			u.resendFromLocked(p.ref)
+			u.mu.Unlock()
 			return
 		}
 		u.forwarded.Add(1)
@@ -442,6 +453,9 @@ func (u *Uplink) acked(p pending, reason byte) {
 		// Quota exceeded, not authorized, unspecified...: may pass later.
 		// Pause, reconnect, and resend from this message on.
 		u.mu.Lock()
+		// p left the in-flight window with its PUBACK, so the rewind after
+		// the cut would not see it.
+		u.resendFromLocked(p.ref)
 		u.pause = min(max(u.pause*2, u.opts.BackoffMin), u.opts.BackoffMax)
 		u.pauseUntil = time.Now().Add(u.pause)
 		pause := u.pause
