@@ -712,3 +712,50 @@ func TestAnonymousOnlyOnLoopback(t *testing.T) {
 		})
 	}
 }
+
+// TestRefusedMessageIsResent: an upstream that refuses a publish with a
+// reason that may pass later (0x87 Not authorized, from Mosquitto's ACL)
+// makes the uplink pause and send the same message again, in order, until
+// the upstream takes it.
+func TestRefusedMessageIsResent(t *testing.T) {
+	requireClients(t)
+	acl := filepath.Join(t.TempDir(), "acl")
+	deny := "topic read #\n"
+	if err := os.WriteFile(acl, []byte(deny), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	up := mosqtest.StartT(t, mosqtest.Options{Extra: "acl_file " + acl})
+	col := mqtttest.NewCollector(t, up.URL(), "outpost/"+deviceID+"/acl/#")
+	a := testAgent(t, up.URL(), nil)
+	publishLines(t, a.BrokerAddrs()[0], "acl/x", 0, 5)
+	waitFor(t, 20*time.Second, func() error {
+		if st := a.Status().Uplink; st.Refused == 0 {
+			return fmt.Errorf("no refusal seen; %+v", *st)
+		}
+		return nil
+	})
+	if d, _ := col.Counts(); d != 0 {
+		t.Fatalf("%d messages arrived through a denying ACL", d)
+	}
+	if n := a.Status().Outbox.Messages; n != 5 {
+		t.Fatalf("outbox holds %d messages after the refusal, want 5", n)
+	}
+	if err := os.WriteFile(acl, []byte("topic readwrite #\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := up.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, func() error {
+		if d, _ := col.Counts(); d < 5 {
+			return fmt.Errorf("%d of 5 arrived after the ACL allowed them; %+v", d, *a.Status().Uplink)
+		}
+		return nil
+	})
+	got := col.Order()
+	for i, p := range got {
+		if want := fmt.Sprintf("%08d", i); p != want {
+			t.Fatalf("arrival %d is %s, want %s (order %v)", i, p, want, got)
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -239,11 +240,26 @@ func (b *Broker) signal(sig os.Signal) error {
 	}
 }
 
-// Stop stops Mosquitto with SIGTERM (it saves persistence) and waits.
+// Stop stops Mosquitto with SIGINT (like SIGTERM, it saves persistence) and
+// waits.
 func (b *Broker) Stop() error { return b.signal(os.Interrupt) }
 
 // Kill stops Mosquitto with SIGKILL and waits.
 func (b *Broker) Kill() error { return b.signal(os.Kill) }
+
+// Reload sends SIGHUP: Mosquitto reads its configuration again, including
+// the ACL and password files, without dropping connections.
+func (b *Broker) Reload() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cmd == nil {
+		return errors.New("mosqtest: reload: not running")
+	}
+	if err := b.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		return fmt.Errorf("mosqtest: reload: %w", err)
+	}
+	return nil
+}
 
 // Restart starts Mosquitto again on the same port with the same data.
 func (b *Broker) Restart() error {

@@ -81,6 +81,7 @@ type Stats struct {
 	Forwarded  int64 // messages acknowledged upstream (QoS 0: sent)
 	Resent     int64 // messages sent again after a lost connection
 	Rejected   int64 // messages the upstream refused permanently (dropped)
+	Refused    int64 // refusals that may pass later (the message is resent)
 	Stalls     int64 // connections cut because acknowledgements stopped
 	InFlight   int   // messages sent and not yet acknowledged
 	LastError  string
@@ -111,9 +112,9 @@ type Uplink struct {
 
 	conn atomic.Pointer[net.Conn]
 
-	connected                                     atomic.Bool
-	connects, forwarded, resent, rejected, stalls atomic.Int64
-	lastErr                                       atomic.Value // string
+	connected                                              atomic.Bool
+	connects, forwarded, resent, rejected, refused, stalls atomic.Int64
+	lastErr                                                atomic.Value // string
 }
 
 type pending struct {
@@ -285,6 +286,7 @@ func (u *Uplink) Stats() Stats {
 		Forwarded:  u.forwarded.Load(),
 		Resent:     u.resent.Load(),
 		Rejected:   u.rejected.Load(),
+		Refused:    u.refused.Load(),
 		Stalls:     u.stalls.Load(),
 		InFlight:   inflight,
 		LastError:  u.lastErr.Load().(string),
@@ -452,6 +454,7 @@ func (u *Uplink) acked(p pending, reason byte) {
 	default:
 		// Quota exceeded, not authorized, unspecified...: may pass later.
 		// Pause, reconnect, and resend from this message on.
+		u.refused.Add(1)
 		u.mu.Lock()
 		// p left the in-flight window with its PUBACK, so the rewind after
 		// the cut would not see it.
