@@ -55,14 +55,10 @@ type routeState struct {
 	Route
 	configured bool   // in Options.Routes; adopted routes only drain
 	prefix     []byte // key prefix
-	// appendMu orders process-mode appends of this route: a sequence number
-	// becomes visible only after every smaller one of the route, so a
-	// reader's cursor never passes a message still being written.
-	appendMu sync.Mutex
-	count    int64
-	bytes    int64
-	last     uint64 // highest seq ever stored in this route
-	hint     uint64 // no live message has a smaller seq
+	count      int64
+	bytes      int64
+	last       uint64 // highest seq ever stored in this route
+	hint       uint64 // no live message has a smaller seq
 }
 
 // Outbox is the durable store-and-forward queue. All methods are safe for
@@ -88,8 +84,15 @@ type Outbox struct {
 	acks    []Ref
 	ackWake chan struct{}
 
-	appendCh chan *appendReq // fsync mode: to the committer
-	commits  atomic.Int64    // write requests committed (for tests)
+	// Appends go to one committer goroutine, which writes every append
+	// waiting at that moment in one transaction (group commit) and assigns
+	// sequence numbers in commit order, so they become visible in order.
+	enqMu         sync.RWMutex // held for reading while enqueueing; Close takes it to close appendCh
+	appendCh      chan *appendReq
+	committerDone chan struct{}
+	pendingCount  atomic.Int64 // enqueued, not yet committed: counted against the caps
+	pendingBytes  atomic.Int64
+	commits       atomic.Int64 // write transactions committed (for tests)
 
 	notify chan struct{}
 	closed atomic.Bool
@@ -104,7 +107,7 @@ type appendReq struct {
 	meta byte
 	size int64
 	seq  uint64 // set by the committer
-	done chan error
+	done func(seq uint64, err error)
 }
 
 var reasonIndex = map[string]int{ReasonTTL: 0, ReasonEvicted: 1, ReasonRejected: 2}
@@ -159,11 +162,9 @@ func Open(opts Options) (*Outbox, error) {
 	o.sortRoutes()
 
 	o.ctx, o.cancel = context.WithCancel(context.Background())
-	if opts.Durability == DurabilityFsync {
-		o.appendCh = make(chan *appendReq, 1024)
-		o.wg.Add(1)
-		go o.committer()
-	}
+	o.appendCh = make(chan *appendReq, appendQueue)
+	o.committerDone = make(chan struct{})
+	go o.committer()
 	o.wg.Add(2)
 	go o.ackFlusher()
 	go o.maintainer()
@@ -176,11 +177,11 @@ func badgerOptions(opts Options, log *slog.Logger) badger.Options {
 	return badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{log}).
 		WithSyncWrites(opts.Durability == DurabilityFsync).
-		WithMemTableSize(16 << 20).
+		WithMemTableSize(8 << 20).
 		WithNumMemtables(2).
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(8).
-		WithBlockCacheSize(16 << 20).
+		WithBlockCacheSize(8 << 20).
 		WithIndexCacheSize(8 << 20).
 		WithValueLogFileSize(64 << 20).
 		WithNumCompactors(2).
@@ -273,14 +274,39 @@ func (o *Outbox) drop(reason string, n int64) {
 	o.dropped[reasonIndex[reason]].Add(n)
 }
 
+// appendQueue bounds the appends waiting for the committer; more block the
+// caller (backpressure on the publishers).
+const appendQueue = 4096
+
 // Append stores m and assigns m.Seq. Under DurabilityProcess the write has
 // reached the operating system when Append returns; under DurabilityFsync it
-// is on disk. Concurrent appends may overshoot the caps by at most one
-// message each.
+// is on disk. Concurrent appends share one write (group commit). Appends
+// that are waiting to be written count against the caps.
 func (o *Outbox) Append(m *Message) error {
-	if o.closed.Load() {
-		return ErrClosed
+	type result struct {
+		seq uint64
+		err error
 	}
+	ch := make(chan result, 1)
+	if err := o.AppendAsync(m, func(seq uint64, err error) { ch <- result{seq, err} }); err != nil {
+		return err
+	}
+	r := <-ch
+	if r.err != nil {
+		return r.err
+	}
+	m.Seq = r.seq
+	return nil
+}
+
+// AppendAsync is Append without the wait: it checks m against the route and
+// the caps, encodes it (m is not used after it returns), queues the write,
+// and returns. done is then called exactly once, from the committer
+// goroutine, when the write is as durable as Append would make it, or
+// failed; it must not block. An error returned by AppendAsync itself
+// (ErrClosed, ErrUnknownRoute, ErrFull) means nothing was queued and done
+// is not called.
+func (o *Outbox) AppendAsync(m *Message, done func(seq uint64, err error)) error {
 	o.mu.Lock()
 	rs := o.routes[m.Route]
 	o.mu.Unlock()
@@ -297,48 +323,21 @@ func (o *Outbox) Append(m *Message) error {
 	}
 	val := encodeRecord(nil, m)
 	size := int64(2+len(m.Route)+8) + int64(len(val))
-	if err := o.makeRoom(size); err != nil {
-		return err
-	}
 	var meta byte
 	if !m.Expires.IsZero() {
 		meta = metaHasExpiry
 	}
-	var seq uint64
-	var err error
-	if o.appendCh != nil {
-		req := &appendReq{rs: rs, val: val, meta: meta, size: size, done: make(chan error, 1)}
-		select {
-		case o.appendCh <- req:
-			select {
-			case err = <-req.done:
-				seq = req.seq
-			case <-o.ctx.Done():
-				err = ErrClosed
-			}
-		case <-o.ctx.Done():
-			err = ErrClosed
-		}
-	} else {
-		rs.appendMu.Lock()
-		seq = o.seq.Add(1)
-		err = o.db.Update(func(txn *badger.Txn) error {
-			return txn.SetEntry(badger.NewEntry(msgKey(m.Route, seq), val).WithMeta(meta))
-		})
-		o.commits.Add(1)
-		if err == nil {
-			o.stored(rs, seq, size)
-		}
-		rs.appendMu.Unlock()
+	o.enqMu.RLock()
+	defer o.enqMu.RUnlock()
+	if o.closed.Load() {
+		return ErrClosed
 	}
-	if err != nil {
-		return fmt.Errorf("storage: append %s: %w", m.Route, err)
+	if err := o.makeRoom(size); err != nil {
+		return err
 	}
-	m.Seq = seq
-	select {
-	case o.notify <- struct{}{}:
-	default:
-	}
+	o.pendingCount.Add(1)
+	o.pendingBytes.Add(size)
+	o.appendCh <- &appendReq{rs: rs, val: val, meta: meta, size: size, done: done}
 	return nil
 }
 
@@ -371,6 +370,9 @@ func (o *Outbox) makeRoom(size int64) error {
 	}
 	for {
 		st := o.totals()
+		// Appends waiting for the committer will be stored.
+		st.count += o.pendingCount.Load()
+		st.bytes += o.pendingBytes.Load()
 		if (maxB <= 0 || st.bytes+size <= maxB) && (maxM <= 0 || st.count+1 <= maxM) {
 			return nil
 		}
@@ -512,47 +514,95 @@ func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
 	return deleted, nil
 }
 
-// committer is the fsync-mode writer: it puts every pending append into one
-// write request, so concurrent appends share one sync.
+// committer writes the queued appends: everything waiting when it wakes
+// goes into one transaction (split only where Badger's transaction limit
+// requires), so concurrent appends share one write and, in fsync mode, one
+// sync. It runs until Close closes appendCh, writing what was queued
+// before.
 func (o *Outbox) committer() {
-	defer o.wg.Done()
-	batch := make([]*appendReq, 0, 256)
-	for {
-		select {
-		case <-o.ctx.Done():
-			return
-		case r := <-o.appendCh:
-			batch = append(batch[:0], r)
-		}
-		size := len(batch[0].val)
+	defer close(o.committerDone)
+	batch := make([]*appendReq, 0, maxBatch)
+	for r := range o.appendCh {
+		batch = append(batch[:0], r)
+		size := len(r.val)
 	fill:
-		for len(batch) < 1000 && size < 4<<20 {
+		for len(batch) < maxBatch && size < maxBatchBytes {
 			select {
-			case r := <-o.appendCh:
+			case r, ok := <-o.appendCh:
+				if !ok {
+					break fill
+				}
 				batch = append(batch, r)
 				size += len(r.val)
 			default:
 				break fill
 			}
 		}
-		// Sequence numbers are assigned here, in commit order, so they
-		// become visible in order.
-		err := o.db.Update(func(txn *badger.Txn) error {
-			for _, r := range batch {
-				r.seq = o.seq.Add(1)
-				if err := txn.SetEntry(badger.NewEntry(msgKey(r.rs.Name, r.seq), r.val).WithMeta(r.meta)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		o.commits.Add(1)
-		for _, r := range batch {
+		o.commitBatch(batch)
+	}
+}
+
+// Bounds of one group commit.
+const (
+	maxBatch      = 1024
+	maxBatchBytes = 4 << 20
+)
+
+// commitBatch writes batch, in as few transactions as Badger allows, and
+// reports each append's outcome.
+func (o *Outbox) commitBatch(batch []*appendReq) {
+	txn := o.db.NewTransaction(true)
+	first := 0 // batch[first:] are not reported yet
+	report := func(rs []*appendReq, err error) {
+		for _, r := range rs {
 			if err == nil {
 				o.stored(r.rs, r.seq, r.size)
 			}
-			r.done <- err
+			o.pendingCount.Add(-1)
+			o.pendingBytes.Add(-r.size)
+			if err != nil {
+				r.done(0, fmt.Errorf("storage: append %s: %w", r.rs.Name, err))
+			} else {
+				r.done(r.seq, nil)
+			}
 		}
+	}
+	// commit writes batch[first:upTo], which are in txn, and starts a new
+	// transaction.
+	commit := func(upTo int) {
+		if upTo == first {
+			txn.Discard()
+		} else {
+			err := txn.Commit()
+			o.commits.Add(1)
+			report(batch[first:upTo], err)
+		}
+		first = upTo
+		txn = o.db.NewTransaction(true)
+	}
+	for i, r := range batch {
+		// Sequence numbers are assigned here, in commit order, so they
+		// become visible in order.
+		r.seq = o.seq.Add(1)
+		e := badger.NewEntry(msgKey(r.rs.Name, r.seq), r.val).WithMeta(r.meta)
+		err := txn.SetEntry(e)
+		if errors.Is(err, badger.ErrTxnTooBig) && i > first {
+			commit(i) // write what fits, go on in a new transaction
+			err = txn.SetEntry(e)
+		}
+		if err != nil {
+			// r alone cannot be written (larger than Badger takes in one
+			// transaction): write the ones before it, refuse it.
+			commit(i)
+			report(batch[i:i+1], err)
+			first = i + 1
+		}
+	}
+	commit(len(batch))
+	txn.Discard()
+	select {
+	case o.notify <- struct{}{}:
+	default:
 	}
 }
 
@@ -832,6 +882,11 @@ func (o *Outbox) Close() error {
 	if !o.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}
+	// No append is enqueued after this; the committer writes what is queued.
+	o.enqMu.Lock()
+	close(o.appendCh)
+	o.enqMu.Unlock()
+	<-o.committerDone
 	o.cancel()
 	o.wg.Wait()
 	o.flushAcks()

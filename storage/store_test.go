@@ -360,6 +360,82 @@ func TestGroupCommit(t *testing.T) {
 	}
 }
 
+// TestAppendAsyncLargeBatch queues more than one Badger transaction holds
+// (16 MiB memtables take about 2.4 MiB per transaction): the committer
+// splits the batch, every append is reported, and all are stored in order.
+func TestAppendAsyncLargeBatch(t *testing.T) {
+	dir := t.TempDir()
+	ob := open(t, Options{Dir: dir})
+	const n = 40
+	payload := make([]byte, 512<<10)
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		payload[0] = byte(i)
+		err := ob.AppendAsync(&Message{Route: "r", Topic: "t", QoS: 1, Payload: payload}, func(_ uint64, err error) {
+			errs[i] = err
+			wg.Done()
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	if c := ob.commits.Load(); c < 2 {
+		t.Errorf("%d commits for %d MiB: the batch was not split", c, n/2)
+	}
+	if err := ob.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ob = open(t, Options{Dir: dir})
+	got := drain(t, ob, false)
+	if len(got) != n {
+		t.Fatalf("read %d after reopen, want %d", len(got), n)
+	}
+	for i, m := range got {
+		if m.Payload[0] != byte(i) || len(m.Payload) != len(payload) {
+			t.Fatalf("message %d: first byte %d, %d bytes", i, m.Payload[0], len(m.Payload))
+		}
+	}
+}
+
+// TestCloseWritesQueuedAppends: Close writes what was queued before it and
+// refuses appends after it.
+func TestCloseWritesQueuedAppends(t *testing.T) {
+	dir := t.TempDir()
+	ob := open(t, Options{Dir: dir})
+	const n = 2000
+	var done atomic.Int64
+	for range n {
+		err := ob.AppendAsync(&Message{Route: "r", Topic: "t", QoS: 1, Payload: []byte("x")}, func(_ uint64, err error) {
+			if err != nil {
+				t.Error(err)
+			}
+			done.Add(1)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ob.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if d := done.Load(); d != n {
+		t.Fatalf("%d of %d appends reported after Close", d, n)
+	}
+	if err := ob.Append(&Message{Route: "r", Topic: "t"}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("append after close: %v, want ErrClosed", err)
+	}
+	ob = open(t, Options{Dir: dir})
+	if got := len(drain(t, ob, false)); got != n {
+		t.Fatalf("read %d after reopen, want %d", got, n)
+	}
+}
+
 // duOf returns the disk space the files in dir use.
 func duOf(t *testing.T, dir string) int64 {
 	var n int64
@@ -538,4 +614,23 @@ func BenchmarkDrain(b *testing.B) {
 	}
 	ob.flushAcks()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
+}
+
+// TestNotifyAfterAppend: the consumer is woken once an append is readable.
+func TestNotifyAfterAppend(t *testing.T) {
+	ob := open(t, Options{})
+	select {
+	case <-ob.Notify():
+		t.Fatal("notified before any append")
+	default:
+	}
+	appendN(t, ob, "r", 1, "x")
+	select {
+	case <-ob.Notify():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no notification within 5s of an append")
+	}
+	if got := len(drain(t, ob, false)); got != 1 {
+		t.Fatalf("read %d after the notification, want 1", got)
+	}
 }
