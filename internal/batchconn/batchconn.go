@@ -8,6 +8,11 @@ import (
 	"time"
 )
 
+// Holder is implemented by the connections New and NewBuffered return.
+type Holder interface {
+	Hold() (release func(error))
+}
+
 // New wraps c so that writes are coalesced: Write copies into a buffer and
 // one writer goroutine sends whatever has accumulated in a single system
 // call. When the link is idle a write goes out at once; under load, the
@@ -46,10 +51,20 @@ type batchConn struct {
 	packet  sync.Mutex // held by a writer across the Writes of one packet
 	mu      sync.Mutex
 	cond    *sync.Cond
-	buf     []byte
+	buf     []byte // ready to send
 	spare   []byte
+	held    []*hold // writes made after each Hold, in order, until released
+	pending int     // bytes in buf and held
 	writing bool
 	err     error
+	expired bool // Close stopped waiting
+}
+
+// hold is one Hold: the writes made after it (and before the next Hold).
+type hold struct {
+	released bool
+	err      error
+	data     []byte
 }
 
 // maxPending bounds the bytes waiting to be written; Write blocks above it.
@@ -73,15 +88,64 @@ func (b *batchConn) Unlock() { b.packet.Unlock() }
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for len(b.buf) > maxPending && b.err == nil {
+	for b.pending > maxPending && b.err == nil {
 		b.cond.Wait()
 	}
 	if b.err != nil {
 		return 0, b.err
 	}
-	b.buf = append(b.buf, p...)
+	if n := len(b.held); n > 0 {
+		b.held[n-1].data = append(b.held[n-1].data, p...)
+	} else {
+		b.buf = append(b.buf, p...)
+	}
+	b.pending += len(p)
 	b.cond.Broadcast()
 	return len(p), nil
+}
+
+// Hold keeps every write made after it from the peer until release is
+// called: release(nil) lets them go (after those of earlier holds), and
+// release(err) closes the connection instead, so that they are never sent.
+// Writes made before Hold are not affected. A broker uses it to let an
+// acknowledgement wait for a write to its store while it reads on. release
+// may be called from any goroutine, at most once.
+// Connections that fail this way may lose writes made before the hold that
+// were not sent yet; a broker's peer then sends again.
+func (b *batchConn) Hold() (release func(error)) {
+	h := &hold{}
+	b.mu.Lock()
+	b.held = append(b.held, h)
+	b.mu.Unlock()
+	return func(err error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		h.released, h.err = true, err
+		for len(b.held) > 0 && b.held[0].released {
+			first := b.held[0]
+			b.held[0] = nil
+			b.held = b.held[1:]
+			if first.err != nil && b.err == nil {
+				b.err = first.err
+				b.dropHeldLocked()
+				_ = b.Conn.Close()
+				break
+			}
+			b.buf = append(b.buf, first.data...)
+		}
+		if len(b.held) == 0 {
+			b.held = nil
+		}
+		b.cond.Broadcast()
+	}
+}
+
+// dropHeldLocked forgets the held writes. b.mu must be held.
+func (b *batchConn) dropHeldLocked() {
+	for _, h := range b.held {
+		b.pending -= len(h.data)
+	}
+	b.held = nil
 }
 
 func (b *batchConn) loop() {
@@ -99,6 +163,7 @@ func (b *batchConn) loop() {
 		b.mu.Unlock()
 		_, err := b.Conn.Write(out)
 		b.mu.Lock()
+		b.pending -= len(out)
 		b.spare, b.writing = out[:0], false
 		if err != nil && b.err == nil {
 			b.err = err
@@ -110,16 +175,26 @@ func (b *batchConn) loop() {
 // closeFlushTimeout bounds how long Close waits for queued bytes to go out.
 const closeFlushTimeout = time.Second
 
-// Close sends what is queued (a DISCONNECT, typically), then closes.
+// Close sends what is queued (a DISCONNECT, typically), waiting for held
+// writes to be released, then closes. It waits at most closeFlushTimeout;
+// writes still held then are dropped.
 func (b *batchConn) Close() error {
 	_ = b.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
+	t := time.AfterFunc(closeFlushTimeout, func() {
+		b.mu.Lock()
+		b.expired = true
+		b.cond.Broadcast()
+		b.mu.Unlock()
+	})
+	defer t.Stop()
 	b.mu.Lock()
-	for (len(b.buf) > 0 || b.writing) && b.err == nil {
+	for (len(b.buf) > 0 || b.writing || len(b.held) > 0) && b.err == nil && !b.expired {
 		b.cond.Wait()
 	}
 	if b.err == nil {
 		b.err = net.ErrClosed
 	}
+	b.dropHeldLocked()
 	b.cond.Broadcast()
 	b.mu.Unlock()
 	return b.Conn.Close()

@@ -185,3 +185,123 @@ func TestBufferedReads(t *testing.T) {
 		t.Fatalf("after the last packet: %v, want EOF", err)
 	}
 }
+
+// tcpPair returns a batchConn over a loopback TCP connection and the peer's
+// end.
+func tcpPair(t *testing.T) (*batchConn, net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := <-accepted
+	if peer == nil {
+		t.Fatal("accept failed")
+	}
+	b := newBatchConn(c)
+	t.Cleanup(func() { b.Close(); peer.Close() })
+	return b, peer
+}
+
+// readFor returns what the peer receives within d.
+func readFor(t *testing.T, c net.Conn, d time.Duration) string {
+	t.Helper()
+	var out []byte
+	buf := make([]byte, 4096)
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	for {
+		n, err := c.Read(buf)
+		out = append(out, buf[:n]...)
+		if err != nil {
+			return string(out)
+		}
+	}
+}
+
+func write(t *testing.T, b *batchConn, s string) {
+	t.Helper()
+	if _, err := b.Write([]byte(s)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestHoldKeepsLaterWrites: writes after a Hold wait for its release, in
+// order, even when holds are released out of order.
+func TestHoldKeepsLaterWrites(t *testing.T) {
+	b, peer := tcpPair(t)
+	write(t, b, "a")
+	r1 := b.Hold()
+	write(t, b, "b")
+	r2 := b.Hold()
+	write(t, b, "c")
+	if got := readFor(t, peer, 200*time.Millisecond); got != "a" {
+		t.Fatalf("before any release the peer got %q, want %q", got, "a")
+	}
+	r2(nil)
+	if got := readFor(t, peer, 200*time.Millisecond); got != "" {
+		t.Fatalf("after releasing only the second hold the peer got %q, want nothing", got)
+	}
+	r1(nil)
+	if got := readFor(t, peer, 2*time.Second); got != "bc" {
+		t.Fatalf("after both releases the peer got %q, want %q", got, "bc")
+	}
+	write(t, b, "d")
+	if got := readFor(t, peer, 2*time.Second); got != "d" {
+		t.Fatalf("after the holds the peer got %q, want %q", got, "d")
+	}
+}
+
+// TestHoldReleasedWithErrorCloses: a hold released with an error closes the
+// connection; what was written after it never reaches the peer.
+func TestHoldReleasedWithErrorCloses(t *testing.T) {
+	b, peer := tcpPair(t)
+	release := b.Hold()
+	write(t, b, "never")
+	failed := errors.New("store failed")
+	release(failed)
+	if got := readFor(t, peer, 2*time.Second); got != "" {
+		t.Fatalf("peer got %q after a failed hold", got)
+	}
+	if _, err := b.Write([]byte("x")); !errors.Is(err, failed) {
+		t.Fatalf("write after a failed hold: %v, want %v", err, failed)
+	}
+}
+
+// TestCloseWaitsForHolds: Close sends held writes released while it waits,
+// and gives up on the others after closeFlushTimeout.
+func TestCloseWaitsForHolds(t *testing.T) {
+	b, peer := tcpPair(t)
+	release := b.Hold()
+	write(t, b, "ack")
+	time.AfterFunc(50*time.Millisecond, func() { release(nil) })
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFor(t, peer, 2*time.Second); got != "ack" {
+		t.Fatalf("peer got %q, want %q", got, "ack")
+	}
+
+	b2, peer2 := tcpPair(t)
+	_ = b2.Hold() // never released
+	write(t, b2, "lost")
+	start := time.Now()
+	if err := b2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(start); waited < closeFlushTimeout/2 {
+		t.Errorf("Close returned after %s with a hold outstanding", waited)
+	}
+	if got := readFor(t, peer2, time.Second); got != "" {
+		t.Fatalf("peer got %q from a hold never released", got)
+	}
+}
