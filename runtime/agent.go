@@ -88,7 +88,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		Listeners:     listeners,
 		MaxPacketSize: uint32(cfg.Broker.MaxPacketSize),
 		Route:         rt.Match,
-		Store:         a.outbox.Append,
+		Store:         a.outbox.AppendAsync,
 		Logger:        log.With("component", "broker"),
 	})
 	if err != nil {

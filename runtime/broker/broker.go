@@ -40,10 +40,11 @@ type Options struct {
 	// Route returns the outbox route of a topic, or false to keep the
 	// message local.
 	Route func(topic string) (route string, ok bool)
-	// Store stores m durably. It is called on the client's connection
-	// goroutine before the PUBACK is written; storage.ErrFull means the
-	// store refused it.
-	Store  func(m *storage.Message) error
+	// Store queues m to be stored durably and calls done, once, when it is
+	// (or failed); see storage.Outbox.AppendAsync. It is called on the
+	// client's connection goroutine. An error means m was refused at once
+	// (storage.ErrFull: the store is full) and done is not called.
+	Store  func(m *storage.Message, done func(seq uint64, err error)) error
 	Logger *slog.Logger // nil = discard
 }
 
@@ -171,14 +172,18 @@ func (l *batchedTCP) Serve(establish listeners.EstablishFn) {
 	l.TCP.Serve(func(id string, c net.Conn) error { return establish(id, batchconn.New(c)) })
 }
 
-// ingestHook stores routed publishes before mochi acknowledges them: mochi
-// calls OnPublish on the client's read goroutine and writes the PUBACK only
-// after it returns.
+// ingestHook stores routed publishes before their acknowledgement reaches
+// the publisher. mochi calls OnPublish on the client's read goroutine and
+// writes the PUBACK after it returns; OnPublish queues the write to the
+// store and holds the client's connection (batchconn.Holder) so that the
+// PUBACK, and everything written after it, leaves only once the message is
+// stored. The read goroutine goes on meanwhile, so the publishes a client
+// has in flight are stored together in one write (docs/DECISIONS.md).
 type ingestHook struct {
 	mqtt.HookBase
 	maxPacket uint32
 	route     func(string) (string, bool)
-	store     func(*storage.Message) error
+	store     func(*storage.Message, func(uint64, error)) error
 	log       *slog.Logger
 	anonymous map[string]bool // listener id -> anonymous allowed; read-only after New
 
@@ -228,10 +233,12 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bo
 // the local security work).
 func (h *ingestHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 
-// OnPublish stores a routed publish. On failure the publisher gets a negative
-// acknowledgement (MQTT 5: PUBACK 0x97 Quota exceeded, or 0x80 when the store
-// failed); an MQTT 3.1.1 client, which has no negative PUBACK, is
-// disconnected without an acknowledgement so that it publishes again later.
+// OnPublish stores a routed publish. When the store refuses it at once
+// (full), the publisher gets a negative acknowledgement (MQTT 5: PUBACK 0x97
+// Quota exceeded, or 0x80 when the store failed); an MQTT 3.1.1 client,
+// which has no negative PUBACK, is disconnected without an acknowledgement
+// so that it publishes again later. When the write fails later, the
+// connection is closed before the acknowledgement leaves.
 func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	route, ok := h.route(pk.TopicName)
 	if !ok {
@@ -239,10 +246,45 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		return pk, nil
 	}
 	m := toMessage(route, pk)
-	err := h.store(m)
+	qos := pk.FixedHeader.Qos
+	// release lets the held acknowledgement go; wait is used instead on a
+	// connection that cannot hold (the inline client).
+	var release func(error)
+	var wait chan error
+	if qos > 0 {
+		if holder, ok := cl.Net.Conn.(batchconn.Holder); ok {
+			release = holder.Hold()
+		} else {
+			wait = make(chan error, 1)
+		}
+	}
+	clientID, topic := cl.ID, pk.TopicName
+	err := h.store(m, func(_ uint64, err error) {
+		if err == nil {
+			h.stored.Add(1)
+		} else {
+			h.failed.Add(1)
+			if release != nil {
+				h.log.Error("store failed: closing the client's connection before its acknowledgement", "client", clientID, "topic", topic, "error", err)
+			}
+		}
+		if release != nil {
+			release(err)
+		}
+		if wait != nil {
+			wait <- err
+		}
+	})
+	counted := false // the failure was counted by the callback
+	if err == nil && wait != nil {
+		err = <-wait
+		counted = true
+	}
 	if err == nil {
-		h.stored.Add(1)
 		return pk, nil
+	}
+	if release != nil {
+		release(nil) // refused at once: the negative acknowledgement may go
 	}
 	code := packets.ErrUnspecifiedError
 	if errors.Is(err, storage.ErrFull) {
@@ -250,14 +292,16 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		code = packets.ErrQuotaExceeded
 		h.warnFull(cl, pk, err)
 	} else {
-		h.failed.Add(1)
+		if !counted {
+			h.failed.Add(1)
+		}
 		h.log.Error("store failed: publish refused", "client", cl.ID, "topic", pk.TopicName, "error", err)
 	}
-	if pk.FixedHeader.Qos == 0 {
+	if qos == 0 {
 		// Best effort: local subscribers still get it.
 		return pk, nil
 	}
-	if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1 {
+	if cl.Properties.ProtocolVersion == 5 && qos == 1 {
 		return pk, code
 	}
 	// MQTT 3.1.1 (no reason codes) and QoS 2 (mochi answers a refused QoS 2
