@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	gort "runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strings"
@@ -197,6 +198,13 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	}
 	<-ctx.Done()
 	stop()
+	// OUTPOST_MEMPROFILE=FILE writes a heap profile at shutdown, before the
+	// agent closes, for finding what holds memory.
+	if path := os.Getenv("OUTPOST_MEMPROFILE"); path != "" {
+		if err := writeHeapProfile(path); err != nil {
+			log.Error("heap profile", "error", err)
+		}
+	}
 	log.Info("shutting down (signal again to force)")
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -290,4 +298,17 @@ func newLogger(c runtime.LogConfig, w io.Writer) *slog.Logger {
 		return slog.New(slog.NewTextHandler(w, opts))
 	}
 	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	gort.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -83,10 +84,11 @@ type edge interface {
 }
 
 type outpostEdge struct {
-	port int
-	dir  string
-	up   string
-	cmd  *exec.Cmd
+	port     int
+	dir      string
+	up       string
+	logLevel string // default warn
+	cmd      *exec.Cmd
 }
 
 func (e *outpostEdge) name() string           { return "outpost" }
@@ -101,7 +103,12 @@ func (e *outpostEdge) pid() int {
 
 func (e *outpostEdge) start() error {
 	cfg := filepath.Join(e.dir, "outpost.yaml")
-	if err := os.WriteFile(cfg, []byte("storage: {max_bytes: 0}\nuplink: {backoff_min: 100ms, backoff_max: 1s}\nlog: {level: warn}\n"), 0o600); err != nil {
+	level := e.logLevel
+	if level == "" {
+		level = "warn"
+	}
+	conf := "storage: {max_bytes: 0}\nuplink: {backoff_min: 100ms, backoff_max: 1s}\nlog: {level: " + level + "}\n"
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		return err
 	}
 	e.cmd = exec.Command(*agentBin, "run", "--config", cfg, "--listen", e.addr(), "--data", filepath.Join(e.dir, "data"),
@@ -299,6 +306,9 @@ func (c *counter) waitDistinct(want int, quiet, limit time.Duration) int {
 // workload writes count lines of payload size (with the sequence number in
 // front, so the counter can tell messages apart) into a file.
 func workload(dir string, from, count int) (string, error) {
+	if count > maxPerPublisher {
+		return "", fmt.Errorf("bench: %d messages for one mosquitto_pub; at most %d", count, maxPerPublisher)
+	}
 	p := filepath.Join(dir, fmt.Sprintf("lines-%d-%d", from, count))
 	f, err := os.Create(p)
 	if err != nil {
@@ -314,6 +324,12 @@ func workload(dir string, from, count int) (string, error) {
 	}
 	return p, f.Close()
 }
+
+// maxPerPublisher is the most messages one mosquitto_pub -l is given:
+// mosquitto_pub 2.0 stops reading its input when the acknowledgement of the
+// message whose packet id equals the last one's (ids wrap at 65535) arrives
+// before the end of the input, silently sending fewer.
+const maxPerPublisher = 65_000
 
 // publish runs one mosquitto_pub -l per file, all at once, and waits.
 func publish(addr string, files []string) error {
@@ -559,11 +575,11 @@ func backlogRSS(dir string) error {
 	if err != nil {
 		return err
 	}
-	e := &outpostEdge{port: port, dir: dir, up: up.URL()}
+	e := &outpostEdge{port: port, dir: dir, up: up.URL(), logLevel: "info"}
 	if err := e.start(); err != nil {
 		return err
 	}
-	const chunk = 100_000
+	const chunk = 50_000
 	start := time.Now()
 	for from := 0; from < *backlog; from += chunk {
 		f, err := workload(dir, from, min(chunk, *backlog-from))
@@ -578,7 +594,24 @@ func backlogRSS(dir string) error {
 	}
 	fmt.Printf("\n%d messages of %d B queued in %s: RSS %.1f MiB, peak RSS %.1f MiB, data dir %s\n",
 		*backlog, *size, time.Since(start).Round(time.Second), vm(e.pid(), "VmRSS"), vm(e.pid(), "VmHWM"), du(filepath.Join(dir, "data")))
-	return e.stop()
+	if err := e.stop(); err != nil {
+		return err
+	}
+	// The agent logs its backlog when it stops: check that every message
+	// was queued.
+	log, err := os.ReadFile(filepath.Join(dir, "outpost.log"))
+	if err != nil {
+		return err
+	}
+	m := regexp.MustCompile(`outpost stopped.* backlog=(\d+)`).FindSubmatch(log)
+	if m == nil {
+		return errors.New("bench: the agent did not log its backlog at shutdown")
+	}
+	if got, _ := strconv.Atoi(string(m[1])); got != *backlog {
+		return fmt.Errorf("bench: %d messages in the backlog at shutdown, want %d", got, *backlog)
+	}
+	fmt.Printf("backlog at shutdown: %s messages (all of them)\n", m[1])
+	return nil
 }
 
 func du(dir string) string {
