@@ -9,6 +9,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -84,11 +85,12 @@ type edge interface {
 }
 
 type outpostEdge struct {
-	port     int
-	dir      string
-	up       string
-	logLevel string // default warn
-	cmd      *exec.Cmd
+	port       int
+	dir        string
+	up         string
+	logLevel   string // default warn
+	durability string // default the -durability flag
+	cmd        *exec.Cmd
 }
 
 func (e *outpostEdge) name() string           { return "outpost" }
@@ -112,7 +114,7 @@ func (e *outpostEdge) start() error {
 		return err
 	}
 	e.cmd = exec.Command(*agentBin, "run", "--config", cfg, "--listen", e.addr(), "--data", filepath.Join(e.dir, "data"),
-		"--upstream", e.up, "--device-id", "bench", "--durability", *durability, "--log-format", "text")
+		"--upstream", e.up, "--device-id", "bench", "--durability", cmp.Or(e.durability, *durability), "--log-format", "text")
 	logf, err := os.Create(filepath.Join(e.dir, "outpost.log"))
 	if err != nil {
 		return err
@@ -381,58 +383,70 @@ func vm(pid int, field string) float64 {
 
 type result struct {
 	live1, liveN, drain float64 // msg/s
+	acked1, ackedN      float64 // msg/s acknowledged to the publishers
 	lost, dups          int
 	rss                 float64 // MiB
 }
 
+type makeEdge func(upURL string, upPort int) (edge, error)
+
+// fresh starts an upstream, an edge system connected to it, and a counter
+// of what arrives upstream.
+func fresh(mk makeEdge) (*mosqtest.Broker, edge, *counter, error) {
+	up, err := mosqtest.Start(mosqtest.Options{Persistence: true})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	onExit(up.Close)
+	e, err := mk(up.URL(), up.Port())
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := e.start(); err != nil {
+		return nil, nil, nil, fmt.Errorf("%s: %w", e.name(), err)
+	}
+	c, err := newCounter(up.URL(), e.upstreamFilter())
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return up, e, c, nil
+}
+
+// measureLive publishes files through a fresh edge system and returns the
+// rate from the first publish to the last arrival upstream, and the rate at
+// which the edge acknowledged the publishes.
+func measureLive(mk makeEdge, files []string) (live, acked float64, err error) {
+	up, e, c, err := fresh(mk)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer up.Close()
+	defer e.kill()
+	defer c.close()
+	// The edge has connected upstream once the first message goes through.
+	start := time.Now()
+	if err := publish(e.addr(), files); err != nil {
+		return 0, 0, err
+	}
+	acked = float64(*n) / time.Since(start).Seconds()
+	got := c.waitDistinct(*n, 10*time.Second, 5*time.Minute)
+	if got < *n {
+		return 0, 0, fmt.Errorf("%s: live: only %d of %d arrived", e.name(), got, *n)
+	}
+	_, _, _, last := c.counts()
+	return float64(*n) / last.Sub(start).Seconds(), acked, nil
+}
+
 // measure runs every case against one edge system, each on a fresh
 // upstream and fresh data.
-func measure(mk func(upURL string, upPort int) (edge, error), files1, filesN []string) (result, error) {
+func measure(mk makeEdge, files1, filesN []string) (result, error) {
 	var r result
-	fresh := func() (*mosqtest.Broker, edge, *counter, error) {
-		up, err := mosqtest.Start(mosqtest.Options{Persistence: true})
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		onExit(up.Close)
-		e, err := mk(up.URL(), up.Port())
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		if err := e.start(); err != nil {
-			return nil, nil, nil, fmt.Errorf("%s: %w", e.name(), err)
-		}
-		c, err := newCounter(up.URL(), e.upstreamFilter())
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		return up, e, c, nil
-	}
-	live := func(files []string) (float64, error) {
-		up, e, c, err := fresh()
-		if err != nil {
-			return 0, err
-		}
-		defer up.Close()
-		defer e.kill()
-		defer c.close()
-		// The edge has connected upstream once the first message goes through.
-		start := time.Now()
-		if err := publish(e.addr(), files); err != nil {
-			return 0, err
-		}
-		got := c.waitDistinct(*n, 10*time.Second, 5*time.Minute)
-		if got < *n {
-			return 0, fmt.Errorf("%s: live: only %d of %d arrived", e.name(), got, *n)
-		}
-		_, _, _, last := c.counts()
-		return float64(*n) / last.Sub(start).Seconds(), nil
-	}
+	fresh := func() (*mosqtest.Broker, edge, *counter, error) { return fresh(mk) }
 	var err error
-	if r.live1, err = live(files1); err != nil {
+	if r.live1, r.acked1, err = measureLive(mk, files1); err != nil {
 		return r, err
 	}
-	if r.liveN, err = live(filesN); err != nil {
+	if r.liveN, r.ackedN, err = measureLive(mk, filesN); err != nil {
 		return r, err
 	}
 
@@ -525,19 +539,29 @@ func run() error {
 	fmt.Printf("Outpost bench: %d QoS 1 messages of %d B per case, MQTT 5 publisher(s) (mosquitto_pub -l), upstream Mosquitto on 127.0.0.1.\n", *n, *size)
 	fmt.Printf("Machine: %d cores, %s. %s. Outpost durability: %s.\n\n", runtime.NumCPU(), cpuModel(), mosquittoVersion(), *durability)
 
-	op, err := measure(func(upURL string, _ int) (edge, error) {
-		port, err := mosqtest.FreePort()
-		if err != nil {
-			return nil, err
+	outpost := func(durability string) makeEdge {
+		return func(upURL string, _ int) (edge, error) {
+			port, err := mosqtest.FreePort()
+			if err != nil {
+				return nil, err
+			}
+			d, err := os.MkdirTemp(dir, "outpost")
+			if err != nil {
+				return nil, err
+			}
+			return &outpostEdge{port: port, dir: d, up: upURL, durability: durability}, nil
 		}
-		d, err := os.MkdirTemp(dir, "outpost")
-		if err != nil {
-			return nil, err
-		}
-		return &outpostEdge{port: port, dir: d, up: upURL}, nil
-	}, files1, filesN)
+	}
+	op, err := measure(outpost(""), files1, filesN)
 	if err != nil {
 		return err
+	}
+	// fsync mode, 50 publishers: every acknowledged message is on disk.
+	var fsyncN, fsyncAcked float64
+	if *durability != "fsync" {
+		if fsyncN, fsyncAcked, err = measureLive(outpost("fsync"), filesN); err != nil {
+			return err
+		}
 	}
 	br, err := measure(func(_ string, upPort int) (edge, error) { return newBridge(upPort) }, files1, filesN)
 	if err != nil {
@@ -553,6 +577,12 @@ func run() error {
 	fmt.Println("|---|---:|---:|---:|")
 	fmt.Printf("| live forwarding, 1 publisher (msg/s) | %.0f | %.0f | %s |\n", op.live1, br.live1, ratio(op.live1, br.live1))
 	fmt.Printf("| live forwarding, %d publishers (msg/s) | %.0f | %.0f | %s |\n", *publishers, op.liveN, br.liveN, ratio(op.liveN, br.liveN))
+	fmt.Printf("| local publishes acknowledged, 1 publisher (msg/s) | %.0f | %.0f | %s |\n", op.acked1, br.acked1, ratio(op.acked1, br.acked1))
+	fmt.Printf("| local publishes acknowledged, %d publishers (msg/s) | %.0f | %.0f | %s |\n", *publishers, op.ackedN, br.ackedN, ratio(op.ackedN, br.ackedN))
+	if fsyncN > 0 {
+		fmt.Printf("| fsync mode, %d publishers: acknowledged (msg/s) | %.0f | %.0f (no disk) | %s |\n", *publishers, fsyncAcked, br.ackedN, ratio(fsyncAcked, br.ackedN))
+		fmt.Printf("| fsync mode, %d publishers: live forwarding (msg/s) | %.0f | %.0f (no disk) | %s |\n", *publishers, fsyncN, br.liveN, ratio(fsyncN, br.liveN))
+	}
 	fmt.Printf("| backlog drain (msg/s, first to last arrival) | %.0f | %.0f | %s |\n", op.drain, br.drain, ratio(op.drain, br.drain))
 	fmt.Printf("| acknowledged messages lost on kill -9 (of %d) | %d | %d | |\n", *n, op.lost, br.lost)
 	fmt.Printf("| duplicates after kill -9 and restart | %d | %d | |\n", op.dups, br.dups)
