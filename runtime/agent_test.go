@@ -492,7 +492,8 @@ func TestTTLExpiry(t *testing.T) {
 	}
 	waitFor(t, 30*time.Second, func() error {
 		if !col.Has("keep") {
-			return errors.New("the message without expiry has not arrived")
+			st := a.Status()
+			return fmt.Errorf("the message without expiry has not arrived; outbox %+v; uplink %+v", st.Outbox, *st.Uplink)
 		}
 		return nil
 	})
