@@ -458,12 +458,13 @@ func TestDropOldestWhenFull(t *testing.T) {
 
 func TestTTLExpiry(t *testing.T) {
 	requireClients(t)
-	up := mosqtest.StartT(t, mosqtest.Options{Persistence: true})
+	// The link is down (the proxy refuses connections) while the messages
+	// expire; the upstream and its subscriber stay up throughout.
+	up := mosqtest.StartT(t, mosqtest.Options{})
 	col := mqtttest.NewCollector(t, up.URL(), "outpost/"+deviceID+"/#")
-	if err := up.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	a := testAgent(t, up.URL(), func(c *Config) {
+	link := newFreezeProxy(t, up.Addr())
+	link.refusing.Store(true)
+	a := testAgent(t, "mqtt://"+link.l.Addr().String(), func(c *Config) {
 		c.Routes = []RouteConfig{
 			{Name: "short", Match: []string{"short/#"}, TTL: Duration(300 * time.Millisecond)},
 			{Name: "telemetry", Match: []string{"#"}},
@@ -485,15 +486,16 @@ func TestTTLExpiry(t *testing.T) {
 	if _, err := pub.Publish(context.Background(), &paho.Publish{Topic: "keep/x", QoS: 1, Payload: []byte("keep")}); err != nil {
 		t.Fatal(err)
 	}
-	// Let both TTLs pass, then bring the upstream back.
+	// Let both TTLs pass, then bring the link back.
 	time.Sleep(1200 * time.Millisecond)
-	if err := up.Restart(); err != nil {
-		t.Fatal(err)
+	if a.Status().Uplink.Connected {
+		t.Fatal("the uplink connected through a refusing link")
 	}
+	link.refusing.Store(false)
 	waitFor(t, 30*time.Second, func() error {
 		if !col.Has("keep") {
 			st := a.Status()
-			return fmt.Errorf("the message without expiry has not arrived; outbox %+v; uplink %+v", st.Outbox, *st.Uplink)
+			return fmt.Errorf("the message without expiry has not arrived; outbox %+v; uplink %+v; mosquitto log:\n%s", st.Outbox, *st.Uplink, up.LogTail(30))
 		}
 		return nil
 	})
@@ -590,10 +592,13 @@ func TestUnreachableUpstream(t *testing.T) {
 
 // freezeProxy forwards TCP to target until frozen: then it stops copying in
 // both directions without closing, like a dead link that TCP has not noticed.
+// While refusing, it closes every new connection at once, like a link that
+// is down.
 type freezeProxy struct {
-	l      net.Listener
-	target string
-	frozen atomic.Bool
+	l        net.Listener
+	target   string
+	frozen   atomic.Bool
+	refusing atomic.Bool
 }
 
 func newFreezeProxy(t *testing.T, target string) *freezeProxy {
@@ -617,6 +622,9 @@ func newFreezeProxy(t *testing.T, target string) *freezeProxy {
 
 func (p *freezeProxy) serve(c net.Conn) {
 	defer c.Close()
+	if p.refusing.Load() {
+		return
+	}
 	u, err := net.Dial("tcp", p.target)
 	if err != nil {
 		return

@@ -57,6 +57,7 @@ type batchConn struct {
 	pending int     // bytes in buf and held
 	writing bool
 	err     error
+	closing bool // Close was called: no new writes
 	expired bool // Close stopped waiting
 }
 
@@ -88,11 +89,14 @@ func (b *batchConn) Unlock() { b.packet.Unlock() }
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for b.pending > maxPending && b.err == nil {
+	for b.pending > maxPending && b.err == nil && !b.closing {
 		b.cond.Wait()
 	}
 	if b.err != nil {
 		return 0, b.err
+	}
+	if b.closing {
+		return 0, net.ErrClosed
 	}
 	if n := len(b.held); n > 0 {
 		b.held[n-1].data = append(b.held[n-1].data, p...)
@@ -176,7 +180,9 @@ func (b *batchConn) loop() {
 const closeFlushTimeout = time.Second
 
 // Close sends what is queued (a DISCONNECT, typically), waiting for held
-// writes to be released, then closes. It waits at most closeFlushTimeout;
+// writes to be released, then closes. Writes fail from the moment Close is
+// called, as they would on a closed net.Conn: autopaho's publish loop learns
+// from a failed write that its connection is gone. It waits at most closeFlushTimeout;
 // writes still held then are dropped.
 func (b *batchConn) Close() error {
 	_ = b.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
@@ -188,6 +194,8 @@ func (b *batchConn) Close() error {
 	})
 	defer t.Stop()
 	b.mu.Lock()
+	b.closing = true // a writer that still has this connection must learn it is gone
+	b.cond.Broadcast()
 	for (len(b.buf) > 0 || b.writing || len(b.held) > 0) && b.err == nil && !b.expired {
 		b.cond.Wait()
 	}

@@ -305,3 +305,26 @@ func TestCloseWaitsForHolds(t *testing.T) {
 		t.Fatalf("peer got %q from a hold never released", got)
 	}
 }
+
+// TestWriteFailsOnceClosing: from the moment Close is called, writes fail,
+// even while Close still waits to flush.
+func TestWriteFailsOnceClosing(t *testing.T) {
+	b, _ := tcpPair(t)
+	release := b.Hold()
+	write(t, b, "held")
+	closed := make(chan error, 1)
+	go func() { closed <- b.Close() }()
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if _, err = b.Write([]byte("late")); err != nil {
+			break
+		}
+	}
+	if !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("write during Close: %v, want net.ErrClosed", err)
+	}
+	release(nil)
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+}

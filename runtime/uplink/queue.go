@@ -266,7 +266,10 @@ func (s *sessionWrapper) AddToSession(ctx context.Context, p session.Packet, res
 	if len(u.inflight) == 0 {
 		u.progress = time.Now()
 	}
+	cur.order = u.nextOrder
+	u.nextOrder++
 	u.inflight[pub.PacketID] = *cur
+	u.flights = append(u.flights, flight{packetID: pub.PacketID, order: cur.order})
 	return nil
 }
 
@@ -289,11 +292,21 @@ func (s *sessionWrapper) PacketReceived(cp *packets.ControlPacket, ch chan<- *pa
 		u := s.u
 		u.mu.Lock()
 		p, found = u.inflight[pa.PacketID]
+		var skipped []pending
 		if found {
 			delete(u.inflight, pa.PacketID)
 			u.progress = time.Now()
+			skipped = u.skippedBeforeLocked(p)
+			for _, q := range skipped {
+				u.resendFromLocked(q.ref)
+			}
 		}
 		u.mu.Unlock()
+		if len(skipped) > 0 {
+			u.skipped.Add(int64(len(skipped)))
+			u.log.Warn("upstream acknowledged a later message first: resending the earlier ones",
+				"skipped", len(skipped), "first_message_id", skipped[0].id)
+		}
 	}
 	err := s.inner.PacketReceived(cp, ch)
 	if found {

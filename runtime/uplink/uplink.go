@@ -82,6 +82,7 @@ type Stats struct {
 	Resent     int64 // messages sent again after a lost connection
 	Rejected   int64 // messages the upstream refused permanently (dropped)
 	Refused    int64 // refusals that may pass later (the message is resent)
+	Skipped    int64 // messages resent because a later one was acknowledged first
 	Stalls     int64 // connections cut because acknowledgements stopped
 	InFlight   int   // messages sent and not yet acknowledged
 	LastError  string
@@ -103,6 +104,8 @@ type Uplink struct {
 	buf        []storage.Message // read ahead from the outbox, not yet sent
 	current    *pending          // the message autopaho is publishing now
 	inflight   map[uint16]pending
+	flights    []flight // in-flight packet ids in the order they were sent
+	nextOrder  uint64
 	gen        uint64        // incremented when the in-flight window is rewound
 	wake       chan struct{} // closed when there may be something to send
 	pauseUntil time.Time     // no sends before this (after a transient refusal)
@@ -112,16 +115,23 @@ type Uplink struct {
 
 	conn atomic.Pointer[net.Conn]
 
-	connected                                              atomic.Bool
-	connects, forwarded, resent, rejected, refused, stalls atomic.Int64
-	lastErr                                                atomic.Value // string
+	connected                                                       atomic.Bool
+	connects, forwarded, resent, rejected, refused, skipped, stalls atomic.Int64
+	lastErr                                                         atomic.Value // string
 }
 
 type pending struct {
-	ref storage.Ref
-	id  string // message id
-	qos byte
-	gen uint64
+	ref   storage.Ref
+	id    string // message id
+	qos   byte
+	gen   uint64
+	order uint64 // registration order on the connection
+}
+
+// flight is one entry of Uplink.flights.
+type flight struct {
+	packetID uint16
+	order    uint64
 }
 
 // New validates opts. It does not connect; call Start.
@@ -287,6 +297,7 @@ func (u *Uplink) Stats() Stats {
 		Resent:     u.resent.Load(),
 		Rejected:   u.rejected.Load(),
 		Refused:    u.refused.Load(),
+		Skipped:    u.skipped.Load(),
 		Stalls:     u.stalls.Load(),
 		InFlight:   inflight,
 		LastError:  u.lastErr.Load().(string),
@@ -412,6 +423,7 @@ func (u *Uplink) rewindLocked() {
 		u.resendFromLocked(p.ref)
 	}
 	clear(u.inflight)
+	u.flights = nil
 	u.buf = nil
 	u.current = nil
 	u.gen++
@@ -426,6 +438,33 @@ func (u *Uplink) resendFromLocked(r storage.Ref) {
 	}
 	u.buf = nil
 	u.gen++
+	u.wakeLocked()
+}
+
+// skippedBeforeLocked removes from the window, and returns, the messages
+// sent before p that are still unacknowledged. A receiver acknowledges QoS 1
+// publishes in the order it received them [MQTT-4.6.0-2], so these never
+// reached it on this connection: autopaho's publish loop can still be
+// sending on the previous connection, through the shared session, when the
+// next one is up. p must already be out of u.inflight. u.mu must be held.
+func (u *Uplink) skippedBeforeLocked(p pending) []pending {
+	var skipped []pending
+	for len(u.flights) > 0 {
+		f := u.flights[0]
+		q, ok := u.inflight[f.packetID]
+		if ok && q.order == f.order {
+			if f.order > p.order {
+				break
+			}
+			skipped = append(skipped, q)
+			delete(u.inflight, f.packetID)
+		}
+		u.flights = u.flights[1:]
+	}
+	if len(u.flights) == 0 {
+		u.flights = nil
+	}
+	return skipped
 }
 
 // acked handles the PUBACK of p.
