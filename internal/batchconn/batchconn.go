@@ -114,8 +114,9 @@ func (b *batchConn) Write(p []byte) (int, error) {
 // Writes made before Hold are not affected. A broker uses it to let an
 // acknowledgement wait for a write to its store while it reads on. release
 // may be called from any goroutine, at most once.
-// Connections that fail this way may lose writes made before the hold that
-// were not sent yet; a broker's peer then sends again.
+//
+// A connection closed by release(err) may also lose writes made before the
+// hold that were not sent yet; a broker's peer then sends again.
 func (b *batchConn) Hold() (release func(error)) {
 	h := &hold{}
 	b.mu.Lock()
@@ -180,10 +181,10 @@ func (b *batchConn) loop() {
 const closeFlushTimeout = time.Second
 
 // Close sends what is queued (a DISCONNECT, typically), waiting for held
-// writes to be released, then closes. Writes fail from the moment Close is
+// writes to be released, then closes. It waits at most closeFlushTimeout;
+// writes still held then are dropped. Writes fail from the moment Close is
 // called, as they would on a closed net.Conn: autopaho's publish loop learns
-// from a failed write that its connection is gone. It waits at most closeFlushTimeout;
-// writes still held then are dropped.
+// from a failed write that its connection is gone.
 func (b *batchConn) Close() error {
 	_ = b.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
 	t := time.AfterFunc(closeFlushTimeout, func() {

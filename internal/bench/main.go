@@ -441,7 +441,6 @@ func measureLive(mk makeEdge, files []string) (live, acked float64, err error) {
 // upstream and fresh data.
 func measure(mk makeEdge, files1, filesN []string) (result, error) {
 	var r result
-	fresh := func() (*mosqtest.Broker, edge, *counter, error) { return fresh(mk) }
 	var err error
 	if r.live1, r.acked1, err = measureLive(mk, files1); err != nil {
 		return r, err
@@ -451,7 +450,7 @@ func measure(mk makeEdge, files1, filesN []string) (result, error) {
 	}
 
 	// Backlog drain, then loss on kill -9, each from a fresh start.
-	up, e, c, err := fresh()
+	up, e, c, err := fresh(mk)
 	if err != nil {
 		return r, err
 	}
@@ -475,7 +474,7 @@ func measure(mk makeEdge, files1, filesN []string) (result, error) {
 	c.close()
 	up.Close()
 
-	up, e, c, err = fresh()
+	up, e, c, err = fresh(mk)
 	if err != nil {
 		return r, err
 	}

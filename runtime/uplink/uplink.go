@@ -420,7 +420,7 @@ func (u *Uplink) wakeLocked() {
 // u.mu must be held.
 func (u *Uplink) rewindLocked() {
 	for _, p := range u.inflight {
-		u.resendFromLocked(p.ref)
+		u.cursorBeforeLocked(p.ref)
 	}
 	clear(u.inflight)
 	u.flights = nil
@@ -430,12 +430,18 @@ func (u *Uplink) rewindLocked() {
 	u.wakeLocked()
 }
 
-// resendFromLocked moves the send cursor of r's route back so that r is sent
-// again. u.mu must be held.
-func (u *Uplink) resendFromLocked(r storage.Ref) {
+// cursorBeforeLocked moves the send cursor of r's route back to just before
+// r. u.mu must be held.
+func (u *Uplink) cursorBeforeLocked(r storage.Ref) {
 	if s, ok := u.sent[r.Route]; ok && r.Seq <= s {
 		u.sent[r.Route] = r.Seq - 1
 	}
+}
+
+// resendFromLocked makes the publish loop send r again, and what follows it,
+// on the current connection. u.mu must be held.
+func (u *Uplink) resendFromLocked(r storage.Ref) {
+	u.cursorBeforeLocked(r)
 	u.buf = nil
 	u.gen++
 	u.wakeLocked()
