@@ -242,6 +242,43 @@ func TestRejectNew(t *testing.T) {
 	}
 }
 
+// TestCapsCountQueuedAppends: appends queued faster than the committer
+// writes them count against the byte cap, so reject_new never lets the
+// store grow past it.
+func TestCapsCountQueuedAppends(t *testing.T) {
+	const maxBytes = 100_000
+	ob := open(t, Options{MaxBytes: maxBytes, WhenFull: RejectNew})
+	payload := make([]byte, 900)
+	var wg sync.WaitGroup
+	var accepted, refused int
+	for range 1000 {
+		wg.Add(1)
+		err := ob.AppendAsync(&Message{Route: "r", Topic: "t", QoS: 1, Payload: payload}, func(_ uint64, err error) {
+			if err != nil {
+				t.Error(err)
+			}
+			wg.Done()
+		})
+		switch {
+		case err == nil:
+			accepted++
+		case errors.Is(err, ErrFull):
+			wg.Done()
+			refused++
+		default:
+			t.Fatal(err)
+		}
+	}
+	wg.Wait()
+	st := ob.Stats()
+	if st.Bytes > maxBytes {
+		t.Fatalf("%d bytes stored with a %d-byte cap (%d accepted, %d refused)", st.Bytes, maxBytes, accepted, refused)
+	}
+	if refused == 0 || int64(accepted) != st.Messages {
+		t.Fatalf("%d accepted, %d refused, %d stored", accepted, refused, st.Messages)
+	}
+}
+
 func TestDropOldest(t *testing.T) {
 	ob := open(t, Options{MaxMessages: 10, Routes: []Route{{Name: "hi", Priority: 1}, {Name: "lo"}}})
 	appendN(t, ob, "lo", 5, "lo")
