@@ -768,3 +768,44 @@ func TestRefusedMessageIsResent(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamMaximumPacketSize: a message larger than the upstream's
+// Maximum Packet Size (Mosquitto's max_packet_size, announced in CONNACK)
+// would be refused with a DISCONNECT every time it is sent and block its
+// route. It is dropped and counted as rejected; the messages around it
+// arrive, in order, on one connection.
+func TestUpstreamMaximumPacketSize(t *testing.T) {
+	requireClients(t)
+	up := mosqtest.StartT(t, mosqtest.Options{Extra: "max_packet_size 1000"})
+	col := mqtttest.NewCollector(t, up.URL(), "outpost/"+deviceID+"/big/#")
+	a := testAgent(t, up.URL(), nil)
+	addr := a.BrokerAddrs()[0]
+	publishLines(t, addr, "big/x", 0, 3)
+	host, port := hostPort(t, addr)
+	if out, err := run(t, 30*time.Second, "mosquitto_pub", "-h", host, "-p", port, "-V", "mqttv5", "-q", "1",
+		"-t", "big/x", "-m", strings.Repeat("x", 2000)); err != nil {
+		t.Fatalf("mosquitto_pub: %v: %s", err, out)
+	}
+	publishLines(t, addr, "big/x", 3, 3)
+	waitFor(t, 30*time.Second, func() error {
+		if d, _ := col.Counts(); d < 6 {
+			return fmt.Errorf("%d of 6 small messages arrived; %+v", d, *a.Status().Uplink)
+		}
+		return nil
+	})
+	for i, p := range col.Order() {
+		if want := fmt.Sprintf("%08d", i); p != want {
+			t.Fatalf("arrival %d is %.20s, want %s (the oversized message must not arrive)", i, p, want)
+		}
+	}
+	st := a.Status()
+	if st.Uplink.Rejected != 1 || st.Uplink.Reconnects != 0 {
+		t.Fatalf("uplink %+v, want 1 rejected and no reconnect", *st.Uplink)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		if n := a.Status().Outbox.Messages; n != 0 {
+			return fmt.Errorf("%d messages still stored", n)
+		}
+		return nil
+	})
+}

@@ -466,24 +466,21 @@ func (o *Outbox) evictOldest(needBytes, needMsgs int64) (int, error) {
 }
 
 // deleteLocked deletes the keys that exist, updates the counters and counts
-// them under reason ("" = acknowledged). o.delMu must be held.
+// them under reason ("" = acknowledged). o.delMu must be held. keys is
+// sorted in place.
 func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
+	slices.SortFunc(keys, bytes.Compare)
 	deleted := 0
 	for len(keys) > 0 {
 		chunk := keys[:min(len(keys), 1000)]
 		keys = keys[len(chunk):]
 		sizes := make([]int64, len(chunk))
 		err := o.db.Update(func(txn *badger.Txn) error {
+			entrySizes(txn, chunk, sizes)
 			for i, k := range chunk {
-				item, err := txn.Get(k)
-				if errors.Is(err, badger.ErrKeyNotFound) {
-					sizes[i] = -1
+				if sizes[i] < 0 {
 					continue
 				}
-				if err != nil {
-					return err
-				}
-				sizes[i] = int64(len(k)) + int64(item.ValueSize())
 				if err := txn.Delete(k); err != nil {
 					return err
 				}
@@ -512,6 +509,43 @@ func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
 		o.drop(reason, int64(deleted))
 	}
 	return deleted, nil
+}
+
+// entrySizes sets sizes[i] to the stored size (key and value) of keys[i],
+// or -1 if it is not stored. keys must be sorted. Acknowledged keys are
+// mostly consecutive, so it walks one iterator over them instead of looking
+// each up (a point lookup searches every level of the LSM tree); it seeks
+// again past a gap.
+func entrySizes(txn *badger.Txn, keys [][]byte, sizes []int64) {
+	const maxWalk = 16 // keys stepped over before seeking instead
+	it := txn.NewIterator(badger.IteratorOptions{PrefetchValues: false})
+	defer it.Close()
+	i := 0
+	for i < len(keys) {
+		it.Seek(keys[i])
+		for walked := 0; i < len(keys) && walked <= maxWalk; {
+			if !it.Valid() {
+				for ; i < len(keys); i++ {
+					sizes[i] = -1
+				}
+				return
+			}
+			item := it.Item()
+			switch c := bytes.Compare(item.Key(), keys[i]); {
+			case c == 0:
+				sizes[i] = int64(len(keys[i])) + int64(item.ValueSize())
+				i++
+				it.Next()
+				walked = 0
+			case c < 0:
+				it.Next()
+				walked++
+			default:
+				sizes[i] = -1
+				i++
+			}
+		}
+	}
 }
 
 // committer writes the queued appends: everything waiting when it wakes

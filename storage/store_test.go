@@ -671,3 +671,63 @@ func TestNotifyAfterAppend(t *testing.T) {
 		t.Fatalf("read %d after the notification, want 1", got)
 	}
 }
+
+// TestAckSparseAndRepeated: acknowledgements with gaps, repeats, unknown
+// sequence numbers and several routes delete exactly the stored messages
+// named, and the counters follow.
+func TestAckSparseAndRepeated(t *testing.T) {
+	ob := open(t, Options{Routes: []Route{{Name: "a"}, {Name: "b"}}})
+	a := appendN(t, ob, "a", 100, "x")
+	b := appendN(t, ob, "b", 10, "y")
+	var refs []Ref
+	want := map[uint64]bool{} // a's sequence numbers that stay
+	for i, s := range a {
+		// Acknowledge 0-9 (a run), then every 7th (gaps longer than the
+		// walk), and 60-61 twice.
+		if i < 10 || i%7 == 0 || i == 60 || i == 61 {
+			refs = append(refs, Ref{Route: "a", Seq: s})
+			continue
+		}
+		want[s] = true
+	}
+	refs = append(refs, Ref{Route: "a", Seq: a[60]}, Ref{Route: "a", Seq: a[61]})
+	refs = append(refs, Ref{Route: "a", Seq: a[99] + 1000}, Ref{Route: "b", Seq: b[9]}, Ref{Route: "b", Seq: b[0]})
+	if err := ob.Ack(refs...); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Maintain(); err != nil {
+		t.Fatal(err)
+	}
+	got := drain(t, ob, false)
+	left := map[uint64]bool{}
+	nb := 0
+	for _, m := range got {
+		if m.Route == "b" {
+			nb++
+			if m.Seq == b[0] || m.Seq == b[9] {
+				t.Errorf("b seq %d still stored after its ack", m.Seq)
+			}
+			continue
+		}
+		left[m.Seq] = true
+	}
+	if len(left) != len(want) || nb != 8 {
+		t.Fatalf("%d of route a left, want %d; %d of b, want 8", len(left), len(want), nb)
+	}
+	for s := range want {
+		if !left[s] {
+			t.Errorf("a seq %d was deleted but never acknowledged", s)
+		}
+	}
+	st := ob.Stats()
+	if st.Messages != int64(len(want)+8) {
+		t.Fatalf("stats count %d messages, want %d", st.Messages, len(want)+8)
+	}
+	var bytesLeft int64
+	for _, m := range got {
+		bytesLeft += int64(len(msgKey(m.Route, m.Seq)) + len(encodeRecord(nil, &m)))
+	}
+	if st.Bytes != bytesLeft {
+		t.Fatalf("stats count %d bytes, the messages left hold %d", st.Bytes, bytesLeft)
+	}
+}

@@ -1,17 +1,17 @@
-// Package uplink forwards the outbox to an upstream MQTT 5 broker with
-// paho.golang's autopaho: in order, with a window of QoS 1 publishes bounded
-// by the server's Receive Maximum, deleting a message from the outbox only
-// when its PUBACK arrives.
+// Package uplink forwards the outbox to an upstream MQTT 5 broker: in order,
+// with a window of QoS 1 publishes bounded by the server's Receive Maximum,
+// deleting a message from the outbox only when its PUBACK arrives.
 //
-// Three autopaho extension points carry the design (docs/DECISIONS.md):
-//   - Queue: autopaho's publish loop reads the outbox through an adapter, so
-//     sends are issued from one goroutine, in order, without waiting for
-//     each acknowledgement;
-//   - Session: a wrapper around paho's in-memory session state sees every
-//     PUBACK and every lost connection, so acknowledgements delete from the
-//     outbox and unacknowledged messages are resent after a reconnect;
-//   - AttemptConnection: the uplink keeps the network connection so that a
-//     connection that is up but not flowing can be cut and re-established.
+// paho.golang's autopaho keeps the connection (reconnects with backoff,
+// CONNECT, keep-alive); paho's session state assigns packet identifiers and
+// enforces Receive Maximum. Outpost adds (docs/DECISIONS.md):
+//   - a publish loop per connection that reads the outbox in batches and
+//     writes each PUBLISH once, without waiting for acknowledgements;
+//   - a wrapper around the session state that sees every PUBACK and every
+//     lost connection, so acknowledgements delete from the outbox and
+//     unacknowledged messages are resent after a reconnect;
+//   - AttemptConnection, to keep the network connection so that one that is
+//     up but not flowing can be cut and re-established.
 package uplink
 
 import (
@@ -93,6 +93,7 @@ type Uplink struct {
 	opts Options
 	log  *slog.Logger
 	cm   *autopaho.ConnectionManager
+	sess *sessionWrapper
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -101,12 +102,12 @@ type Uplink struct {
 	mu         sync.Mutex
 	sent       storage.Cursor // per route, the highest seq handed to the session
 	maxSent    map[string]uint64
-	buf        []storage.Message // read ahead from the outbox, not yet sent
-	current    *pending          // the message autopaho is publishing now
 	inflight   map[uint16]pending
 	flights    []flight // in-flight packet ids in the order they were sent
 	nextOrder  uint64
-	gen        uint64        // incremented when the in-flight window is rewound
+	gen        uint64        // incremented when the send cursor moves back
+	link       *link         // the current connection's publish loop
+	dialled    lockedConn    // the connection dial returned last
 	wake       chan struct{} // closed when there may be something to send
 	pauseUntil time.Time     // no sends before this (after a transient refusal)
 	pause      time.Duration // current pause length, doubles up to BackoffMax
@@ -124,7 +125,6 @@ type pending struct {
 	ref   storage.Ref
 	id    string // message id
 	qos   byte
-	gen   uint64
 	order uint64 // registration order on the connection
 }
 
@@ -175,6 +175,7 @@ func New(opts Options) (*Uplink, error) {
 		maxSent:  map[string]uint64{},
 		inflight: map[uint16]pending{},
 	}
+	u.sess = newSession(u)
 	u.lastErr.Store("")
 	return u, nil
 }
@@ -202,7 +203,6 @@ func (u *Uplink) Start() error {
 		SessionExpiryInterval:         0, // the outbox is the session
 		ConnectTimeout:                o.ConnectTimeout,
 		ReconnectBackoff:              autopaho.NewExponentialBackoff(o.BackoffMin, o.BackoffMax, initialMax, 2),
-		Queue:                         &outboxQueue{u: u},
 		AttemptConnection:             u.dial,
 		OnConnectionUp:                u.onUp,
 		OnConnectionDown:              u.onDown,
@@ -211,7 +211,7 @@ func (u *Uplink) Start() error {
 		ConnectPassword:               o.Password,
 		ClientConfig: paho.ClientConfig{
 			ClientID: o.ClientID,
-			Session:  newSession(u),
+			Session:  u.sess,
 			OnServerDisconnect: func(d *paho.Disconnect) {
 				u.setErr(fmt.Errorf("server disconnected: reason 0x%02x %s", d.ReasonCode, reasonString(d.Properties)))
 				u.log.Warn("upstream sent DISCONNECT", "reason_code", d.ReasonCode, "reason", reasonString(d.Properties))
@@ -281,6 +281,7 @@ func (u *Uplink) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		err = errors.Join(err, fmt.Errorf("uplink: close: %w", ctx.Err()))
 	}
+	u.stopLink()
 	u.wg.Wait()
 	return err
 }
@@ -309,6 +310,8 @@ func (u *Uplink) setErr(err error) { u.lastErr.Store(err.Error()) }
 // dial opens the network connection and keeps it so that the watchdog can
 // cut it.
 func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *url.URL) (net.Conn, error) {
+	// The previous connection's publish loop must not write to the next one.
+	u.stopLink()
 	ctx, cancel := context.WithTimeout(ctx, u.opts.ConnectTimeout)
 	defer cancel()
 	var conn net.Conn
@@ -326,9 +329,35 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 	}
 	u.conn.Store(&conn)
 	// paho writes one system call per packet and reads a PUBACK in three;
-	// batchconn coalesces both. paho holds the conn's lock (a sync.Locker)
-	// across the several Writes of one packet, so packets stay whole.
-	return batchconn.NewBuffered(conn), nil
+	// batchconn coalesces both. paho and the publish loop hold the conn's
+	// lock (a sync.Locker) across the Writes of one packet, so packets stay
+	// whole.
+	bc := batchconn.NewBuffered(conn).(lockedConn)
+	u.mu.Lock()
+	u.dialled = bc
+	u.mu.Unlock()
+	return bc, nil
+}
+
+// stopLink ends the current publish loop, if any, and waits for it.
+func (u *Uplink) stopLink() {
+	u.mu.Lock()
+	l := u.link
+	u.link = nil
+	u.mu.Unlock()
+	if l != nil {
+		l.cancel()
+		<-l.done
+	}
+}
+
+// lostLocked ends the publish loop of a lost connection and rewinds the
+// window. u.mu must be held.
+func (u *Uplink) lostLocked() {
+	if u.link != nil {
+		u.link.cancel() // run sees it under u.mu before registering a message
+	}
+	u.rewindLocked()
 }
 
 // cut closes the current network connection; autopaho then reconnects.
@@ -346,10 +375,32 @@ func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
 		recvMax = *ca.Properties.ReceiveMaximum
 	}
-	u.log.Info("uplink connected", "url", u.opts.URL.Redacted(), "receive_maximum", recvMax, "reconnects", n-1)
+	maxPacket := uint32(0)
+	if ca.Properties != nil && ca.Properties.MaximumPacketSize != nil {
+		maxPacket = *ca.Properties.MaximumPacketSize
+	}
+	l := &link{
+		maxQoS:    1,
+		retain:    true,
+		maxPacket: maxPacket,
+		done:      make(chan struct{}),
+	}
+	if ca.Properties != nil {
+		if ca.Properties.MaximumQoS != nil {
+			l.maxQoS = *ca.Properties.MaximumQoS
+		}
+		l.retain = ca.Properties.RetainAvailable
+	}
+	u.log.Info("uplink connected", "url", u.opts.URL.Redacted(), "receive_maximum", recvMax,
+		"maximum_packet_size", maxPacket, "reconnects", n-1)
+	u.stopLink()
 	u.mu.Lock()
+	l.conn = u.dialled
+	l.ctx, l.cancel = context.WithCancel(u.ctx)
+	u.link = l
 	u.wakeLocked()
 	u.mu.Unlock()
+	go u.run(l)
 }
 
 func (u *Uplink) onDown() bool {
@@ -424,8 +475,6 @@ func (u *Uplink) rewindLocked() {
 	}
 	clear(u.inflight)
 	u.flights = nil
-	u.buf = nil
-	u.current = nil
 	u.gen++
 	u.wakeLocked()
 }
@@ -442,7 +491,6 @@ func (u *Uplink) cursorBeforeLocked(r storage.Ref) {
 // on the current connection. u.mu must be held.
 func (u *Uplink) resendFromLocked(r storage.Ref) {
 	u.cursorBeforeLocked(r)
-	u.buf = nil
 	u.gen++
 	u.wakeLocked()
 }

@@ -1,27 +1,43 @@
 package uplink
 
 import (
+	"bytes"
 	"context"
 	"io"
+	"net"
 	"net/url"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 
+	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
 )
 
-// newTestUplink returns an uplink (not started) over a real outbox holding n
-// messages, with its session connected to nothing.
-func newTestUplink(t *testing.T, n int) (*Uplink, *sessionWrapper, *outboxQueue, *storage.Outbox) {
+// harness is an uplink (not started) over a real outbox, with paho's
+// session state and a link whose connection is one end of a pipe; the test
+// reads what is sent from the other end.
+type harness struct {
+	t    *testing.T
+	u    *Uplink
+	l    *link
+	ob   *storage.Outbox
+	wire net.Conn
+	buf  bytes.Buffer
+}
+
+// newHarness stores payloads (QoS 1, route "r") and connects the session.
+func newHarness(t *testing.T, payloads ...string) *harness {
 	t.Helper()
 	ob, err := storage.Open(storage.Options{Dir: t.TempDir(), Routes: []storage.Route{{Name: "r"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ob.Close() })
-	for i := range n {
-		if err := ob.Append(&storage.Message{Route: "r", Topic: "t", QoS: 1, Payload: []byte{byte('a' + i)}}); err != nil {
+	for _, p := range payloads {
+		if err := ob.Append(&storage.Message{Route: "r", Topic: "t", QoS: 1, Payload: []byte(p)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -34,65 +50,158 @@ func newTestUplink(t *testing.T, n int) (*Uplink, *sessionWrapper, *outboxQueue,
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSession(u)
-	if err := s.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
+	u.ctx, u.cancel = context.WithCancel(context.Background())
+	t.Cleanup(u.cancel)
+	client, server := net.Pipe()
+	t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
+	l := &link{conn: batchconn.New(client).(lockedConn), maxQoS: 1, retain: true, done: make(chan struct{})}
+	l.ctx, l.cancel = context.WithCancel(u.ctx)
+	if err := u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
 		t.Fatal(err)
 	}
-	return u, s, &outboxQueue{u: u}, ob
+	u.link = l
+	return &harness{t: t, u: u, l: l, ob: ob, wire: server}
 }
 
-// send does what autopaho's publish loop does with the next queue entry,
-// without a network: it returns the packet identifier and payload.
-func send(t *testing.T, s *sessionWrapper, q *outboxQueue) (uint16, string) {
-	t.Helper()
-	e, err := q.Peek()
-	if err != nil {
-		t.Fatal(err)
+// send sends the next stored message as the publish loop does and returns
+// the packet that reached the wire.
+func (h *harness) send() *packets.Publish {
+	h.t.Helper()
+	if err := h.sendOnly(); err != nil {
+		h.t.Fatal(err)
 	}
-	r, err := e.Reader()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cp, err := packets.ReadPacket(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub := cp.Content.(*packets.Publish)
-	if err := s.AddToSession(context.Background(), pub, make(chan packets.ControlPacket, 1)); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Remove(); err != nil {
-		t.Fatal(err)
-	}
-	return pub.PacketID, string(pub.Payload)
+	return h.read()
 }
 
-func puback(t *testing.T, s *sessionWrapper, id uint16) {
-	t.Helper()
+// sendOnly sends the next stored message and returns send's error.
+func (h *harness) sendOnly() error {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(h.l.ctx, 5*time.Second)
+	defer cancel()
+	msgs, gen, ok := h.u.next(ctx)
+	if !ok {
+		h.t.Fatal("nothing to send")
+	}
+	_, err := h.u.send(h.l, &msgs[0], gen, &h.buf)
+	return err
+}
+
+// read returns the next packet on the wire.
+func (h *harness) read() *packets.Publish {
+	h.t.Helper()
+	_ = h.wire.SetReadDeadline(time.Now().Add(5 * time.Second))
+	cp, err := packets.ReadPacket(h.wire)
+	if err != nil {
+		h.t.Fatalf("reading the wire: %v", err)
+	}
+	pub, ok := cp.Content.(*packets.Publish)
+	if !ok {
+		h.t.Fatalf("sent %T, want a PUBLISH", cp.Content)
+	}
+	return pub
+}
+
+func (h *harness) puback(id uint16, reason byte) {
+	h.t.Helper()
 	cp := packets.NewControlPacket(packets.PUBACK)
 	cp.Content.(*packets.Puback).PacketID = id
-	if err := s.PacketReceived(cp, make(chan *packets.Publish, 1)); err != nil {
-		t.Fatal(err)
+	cp.Content.(*packets.Puback).ReasonCode = reason
+	if err := h.u.sess.PacketReceived(cp, make(chan *packets.Publish, 1)); err != nil {
+		h.t.Fatal(err)
 	}
 }
 
-// TestAckInOrderResendsNothing: acknowledgements in order move the window
-// on and resend nothing.
+// stored returns the payloads left in the outbox, after pending
+// acknowledgements are written.
+func (h *harness) stored() []string {
+	h.t.Helper()
+	if err := h.ob.Maintain(); err != nil {
+		h.t.Fatal(err)
+	}
+	msgs, err := h.ob.Next(storage.Cursor{}, 100)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var out []string
+	for _, m := range msgs {
+		out = append(out, string(m.Payload))
+	}
+	return out
+}
+
+// TestSendEncodesThePublish: what reaches the wire is the stored message
+// as a QoS 1 PUBLISH under the topic mapping, with the packet identifier
+// the session assigned and the message id as a user property.
+func TestSendEncodesThePublish(t *testing.T) {
+	h := newHarness(t, "one", "two")
+	for _, want := range []string{"one", "two"} {
+		pub := h.send()
+		if string(pub.Payload) != want || pub.Topic != "up/t" || pub.QoS != 1 || pub.PacketID == 0 {
+			t.Fatalf("sent %q on %q qos %d id %d, want %q on up/t qos 1 with an id", pub.Payload, pub.Topic, pub.QoS, pub.PacketID, want)
+		}
+		if _, ok := h.u.inflight[pub.PacketID]; !ok {
+			t.Fatalf("packet %d is not registered as in flight", pub.PacketID)
+		}
+		if !hasUserProp(pub.Properties, MessageIDProperty) {
+			t.Fatalf("no %s user property: %+v", MessageIDProperty, pub.Properties.User)
+		}
+	}
+}
+
+func hasUserProp(p *packets.Properties, key string) bool {
+	for _, u := range p.User {
+		if u.Key == key && u.Value != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// TestSetPacketID: patching the identifier into a packet encoded without
+// one gives exactly paho's encoding with it, for every length of the
+// remaining-length field and for empty and long topics.
+func TestSetPacketID(t *testing.T) {
+	for _, tc := range []struct{ topic, payload int }{
+		{0, 0}, {1, 10}, {5, 100}, {300, 0}, {10, 20000}, {1000, 3_000_000},
+	} {
+		pub := &packets.Publish{
+			Topic:      strings.Repeat("t", tc.topic),
+			Payload:    bytes.Repeat([]byte{'p'}, tc.payload),
+			QoS:        1,
+			Properties: &packets.Properties{User: []packets.User{{Key: "k", Value: "v"}}},
+		}
+		var patched bytes.Buffer
+		if _, err := pub.WriteTo(&patched); err != nil {
+			t.Fatal(err)
+		}
+		pub.PacketID = 0xA1B2
+		setPacketID(patched.Bytes(), len(pub.Topic), pub.PacketID)
+		var want bytes.Buffer
+		if _, err := pub.WriteTo(&want); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(patched.Bytes(), want.Bytes()) {
+			t.Fatalf("topic %d payload %d: patched encoding differs from paho's", tc.topic, tc.payload)
+		}
+	}
+}
+
+// TestAckInOrderResendsNothing: acknowledgements in order delete the
+// messages and resend nothing.
 func TestAckInOrderResendsNothing(t *testing.T) {
-	u, s, q, _ := newTestUplink(t, 3)
+	h := newHarness(t, "a", "b", "c")
 	var ids []uint16
 	for range 3 {
-		id, _ := send(t, s, q)
-		ids = append(ids, id)
+		ids = append(ids, h.send().PacketID)
 	}
 	for _, id := range ids {
-		puback(t, s, id)
+		h.puback(id, 0)
 	}
-	if st := u.Stats(); st.Skipped != 0 || st.InFlight != 0 || st.Forwarded != 3 {
+	if st := h.u.Stats(); st.Skipped != 0 || st.InFlight != 0 || st.Forwarded != 3 {
 		t.Fatalf("stats %+v, want 3 forwarded, none skipped or in flight", st)
 	}
-	if _, err := q.Peek(); err == nil {
-		t.Fatal("a message is offered again after every one was acknowledged")
+	if left := h.stored(); len(left) != 0 {
+		t.Fatalf("stored after every PUBACK: %q", left)
 	}
 }
 
@@ -101,25 +210,94 @@ func TestAckInOrderResendsNothing(t *testing.T) {
 // reached the receiver (QoS 1 is acknowledged in order): it is sent again,
 // and so is everything after it that is not yet acknowledged.
 func TestLaterAckResendsEarlier(t *testing.T) {
-	u, s, q, ob := newTestUplink(t, 3)
-	_, first := send(t, s, q)
-	id2, _ := send(t, s, q)
-	_, third := send(t, s, q)
-	puback(t, s, id2)
-	if err := ob.Maintain(); err != nil { // writes the acknowledgement now
-		t.Fatal(err)
-	}
-	st := u.Stats()
-	if st.Skipped != 1 {
+	h := newHarness(t, "a", "b", "c")
+	h.send()
+	id2 := h.send().PacketID
+	h.send()
+	h.puback(id2, 0)
+	if st := h.u.Stats(); st.Skipped != 1 {
 		t.Fatalf("skipped %d, want 1 (%+v)", st.Skipped, st)
 	}
-	_, again := send(t, s, q)
-	if again != first {
-		t.Fatalf("after the skip the next message sent is %q, want the skipped %q", again, first)
+	if got := string(h.send().Payload); got != "a" {
+		t.Fatalf("after the skip the next message sent is %q, want the skipped a", got)
 	}
-	// The window goes on from there: the third message is sent again too
-	// (the second is acknowledged and gone).
-	if _, next := send(t, s, q); next != third {
-		t.Fatalf("then %q, want %q", next, third)
+	// The window goes on from there: c is sent again too (b is
+	// acknowledged and gone).
+	if got := string(h.send().Payload); got != "c" {
+		t.Fatalf("then %q, want c", got)
+	}
+	if st := h.u.Stats(); st.Resent != 2 {
+		t.Fatalf("resent %d, want 2", st.Resent)
+	}
+}
+
+// TestOversizedMessageDropped: a message larger than the server's Maximum
+// Packet Size can never be delivered there; it is dropped and counted
+// instead of blocking its route, and the next one is sent.
+func TestOversizedMessageDropped(t *testing.T) {
+	h := newHarness(t, strings.Repeat("x", 500), "small")
+	h.l.maxPacket = 200
+	if err := h.sendOnly(); err != nil {
+		t.Fatal(err)
+	}
+	if st := h.u.Stats(); st.Rejected != 1 || st.InFlight != 0 {
+		t.Fatalf("stats %+v, want 1 rejected, none in flight", st)
+	}
+	if left := h.stored(); len(left) != 1 || left[0] != "small" {
+		t.Fatalf("stored %q, want only the small message", left)
+	}
+	if got := string(h.send().Payload); got != "small" {
+		t.Fatalf("sent %q, want small", got)
+	}
+}
+
+// TestQoS0OnlyServerKeepsMessages: a server that accepts QoS 0 only cannot
+// acknowledge, so nothing is sent and everything stays stored, with an
+// error that says why.
+func TestQoS0OnlyServerKeepsMessages(t *testing.T) {
+	h := newHarness(t, "a")
+	h.l.maxQoS = 0
+	if err := h.sendOnly(); err == nil || !strings.Contains(err.Error(), "QoS 0 only") {
+		t.Fatalf("send: %v, want the QoS 0 error", err)
+	}
+	if st := h.u.Stats(); !strings.Contains(st.LastError, "QoS 0 only") || st.InFlight != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	if left := h.stored(); len(left) != 1 {
+		t.Fatalf("stored %q, want the message kept", left)
+	}
+}
+
+// TestLostConnectionRewinds: after the connection is lost, what was in
+// flight is sent again, from the oldest, and a late PUBACK from the old
+// connection deletes nothing.
+func TestLostConnectionRewinds(t *testing.T) {
+	h := newHarness(t, "a", "b")
+	id := h.send().PacketID
+	h.send()
+	if err := h.u.sess.ConnectionLost(nil); err != nil {
+		t.Fatal(err)
+	}
+	if h.l.ctx.Err() == nil {
+		t.Fatal("the lost connection's publish loop was not stopped")
+	}
+	if st := h.u.Stats(); st.InFlight != 0 {
+		t.Fatalf("%d in flight after the connection was lost", st.InFlight)
+	}
+	if _, _, ok := h.u.next(h.l.ctx); ok {
+		t.Fatal("the publish loop of a lost connection reads on")
+	}
+	h.puback(id, 0)
+	if left := h.stored(); len(left) != 2 {
+		t.Fatalf("stored %q, want both kept for the next connection", left)
+	}
+	// The next connection starts again at a.
+	if err := h.u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
+		t.Fatal(err)
+	}
+	h.l.ctx, h.l.cancel = context.WithCancel(h.u.ctx)
+	h.u.link = h.l
+	if got := string(h.send().Payload); got != "a" {
+		t.Fatalf("first after reconnecting: %q, want a", got)
 	}
 }

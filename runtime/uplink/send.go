@@ -1,0 +1,262 @@
+package uplink
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho/session"
+
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// lockedConn is what dial returns: a batchconn, whose lock keeps one
+// packet's bytes together when paho writes from another goroutine.
+type lockedConn interface {
+	net.Conn
+	sync.Locker
+}
+
+// link is the publish loop of one connection. It starts when the
+// connection is up (onUp) and ends when the connection is lost, the next
+// connection is dialled, or the uplink closes.
+type link struct {
+	conn   lockedConn
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	maxQoS    byte   // the server's Maximum QoS
+	retain    bool   // the server accepts retained messages
+	maxPacket uint32 // the server's Maximum Packet Size; 0 = no limit
+
+	retainWarned bool // run logged that retain is not available
+}
+
+// run sends the outbox, in order, until the link's context ends or a write
+// fails. A QoS 1 publish enters paho's session, which assigns its packet
+// identifier and bounds the window by the server's Receive Maximum, and is
+// registered in u.inflight before it is written, so before its PUBACK can
+// arrive.
+func (u *Uplink) run(l *link) {
+	defer close(l.done)
+	var scratch bytes.Buffer
+	for {
+		msgs, gen, ok := u.next(l.ctx)
+		if !ok {
+			return
+		}
+		for i := range msgs {
+			again, err := u.send(l, &msgs[i], gen, &scratch)
+			if err != nil {
+				if l.ctx.Err() == nil {
+					u.log.Debug("uplink publish loop ends", "error", err)
+				}
+				return
+			}
+			if again {
+				break // the window was rewound: read from the cursor again
+			}
+		}
+	}
+}
+
+// next returns the next batch to send and the window generation it was read
+// at. It waits while nothing is stored, the uplink is paused or closing, and
+// reports false when ctx ends.
+func (u *Uplink) next(ctx context.Context) ([]storage.Message, uint64, bool) {
+	for {
+		u.mu.Lock()
+		if ctx.Err() != nil {
+			u.mu.Unlock()
+			return nil, 0, false
+		}
+		// The wake channel exists before the read: an append after the read
+		// closes it.
+		if u.wake == nil {
+			u.wake = make(chan struct{})
+		}
+		wake := u.wake
+		blocked := u.closing || time.Now().Before(u.pauseUntil)
+		gen := u.gen
+		var cur storage.Cursor
+		if !blocked {
+			cur = make(storage.Cursor, len(u.sent))
+			for k, v := range u.sent {
+				cur[k] = v
+			}
+		}
+		u.mu.Unlock()
+
+		var retry <-chan time.Time
+		if !blocked {
+			msgs, err := u.opts.Source.Next(cur, u.opts.Batch)
+			if err != nil {
+				u.setErr(fmt.Errorf("outbox read: %w", err))
+				u.log.Error("outbox read failed; retrying in 1s", "error", err)
+				retry = time.After(time.Second)
+			} else if len(msgs) > 0 {
+				return msgs, gen, true
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, 0, false
+		case <-wake:
+		case <-retry:
+		}
+	}
+}
+
+// errQoS0Only stops a link to a server that does not accept QoS 1.
+var errQoS0Only = errors.New("the upstream accepts QoS 0 only; Outpost forwards QoS 1 so that nothing is lost: messages stay stored")
+
+// send publishes m on l. again reports that the send window was rewound
+// meanwhile, so the caller must read from the cursor again; err that the
+// link cannot go on.
+func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Buffer) (again bool, err error) {
+	p := pending{
+		ref: storage.Ref{Route: m.Route, Seq: m.Seq},
+		id:  u.opts.Source.MessageID(m.Seq),
+		qos: min(m.QoS, 1),
+	}
+	if p.qos > l.maxQoS {
+		u.setErr(errQoS0Only)
+		u.log.Error("uplink cannot forward", "error", errQoS0Only)
+		return false, errQoS0Only
+	}
+	if m.Retain && !l.retain && !l.retainWarned {
+		l.retainWarned = true
+		u.log.Warn("the upstream does not support retained messages: forwarding them without the retain flag",
+			"message_id", p.id, "route", p.ref.Route)
+	}
+	pub := u.packet(m, &p, l.retain)
+	scratch.Reset()
+	if _, err := pub.WriteTo(scratch); err != nil {
+		return false, fmt.Errorf("encode: %w", err)
+	}
+	if l.maxPacket > 0 && scratch.Len() > int(l.maxPacket) {
+		// It can never be sent to this server, and it would block its route:
+		// drop it, loudly, as the server would refuse it.
+		u.rejected.Add(1)
+		u.log.Error("message larger than the upstream's maximum packet size: dropped",
+			"message_id", p.id, "route", p.ref.Route, "packet_bytes", scratch.Len(), "max_packet_size", l.maxPacket)
+		if err := u.opts.Source.Ack(p.ref); err != nil {
+			u.log.Error("outbox ack failed", "message_id", p.id, "error", err)
+		}
+		return !u.advance(p.ref, gen), nil
+	}
+
+	if p.qos == 1 {
+		if err := u.sess.AddToSession(l.ctx, pub, make(chan packets.ControlPacket, 1)); err != nil {
+			if errors.Is(err, session.ErrNoConnection) || l.ctx.Err() != nil {
+				return false, err
+			}
+			return false, fmt.Errorf("session: %w", err)
+		}
+		setPacketID(scratch.Bytes(), len(pub.Topic), pub.PacketID)
+	}
+
+	u.mu.Lock()
+	if l.ctx.Err() != nil {
+		// The connection was lost after the packet entered the session;
+		// the session is cleared with it and the window rewound.
+		u.mu.Unlock()
+		return false, l.ctx.Err()
+	}
+	if p.qos == 1 {
+		if len(u.inflight) == 0 {
+			u.progress = time.Now()
+		}
+		p.order = u.nextOrder
+		u.nextOrder++
+		u.inflight[pub.PacketID] = p
+		u.flights = append(u.flights, flight{packetID: pub.PacketID, order: p.order})
+	}
+	advanced := u.advanceLocked(p.ref, gen)
+	u.mu.Unlock()
+
+	l.conn.Lock()
+	_, err = l.conn.Write(scratch.Bytes())
+	l.conn.Unlock()
+	if err != nil {
+		// The PUBACK will not come: the lost connection rewinds the window.
+		return false, fmt.Errorf("write: %w", err)
+	}
+	if p.qos == 0 {
+		u.acked(p, 0)
+	}
+	return !advanced, nil
+}
+
+// advance moves the route's send cursor past r unless the window was
+// rewound since gen, and reports whether it did.
+func (u *Uplink) advance(r storage.Ref, gen uint64) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.advanceLocked(r, gen)
+}
+
+// advanceLocked is advance with u.mu held.
+func (u *Uplink) advanceLocked(r storage.Ref, gen uint64) bool {
+	if gen != u.gen {
+		return false
+	}
+	u.sent[r.Route] = r.Seq
+	if r.Seq <= u.maxSent[r.Route] {
+		u.resent.Add(1)
+	} else {
+		u.maxSent[r.Route] = r.Seq
+	}
+	return true
+}
+
+// packet builds the upstream PUBLISH of m.
+func (u *Uplink) packet(m *storage.Message, p *pending, retainOK bool) *packets.Publish {
+	props := &packets.Properties{
+		ContentType:     m.ContentType,
+		ResponseTopic:   m.ResponseTopic,
+		CorrelationData: m.CorrelationData,
+		User:            make([]packets.User, 0, len(m.UserProps)+1),
+	}
+	if m.PayloadUTF8 {
+		one := byte(1)
+		props.PayloadFormat = &one
+	}
+	if !m.Expires.IsZero() {
+		left := time.Until(m.Expires)
+		secs := uint32(max((left+time.Second-1)/time.Second, 1))
+		props.MessageExpiry = &secs
+	}
+	for _, up := range m.UserProps {
+		props.User = append(props.User, packets.User{Key: up.Key, Value: up.Value})
+	}
+	props.User = append(props.User, packets.User{Key: MessageIDProperty, Value: p.id})
+	return &packets.Publish{
+		Topic:      u.opts.Topic(m),
+		Payload:    m.Payload,
+		QoS:        p.qos,
+		Retain:     m.Retain && retainOK,
+		Properties: props,
+	}
+}
+
+// setPacketID writes id into an encoded QoS 1 PUBLISH whose topic is
+// topicLen bytes long. The packet is encoded before paho's session assigns
+// the identifier, so that its size can be checked first; the identifier is
+// fixed-size, so the encoding is otherwise the same. After the fixed header
+// (one byte, then the remaining length as a variable byte integer) comes the
+// topic (two length bytes, then the topic), then the identifier, big-endian.
+func setPacketID(b []byte, topicLen int, id uint16) {
+	i := 1
+	for b[i]&0x80 != 0 {
+		i++
+	}
+	i += 1 + 2 + topicLen
+	b[i], b[i+1] = byte(id>>8), byte(id)
+}

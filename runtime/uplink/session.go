@@ -1,0 +1,105 @@
+package uplink
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	"github.com/eclipse/paho.golang/packets"
+	paholog "github.com/eclipse/paho.golang/paho/log"
+	"github.com/eclipse/paho.golang/paho/session"
+	"github.com/eclipse/paho.golang/paho/session/state"
+	"github.com/eclipse/paho.golang/paho/store/memory"
+)
+
+var _ session.SessionManager = (*sessionWrapper)(nil)
+
+// sessionWrapper wraps paho's session state to see acknowledgements and
+// lost connections. The state assigns packet identifiers and bounds the
+// publishes in flight by the server's Receive Maximum; the wrapper maps each
+// PUBACK to its outbox message.
+type sessionWrapper struct {
+	u     *Uplink
+	inner *state.State
+}
+
+func newSession(u *Uplink) *sessionWrapper {
+	// The client side keeps no copy of the packets: the session ends with
+	// the connection (expiry 0), and after a reconnect the outbox, not the
+	// session, resends. The server side keeps paho's memory store.
+	return &sessionWrapper{u: u, inner: state.New(discardStore{}, memory.New())}
+}
+
+func (s *sessionWrapper) ConAckReceived(w io.Writer, cp *packets.Connect, ca *packets.Connack) error {
+	s.u.mu.Lock()
+	s.u.lostLocked() // in case ConnectionLost was not called for the previous connection
+	s.u.mu.Unlock()
+	return s.inner.ConAckReceived(w, cp, ca)
+}
+
+func (s *sessionWrapper) ConnectionLost(dp *packets.Disconnect) error {
+	err := s.inner.ConnectionLost(dp)
+	s.u.mu.Lock()
+	s.u.lostLocked()
+	s.u.mu.Unlock()
+	return err
+}
+
+// AddToSession assigns p its packet identifier. The publish loop registers
+// the message under it before writing the packet.
+func (s *sessionWrapper) AddToSession(ctx context.Context, p session.Packet, resp chan<- packets.ControlPacket) error {
+	return s.inner.AddToSession(ctx, p, resp)
+}
+
+// PacketReceived sees every PUBACK. The mapping is removed before the inner
+// state frees the packet identifier for reuse.
+func (s *sessionWrapper) PacketReceived(cp *packets.ControlPacket, ch chan<- *packets.Publish) error {
+	pa, isAck := cp.Content.(*packets.Puback)
+	var p pending
+	var found bool
+	if isAck {
+		u := s.u
+		u.mu.Lock()
+		p, found = u.inflight[pa.PacketID]
+		var skipped []pending
+		if found {
+			delete(u.inflight, pa.PacketID)
+			u.progress = time.Now()
+			skipped = u.skippedBeforeLocked(p)
+			for _, q := range skipped {
+				u.resendFromLocked(q.ref)
+			}
+		}
+		u.mu.Unlock()
+		if len(skipped) > 0 {
+			u.skipped.Add(int64(len(skipped)))
+			u.log.Warn("upstream acknowledged a later message first: resending the earlier ones",
+				"skipped", len(skipped), "first_message_id", skipped[0].id)
+		}
+	}
+	err := s.inner.PacketReceived(cp, ch)
+	if found {
+		s.u.acked(p, pa.ReasonCode)
+	}
+	return err
+}
+
+func (s *sessionWrapper) Ack(pb *packets.Publish) error   { return s.inner.Ack(pb) }
+func (s *sessionWrapper) Close() error                    { return s.inner.Close() }
+func (s *sessionWrapper) SetErrorLogger(l paholog.Logger) { s.inner.SetErrorLogger(l) }
+func (s *sessionWrapper) SetDebugLogger(l paholog.Logger) { s.inner.SetDebugLogger(l) }
+
+// discardStore is the client side of the session store: it keeps nothing.
+// paho's memory store would encode every publish a second time to keep a
+// copy that is only used to resume a session, which Outpost never does.
+type discardStore struct{}
+
+var errNotKept = errors.New("uplink: session packets are not kept")
+
+func (discardStore) Put(uint16, byte, io.WriterTo) error { return nil }
+func (discardStore) Get(uint16) (io.ReadCloser, error)   { return nil, errNotKept }
+func (discardStore) Delete(uint16) error                 { return nil }
+func (discardStore) Quarantine(uint16) error             { return nil }
+func (discardStore) List() ([]uint16, error)             { return nil, nil }
+func (discardStore) Reset() error                        { return nil }
