@@ -703,7 +703,9 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 	var msgs []Message
 	var expired [][]byte
 	err := o.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix, PrefetchValues: true, PrefetchSize: min(max, 256)})
+		// No prefetching: Badger fetches each prefetched value on a goroutine
+		// of its own, and the values here are small and read in order.
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
 		defer it.Close()
 		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(msgs) < max; it.Next() {
 			item := it.Item()
