@@ -88,6 +88,7 @@ type Outbox struct {
 	// waiting at that moment in one transaction (group commit) and assigns
 	// sequence numbers in commit order, so they become visible in order.
 	enqMu         sync.RWMutex // held for reading while enqueueing; Close takes it to close appendCh
+	roomMu        sync.Mutex   // serializes checking the caps with reserving room for an append
 	appendCh      chan *appendReq
 	committerDone chan struct{}
 	pendingCount  atomic.Int64 // enqueued, not yet committed: counted against the caps
@@ -332,21 +333,27 @@ func (o *Outbox) AppendAsync(m *Message, done func(seq uint64, err error)) error
 	if o.closed.Load() {
 		return ErrClosed
 	}
+	o.roomMu.Lock()
 	if err := o.makeRoom(size); err != nil {
+		o.roomMu.Unlock()
 		return err
 	}
 	o.pendingCount.Add(1)
 	o.pendingBytes.Add(size)
+	o.roomMu.Unlock()
 	o.appendCh <- &appendReq{rs: rs, val: val, meta: meta, size: size, done: done}
 	return nil
 }
 
-// stored counts a written message.
+// stored counts a written message. It moves it from pending to stored in
+// one step under o.mu, where totals reads both.
 func (o *Outbox) stored(rs *routeState, seq uint64, size int64) {
 	o.mu.Lock()
 	rs.count++
 	rs.bytes += size
 	rs.last = max(rs.last, seq)
+	o.pendingCount.Add(-1)
+	o.pendingBytes.Add(-size)
 	o.mu.Unlock()
 }
 
@@ -358,7 +365,8 @@ func cmp(a, b time.Duration) time.Duration {
 	return b
 }
 
-// makeRoom applies the caps before an append of size bytes.
+// makeRoom applies the caps before an append of size bytes. o.roomMu must
+// be held.
 func (o *Outbox) makeRoom(size int64) error {
 	maxB, maxM := o.opts.MaxBytes, o.opts.MaxMessages
 	if maxB <= 0 && maxM <= 0 {
@@ -369,10 +377,7 @@ func (o *Outbox) makeRoom(size int64) error {
 		return fmt.Errorf("%w: a %d-byte message is larger than the %d-byte cap", ErrFull, size, maxB)
 	}
 	for {
-		st := o.totals()
-		// Appends waiting for the committer will be stored.
-		st.count += o.pendingCount.Load()
-		st.bytes += o.pendingBytes.Load()
+		st := o.totals(true)
 		if (maxB <= 0 || st.bytes+size <= maxB) && (maxM <= 0 || st.count+1 <= maxM) {
 			return nil
 		}
@@ -400,13 +405,20 @@ func (o *Outbox) makeRoom(size int64) error {
 
 type totals struct{ count, bytes int64 }
 
-func (o *Outbox) totals() totals {
+// totals sums the stored messages, with those waiting for the committer
+// (which will be stored) when pending is set. o.roomMu must be held for
+// pending, so that no append reserves room meanwhile.
+func (o *Outbox) totals(pending bool) totals {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	var t totals
 	for _, r := range o.routes {
 		t.count += r.count
 		t.bytes += r.bytes
+	}
+	if pending {
+		t.count += o.pendingCount.Load()
+		t.bytes += o.pendingBytes.Load()
 	}
 	return t
 }
@@ -591,9 +603,10 @@ func (o *Outbox) commitBatch(batch []*appendReq) {
 		for _, r := range rs {
 			if err == nil {
 				o.stored(r.rs, r.seq, r.size)
+			} else {
+				o.pendingCount.Add(-1)
+				o.pendingBytes.Add(-r.size)
 			}
-			o.pendingCount.Add(-1)
-			o.pendingBytes.Add(-r.size)
 			if err != nil {
 				r.done(0, fmt.Errorf("storage: append %s: %w", r.rs.Name, err))
 			} else {
@@ -857,7 +870,7 @@ func (o *Outbox) Maintain() error {
 	if err := o.sweepExpired(); err != nil {
 		return err
 	}
-	st := o.totals()
+	st := o.totals(false)
 	if st.count == 0 {
 		// An empty outbox: compact everything so deleted data leaves the disk.
 		if err := o.db.Flatten(1); err != nil {
