@@ -183,8 +183,8 @@ const closeFlushTimeout = time.Second
 // Close sends what is queued (a DISCONNECT, typically), waiting for held
 // writes to be released, then closes. It waits at most closeFlushTimeout;
 // writes still held then are dropped. Writes fail from the moment Close is
-// called, as they would on a closed net.Conn: autopaho's publish loop learns
-// from a failed write that its connection is gone.
+// called, as they would on a closed net.Conn: a writer learns from a failed
+// write that its connection is gone.
 func (b *batchConn) Close() error {
 	_ = b.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
 	t := time.AfterFunc(closeFlushTimeout, func() {

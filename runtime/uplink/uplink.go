@@ -498,9 +498,8 @@ func (u *Uplink) resendFromLocked(r storage.Ref) {
 // skippedBeforeLocked removes from the window, and returns, the messages
 // sent before p that are still unacknowledged. A receiver acknowledges QoS 1
 // publishes in the order it received them [MQTT-4.6.0-2], so these never
-// reached it on this connection: autopaho's publish loop can still be
-// sending on the previous connection, through the shared session, when the
-// next one is up. p must already be out of u.inflight. u.mu must be held.
+// reached it on this connection. p must already be out of u.inflight. u.mu
+// must be held.
 func (u *Uplink) skippedBeforeLocked(p pending) []pending {
 	var skipped []pending
 	for len(u.flights) > 0 {
