@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -37,6 +38,7 @@ var (
 	agentBin   = flag.String("agent", "bin/outpost", "path to the outpost binary")
 	n          = flag.Int("n", 50_000, "messages per case")
 	size       = flag.Int("size", 200, "payload bytes")
+	payload    = flag.String("payload", "text", "payload padding: text (repeated, compresses well) or random (printable random characters, compresses little, like varied telemetry)")
 	publishers = flag.Int("publishers", 50, "publishers in the concurrent case")
 	backlog    = flag.Int("backlog", 0, "only measure Outpost's RSS with this many messages queued (e.g. 1000000)")
 	durability = flag.String("durability", "process", "Outpost durability: process or fsync")
@@ -44,6 +46,10 @@ var (
 
 func main() {
 	flag.Parse()
+	if *payload != "text" && *payload != "random" {
+		fmt.Fprintf(os.Stderr, "bench: -payload %q: want text or random\n", *payload)
+		os.Exit(2)
+	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		cleanup()
@@ -317,8 +323,15 @@ func workload(dir string, from, count int) (string, error) {
 		return "", err
 	}
 	w := bufio.NewWriter(f)
-	pad := strings.Repeat("x", max(*size-13, 0))
+	pad := []byte(strings.Repeat("x", max(*size-13, 0)))
+	rnd := rand.New(rand.NewPCG(uint64(from), uint64(count)))
+	const chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 	for i := from; i < from+count; i++ {
+		if *payload == "random" {
+			for j := range pad {
+				pad[j] = chars[rnd.IntN(len(chars))]
+			}
+		}
 		fmt.Fprintf(w, "%012d %s\n", i, pad)
 	}
 	if err := w.Flush(); err != nil {
@@ -619,10 +632,12 @@ func backlogRSS(dir string) error {
 			return err
 		}
 		os.Remove(f)
-		fmt.Printf("%d queued, RSS %.1f MiB\n", from+min(chunk, *backlog-from), vm(e.pid(), "VmRSS"))
+		fmt.Printf("%d queued, RSS %.1f MiB (anonymous %.1f, files %.1f)\n", from+min(chunk, *backlog-from),
+			vm(e.pid(), "VmRSS"), vm(e.pid(), "RssAnon"), vm(e.pid(), "RssFile"))
 	}
-	fmt.Printf("\n%d messages of %d B queued in %s: RSS %.1f MiB, peak RSS %.1f MiB, data dir %s\n",
-		*backlog, *size, time.Since(start).Round(time.Second), vm(e.pid(), "VmRSS"), vm(e.pid(), "VmHWM"), du(filepath.Join(dir, "data")))
+	fmt.Printf("\n%d messages of %d B (%s payloads) queued in %s: RSS %.1f MiB (anonymous %.1f, memory-mapped files %.1f), peak RSS %.1f MiB, data dir %s\n",
+		*backlog, *size, *payload, time.Since(start).Round(time.Second), vm(e.pid(), "VmRSS"), vm(e.pid(), "RssAnon"), vm(e.pid(), "RssFile"),
+		vm(e.pid(), "VmHWM"), du(filepath.Join(dir, "data")))
 	if err := e.stop(); err != nil {
 		return err
 	}
