@@ -67,14 +67,15 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		whenFull = storage.RejectNew
 	}
 	a.outbox, err = storage.Open(storage.Options{
-		Dir:         filepath.Join(cfg.DataDir, "outbox"),
-		Durability:  durability,
-		Routes:      routes,
-		MaxBytes:    int64(cfg.Storage.MaxBytes),
-		MaxMessages: cfg.Storage.MaxMessages,
-		WhenFull:    whenFull,
-		TTL:         time.Duration(cfg.Storage.TTL),
-		Logger:      log.With("component", "storage"),
+		Dir:           filepath.Join(cfg.DataDir, "outbox"),
+		Durability:    durability,
+		NoCompression: cfg.Storage.Compression == "none",
+		Routes:        routes,
+		MaxBytes:      int64(cfg.Storage.MaxBytes),
+		MaxMessages:   cfg.Storage.MaxMessages,
+		WhenFull:      whenFull,
+		TTL:           time.Duration(cfg.Storage.TTL),
+		Logger:        log.With("component", "storage"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("runtime: %w", err)

@@ -57,8 +57,9 @@ type ListenerConfig struct {
 
 // StorageConfig configures the outbox.
 type StorageConfig struct {
-	Durability  string   `yaml:"durability"` // process, fsync
-	MaxBytes    ByteSize `yaml:"max_bytes"`  // 0 = no cap
+	Durability  string   `yaml:"durability"`  // process, fsync
+	Compression string   `yaml:"compression"` // snappy, none
+	MaxBytes    ByteSize `yaml:"max_bytes"`   // 0 = no cap
 	MaxMessages int64    `yaml:"max_messages"`
 	WhenFull    string   `yaml:"when_full"` // drop_oldest, reject_new
 	TTL         Duration `yaml:"ttl"`       // 0 = messages do not expire
@@ -116,9 +117,10 @@ func DefaultConfig() Config {
 			MaxPacketSize: 1 << 20,
 		},
 		Storage: StorageConfig{
-			Durability: "process",
-			MaxBytes:   1 << 30,
-			WhenFull:   "drop_oldest",
+			Durability:  "process",
+			Compression: "snappy",
+			MaxBytes:    1 << 30,
+			WhenFull:    "drop_oldest",
 		},
 		Routes: []RouteConfig{{Name: "telemetry", Match: []string{"#"}}},
 		Uplink: UplinkConfig{
@@ -217,6 +219,7 @@ func (c *Config) Validate() error {
 
 	oneOf("storage.durability", c.Storage.Durability, "process", "fsync")
 	oneOf("storage.when_full", c.Storage.WhenFull, "drop_oldest", "reject_new")
+	oneOf("storage.compression", c.Storage.Compression, "snappy", "none")
 	if c.Storage.MaxBytes < 0 {
 		bad("storage.max_bytes", "must not be negative")
 	} else if c.Storage.MaxBytes > 0 && c.Storage.MaxBytes < 1<<20 {

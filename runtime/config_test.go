@@ -70,6 +70,7 @@ func TestValidateNamesEveryKey(t *testing.T) {
 	}{
 		{"durability", "storage: {durability: sync}", []string{`storage.durability: "sync" is not one of process, fsync`}},
 		{"when_full", "storage: {when_full: block}", []string{`storage.when_full: "block" is not one of drop_oldest, reject_new`}},
+		{"compression", "storage: {compression: lz4}", []string{`storage.compression: "lz4" is not one of snappy, none`}},
 		{"max_bytes unit", "storage: {max_bytes: 10XB}", []string{`unknown unit "XB"`}},
 		{"max_bytes tiny", "storage: {max_bytes: 100}", []string{"storage.max_bytes: 100 bytes is below the 1MiB minimum"}},
 		{"ttl", "storage: {ttl: forever}", []string{`"forever" is not a duration`}},

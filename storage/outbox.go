@@ -63,7 +63,11 @@ type Route struct {
 type Options struct {
 	Dir        string     // Badger directory; required
 	Durability Durability // default DurabilityProcess
-	Routes     []Route    // at least one
+	// NoCompression stores Badger's tables uncompressed: less CPU per
+	// message when payloads do not compress, more disk and mapped memory
+	// when they do. Tables already written keep their compression.
+	NoCompression bool
+	Routes        []Route // at least one
 
 	MaxBytes    int64         // cap on stored bytes (keys + values); 0 = no cap
 	MaxMessages int64         // cap on stored messages; 0 = no cap

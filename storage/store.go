@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
 )
 
 // Key layout: 'o' | len(route) | route | seq (8 bytes, big-endian) for
@@ -187,10 +188,18 @@ func badgerOptions(opts Options, log *slog.Logger) badger.Options {
 		WithValueLogFileSize(64 << 20).
 		WithNumCompactors(2).
 		WithNumVersionsToKeep(1).
+		WithCompression(compression(opts.NoCompression)).
 		// Appends write fresh keys and deletions are serialized by delMu, so
 		// transactions never conflict: skip the bookkeeping.
 		WithDetectConflicts(false).
 		WithMetricsEnabled(false)
+}
+
+func compression(off bool) options.CompressionType {
+	if off {
+		return options.None
+	}
+	return options.Snappy
 }
 
 // load reads the store id and rebuilds every route's counters with a

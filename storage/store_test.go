@@ -731,3 +731,37 @@ func TestAckSparseAndRepeated(t *testing.T) {
 		t.Fatalf("stats count %d bytes, the messages left hold %d", st.Bytes, bytesLeft)
 	}
 }
+
+// TestCompressionChangeKeepsMessages: a store written with compression
+// and reopened without (and back) reads every message: each Badger table
+// keeps the compression it was written with.
+func TestCompressionChangeKeepsMessages(t *testing.T) {
+	dir := t.TempDir()
+	want := 0
+	for i, off := range []bool{false, true, false} {
+		ob, err := Open(Options{Dir: dir, Routes: []Route{{Name: "r"}}, NoCompression: off})
+		if err != nil {
+			t.Fatalf("open %d (no compression: %v): %v", i, off, err)
+		}
+		appendN(t, ob, "r", 2000, fmt.Sprintf("run%d-%0500d-", i, 0))
+		want += 2000
+		// Writes the memtable to a table now, in this run's compression.
+		if err := ob.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if tables, _ := filepath.Glob(filepath.Join(dir, "*.sst")); len(tables) < 3 {
+		t.Fatalf("%d tables after three runs, want one per run at least", len(tables))
+	}
+	ob := open(t, Options{Dir: dir, NoCompression: true})
+	got := drain(t, ob, false)
+	if len(got) != want {
+		t.Fatalf("read %d messages after changing compression twice, want %d", len(got), want)
+	}
+	for i, m := range got {
+		run, n := i/2000, i%2000
+		if p := fmt.Sprintf("run%d-%0500d-%d", run, 0, n); string(m.Payload) != p {
+			t.Fatalf("message %d: payload %.30q..., want %.30q...", i, m.Payload, p)
+		}
+	}
+}

@@ -42,6 +42,7 @@ var (
 	publishers = flag.Int("publishers", 50, "publishers in the concurrent case")
 	backlog    = flag.Int("backlog", 0, "only measure Outpost's RSS with this many messages queued (e.g. 1000000)")
 	durability = flag.String("durability", "process", "Outpost durability: process or fsync")
+	compress   = flag.String("compression", "snappy", "Outpost storage.compression: snappy or none")
 )
 
 func main() {
@@ -115,7 +116,7 @@ func (e *outpostEdge) start() error {
 	if level == "" {
 		level = "warn"
 	}
-	conf := "storage: {max_bytes: 0}\nuplink: {backoff_min: 100ms, backoff_max: 1s}\nlog: {level: " + level + "}\n"
+	conf := "storage: {max_bytes: 0, compression: " + *compress + "}\nuplink: {backoff_min: 100ms, backoff_max: 1s}\nlog: {level: " + level + "}\n"
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		return err
 	}
