@@ -185,7 +185,14 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 	_, err = l.conn.Write(scratch.Bytes())
 	l.conn.Unlock()
 	if err != nil {
-		// The PUBACK will not come: the lost connection rewinds the window.
+		if p.qos == 0 {
+			// Not in the window, so the rewind after the lost connection
+			// would not send it again: move the cursor back to it now.
+			u.mu.Lock()
+			u.resendFromLocked(p.ref)
+			u.mu.Unlock()
+		}
+		// A QoS 1 message is in the window: the lost connection rewinds it.
 		return false, fmt.Errorf("write: %w", err)
 	}
 	if p.qos == 0 {

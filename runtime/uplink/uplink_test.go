@@ -301,3 +301,26 @@ func TestLostConnectionRewinds(t *testing.T) {
 		t.Fatalf("first after reconnecting: %q, want a", got)
 	}
 }
+
+// TestFailedQoS0WriteIsSentAgain: a QoS 0 message is not in the window, so
+// when its write fails the cursor goes back to it at once; it is the first
+// message the next connection sends.
+func TestFailedQoS0WriteIsSentAgain(t *testing.T) {
+	h := newHarness(t)
+	if err := h.ob.Append(&storage.Message{Route: "r", Topic: "t", QoS: 0, Payload: []byte("q0")}); err != nil {
+		t.Fatal(err)
+	}
+	_ = h.l.conn.Close()
+	if err := h.sendOnly(); err == nil {
+		t.Fatal("a write on a closed connection succeeded")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	msgs, _, ok := h.u.next(ctx)
+	if !ok || len(msgs) == 0 || string(msgs[0].Payload) != "q0" {
+		t.Fatalf("next after the failed write: %d messages (ok %v), want q0 first", len(msgs), ok)
+	}
+	if left := h.stored(); len(left) != 1 {
+		t.Fatalf("stored %q, want q0 kept", left)
+	}
+}
