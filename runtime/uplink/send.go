@@ -54,8 +54,16 @@ func (u *Uplink) run(l *link) {
 		for i := range msgs {
 			again, err := u.send(l, &msgs[i], gen, &scratch)
 			if err != nil {
-				if l.ctx.Err() == nil {
-					u.log.Debug("uplink publish loop ends", "error", err)
+				switch {
+				case l.ctx.Err() != nil, errors.Is(err, errQoS0Only):
+				case errors.Is(err, errLinkDown):
+					u.cut() // make sure paho sees it too
+				default:
+					// The connection is up but this loop cannot go on:
+					// reconnect, so that a new loop starts.
+					u.setErr(err)
+					u.log.Warn("uplink publish loop failed: reconnecting", "error", err)
+					u.cut()
 				}
 				return
 			}
@@ -113,6 +121,9 @@ func (u *Uplink) next(ctx context.Context) ([]storage.Message, uint64, bool) {
 	}
 }
 
+// errLinkDown wraps the errors that mean the link's connection is gone.
+var errLinkDown = errors.New("connection lost")
+
 // errQoS0Only stops a link to a server that does not accept QoS 1.
 var errQoS0Only = errors.New("the upstream accepts QoS 0 only; Outpost forwards QoS 1 so that nothing is lost: messages stay stored")
 
@@ -155,7 +166,7 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 	if p.qos == 1 {
 		if err := u.sess.AddToSession(l.ctx, pub, make(chan packets.ControlPacket, 1)); err != nil {
 			if errors.Is(err, session.ErrNoConnection) || l.ctx.Err() != nil {
-				return false, err
+				return false, fmt.Errorf("%w: %w", errLinkDown, err)
 			}
 			return false, fmt.Errorf("session: %w", err)
 		}
@@ -193,7 +204,7 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 			u.mu.Unlock()
 		}
 		// A QoS 1 message is in the window: the lost connection rewinds it.
-		return false, fmt.Errorf("write: %w", err)
+		return false, fmt.Errorf("%w: write: %w", errLinkDown, err)
 	}
 	if p.qos == 0 {
 		u.acked(p, 0)
