@@ -38,7 +38,7 @@ test: deps ## install what the tests need, then run the whole suite (vet, race d
 	$(GO) test $(TESTFLAGS) ./...
 
 bench: build deps ## measure Outpost beside a Mosquitto bridge on the same workload, print one table
-	$(GO) test -run '^$$' -bench . -benchtime 20000x ./storage/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	$(GO) test -run '^$$' -bench . -benchtime 20000x ./storage/ ./runtime/uplink/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
 	$(GO) run ./internal/bench -agent $(BIN)
 
 lint: ## go vet, gofmt, and staticcheck when installed
