@@ -441,7 +441,8 @@ func TestDropOldestWhenFull(t *testing.T) {
 	last := fmt.Sprintf("%04d%s", n-1, strings.Repeat("z", 10_000))
 	waitFor(t, 30*time.Second, func() error {
 		if !col.Has(last) {
-			return errors.New("newest message not delivered yet")
+			d, _ := col.Counts()
+			return fmt.Errorf("newest message not delivered yet (%d arrived); outbox %+v; uplink %+v", d, a.Status().Outbox, *a.Status().Uplink)
 		}
 		return nil
 	})
@@ -450,7 +451,7 @@ func TestDropOldestWhenFull(t *testing.T) {
 	}
 	waitFor(t, 30*time.Second, func() error {
 		if d, _ := col.Counts(); int64(d) != st.Messages {
-			return fmt.Errorf("%d delivered, %d were stored", d, st.Messages)
+			return fmt.Errorf("%d delivered, %d were stored; outbox %+v; uplink %+v", d, st.Messages, a.Status().Outbox, *a.Status().Uplink)
 		}
 		return nil
 	})

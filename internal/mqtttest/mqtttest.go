@@ -122,12 +122,20 @@ func Client(t testing.TB, addr, id string) *paho.Client {
 }
 
 // Dial connects an MQTT 5 paho client to addr.
-func Dial(addr, id string) (*paho.Client, error) {
+func Dial(addr, id string) (*paho.Client, error) { return DialWith(addr, id, nil) }
+
+// DialWith is Dial with the client's configuration adjusted by configure
+// (callbacks, typically) before it connects.
+func DialWith(addr, id string, configure func(*paho.ClientConfig)) (*paho.Client, error) {
 	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
-	c := paho.NewClient(paho.ClientConfig{ClientID: id, Conn: conn})
+	cfg := paho.ClientConfig{ClientID: id, Conn: conn}
+	if configure != nil {
+		configure(&cfg)
+	}
+	c := paho.NewClient(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := c.Connect(ctx, &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30}); err != nil {

@@ -110,7 +110,7 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: listener %q: %w", l.Address, err)
 		}
 		h.anonymous[id] = loopback || l.AllowAnonymous
-		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address})}
+		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address}), srv: srv}
 		if err := srv.AddListener(tcp); err != nil {
 			_ = srv.Close()
 			return nil, fmt.Errorf("broker: listen on %s: %w", l.Address, err)
@@ -165,7 +165,25 @@ func (b *Broker) Close() error {
 // batchedTCP is mochi's TCP listener with coalesced writes on every client
 // connection: mochi writes each PUBACK with its own system call, which was
 // the largest cost of ingest in a profile (docs/DECISIONS.md).
-type batchedTCP struct{ *listeners.TCP }
+type batchedTCP struct {
+	*listeners.TCP
+	srv *mqtt.Server
+}
+
+// Close stops the listener and disconnects its clients (DISCONNECT 0x8B,
+// server shutting down). It does what mochi's own closer does without
+// Clients.GetByListener, which takes the clients' read lock twice: a client
+// leaving in between queues for the write lock and the broker deadlocks
+// (mochi-mqtt/server#488, still in v2.7.9).
+func (l *batchedTCP) Close(listeners.CloseFn) {
+	l.TCP.Close(func(id string) {
+		for _, cl := range l.srv.Clients.GetAll() {
+			if cl.Net.Listener == id && !cl.Closed() {
+				_ = l.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+			}
+		}
+	})
+}
 
 // Serve wraps each accepted connection before mochi takes it.
 func (l *batchedTCP) Serve(establish listeners.EstablishFn) {

@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"testing"
@@ -159,5 +160,45 @@ func TestFullStoreRefusesAtOnce(t *testing.T) {
 	}
 	if st := b.Stats(); st.Refused != 1 {
 		t.Fatalf("stats %+v, want 1 refused", st)
+	}
+}
+
+// TestCloseDisconnectsClients: Close sends every connected client a
+// DISCONNECT with reason 0x8B (server shutting down). Outpost closes a
+// listener's clients itself, not through mochi's Clients.GetByListener,
+// which takes its read lock twice and deadlocks when a client leaves in
+// between (mochi-mqtt/server#488, v2.7.9).
+func TestCloseDisconnectsClients(t *testing.T) {
+	b := startBroker(t, func(_ *storage.Message, done func(uint64, error)) error { done(1, nil); return nil })
+	const n = 3
+	reasons := make(chan byte, n)
+	for i := range n {
+		c, err := mqtttest.DialWith(b.Addrs()[0], fmt.Sprintf("c%d", i), func(cfg *paho.ClientConfig) {
+			cfg.OnServerDisconnect = func(d *paho.Disconnect) { reasons <- d.ReasonCode }
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- b.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close has not returned after 10s")
+	}
+	for i := range n {
+		select {
+		case r := <-reasons:
+			if r != 0x8B {
+				t.Fatalf("client got DISCONNECT reason 0x%02x, want 0x8B", r)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d clients got a DISCONNECT", i, n)
+		}
 	}
 }
