@@ -810,3 +810,22 @@ func TestUpstreamMaximumPacketSize(t *testing.T) {
 		return nil
 	})
 }
+
+// TestNoSubscribersCounted: an upstream with no subscriber for the topic
+// accepts a message with PUBACK 0x10 and drops it. That is a delivery (the
+// outbox lets it go), but the operator should see it: it is counted.
+func TestNoSubscribersCounted(t *testing.T) {
+	requireClients(t)
+	up := mosqtest.StartT(t, mosqtest.Options{})
+	a := testAgent(t, up.URL(), nil)
+	publishLines(t, a.BrokerAddrs()[0], "nobody/x", 0, 3)
+	waitFor(t, 20*time.Second, func() error {
+		if st := a.Status(); st.Uplink.Forwarded < 3 || st.Outbox.Messages != 0 {
+			return fmt.Errorf("outbox %+v; uplink %+v", st.Outbox, *st.Uplink)
+		}
+		return nil
+	})
+	if st := a.Status().Uplink; st.NoSubscribers != 3 {
+		t.Fatalf("no-subscriber acknowledgements counted %d, want 3 (%+v)", st.NoSubscribers, *st)
+	}
+}

@@ -232,7 +232,10 @@ func newCounter(upURL, filter string) (*counter, error) {
 	subscribed := make(chan struct{}, 1)
 	cm, err := autopaho.NewConnection(ctx, autopaho.ClientConfig{
 		ServerUrls: []*url.URL{u}, KeepAlive: 10, SessionExpiryInterval: 3600,
-		CleanStartOnInitialConnection: true,
+		// A new client id, so no old session; clean start off so that
+		// Mosquitto 2.0.11 saves the session across its restarts (see
+		// mqtttest.NewCollector).
+		CleanStartOnInitialConnection: false,
 		ReconnectBackoff:              autopaho.NewConstantBackoff(20 * time.Millisecond),
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {
 			go func() {

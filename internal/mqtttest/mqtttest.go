@@ -38,9 +38,16 @@ func NewCollector(t testing.TB, brokerURL, filter string) *Collector {
 	subscribed := make(chan struct{}, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	cm, err := autopaho.NewConnection(ctx, autopaho.ClientConfig{
-		ServerUrls:                    []*url.URL{u},
-		KeepAlive:                     5,
-		CleanStartOnInitialConnection: true,
+		ServerUrls: []*url.URL{u},
+		KeepAlive:  5,
+		// Clean start off even on the first connection (the client id is
+		// new, so there is no old session): Mosquitto 2.0.11 saves a session
+		// to its persistence file only when the client connected without
+		// clean start, so after a restart of the broker the subscription
+		// would be gone until the collector reconnects, and what arrived
+		// meanwhile would be acknowledged with 0x10 (no matching
+		// subscribers) and dropped.
+		CleanStartOnInitialConnection: false,
 		SessionExpiryInterval:         3600,
 		ReconnectBackoff:              autopaho.NewConstantBackoff(50 * time.Millisecond),
 		OnConnectionUp: func(cm *autopaho.ConnectionManager, _ *paho.Connack) {

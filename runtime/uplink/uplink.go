@@ -83,9 +83,12 @@ type Stats struct {
 	Rejected   int64 // messages the upstream refused permanently (dropped)
 	Refused    int64 // refusals that may pass later (the message is resent)
 	Skipped    int64 // messages resent because a later one was acknowledged first
-	Stalls     int64 // connections cut because acknowledgements stopped
-	InFlight   int   // messages sent and not yet acknowledged
-	LastError  string
+	// NoSubscribers counts messages the upstream accepted with reason 0x10
+	// (no matching subscribers): delivered, and dropped there.
+	NoSubscribers int64
+	Stalls        int64 // connections cut because acknowledgements stopped
+	InFlight      int   // messages sent and not yet acknowledged
+	LastError     string
 }
 
 // Uplink is the forwarding connection. Start it once; Close it when done.
@@ -118,6 +121,8 @@ type Uplink struct {
 
 	connected                                                       atomic.Bool
 	connects, forwarded, resent, rejected, refused, skipped, stalls atomic.Int64
+	noSubscribers                                                   atomic.Int64
+	lastNoSubWarn                                                   atomic.Int64 // unix nanos
 	lastErr                                                         atomic.Value // string
 }
 
@@ -292,16 +297,17 @@ func (u *Uplink) Stats() Stats {
 	inflight := len(u.inflight)
 	u.mu.Unlock()
 	return Stats{
-		Connected:  u.connected.Load(),
-		Reconnects: max(u.connects.Load()-1, 0),
-		Forwarded:  u.forwarded.Load(),
-		Resent:     u.resent.Load(),
-		Rejected:   u.rejected.Load(),
-		Refused:    u.refused.Load(),
-		Skipped:    u.skipped.Load(),
-		Stalls:     u.stalls.Load(),
-		InFlight:   inflight,
-		LastError:  u.lastErr.Load().(string),
+		Connected:     u.connected.Load(),
+		Reconnects:    max(u.connects.Load()-1, 0),
+		Forwarded:     u.forwarded.Load(),
+		Resent:        u.resent.Load(),
+		Rejected:      u.rejected.Load(),
+		Refused:       u.refused.Load(),
+		Skipped:       u.skipped.Load(),
+		NoSubscribers: u.noSubscribers.Load(),
+		Stalls:        u.stalls.Load(),
+		InFlight:      inflight,
+		LastError:     u.lastErr.Load().(string),
 	}
 }
 
@@ -524,6 +530,14 @@ func (u *Uplink) skippedBeforeLocked(p pending) []pending {
 func (u *Uplink) acked(p pending, reason byte) {
 	switch {
 	case reason < 0x80:
+		if reason == 0x10 {
+			u.noSubscribers.Add(1)
+			if now := time.Now().UnixNano(); now-u.lastNoSubWarn.Load() > int64(time.Minute) {
+				u.lastNoSubWarn.Store(now)
+				u.log.Warn("upstream has no subscriber for forwarded messages: it accepts and drops them (PUBACK 0x10)",
+					"message_id", p.id, "route", p.ref.Route, "total", u.noSubscribers.Load())
+			}
+		}
 		if err := u.opts.Source.Ack(p.ref); err != nil {
 			u.log.Error("outbox ack failed; the message will be sent again", "message_id", p.id, "error", err)
 			u.mu.Lock()
