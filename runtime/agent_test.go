@@ -829,3 +829,30 @@ func TestNoSubscribersCounted(t *testing.T) {
 		t.Fatalf("no-subscriber acknowledgements counted %d, want 3 (%+v)", st.NoSubscribers, *st)
 	}
 }
+
+// TestSmallReceiveMaximum: with an upstream that allows only 5 QoS 1
+// publishes in flight, everything arrives, in order, on one connection.
+// (That the window stays within Receive Maximum is TestWindowWithinReceiveMaximum
+// in runtime/uplink: Mosquitto 2.0.11 does not refuse a client that exceeds it.)
+func TestSmallReceiveMaximum(t *testing.T) {
+	requireClients(t)
+	up := mosqtest.StartT(t, mosqtest.Options{Extra: "max_inflight_messages 5"})
+	col := mqtttest.NewCollector(t, up.URL(), "outpost/"+deviceID+"/rm/#")
+	a := testAgent(t, up.URL(), nil)
+	const n = 2000
+	publishLines(t, a.BrokerAddrs()[0], "rm/x", 0, n)
+	waitFor(t, 30*time.Second, func() error {
+		if d, _ := col.Counts(); d < n {
+			return fmt.Errorf("%d of %d arrived; uplink %+v", d, n, *a.Status().Uplink)
+		}
+		return nil
+	})
+	for i, p := range col.Order() {
+		if want := fmt.Sprintf("%08d", i); p != want {
+			t.Fatalf("arrival %d is %s, want %s", i, p, want)
+		}
+	}
+	if st := a.Status().Uplink; st.Reconnects != 0 {
+		t.Fatalf("uplink %+v: want no reconnect", *st)
+	}
+}

@@ -365,3 +365,38 @@ func BenchmarkSend(b *testing.B) {
 		}
 	}
 }
+
+// TestWindowWithinReceiveMaximum: with the server's Receive Maximum at 2,
+// a third publish waits in the session until a PUBACK frees a slot, and
+// nothing of it reaches the wire meanwhile.
+func TestWindowWithinReceiveMaximum(t *testing.T) {
+	h := newHarness(t, "a", "b", "c")
+	two := uint16(2)
+	if err := h.u.sess.ConnectionLost(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{Properties: &packets.Properties{ReceiveMaximum: &two}}); err != nil {
+		t.Fatal(err)
+	}
+	h.l.ctx, h.l.cancel = context.WithCancel(h.u.ctx)
+	h.u.link = h.l
+	first := h.send().PacketID
+	h.send()
+	third := make(chan error, 1)
+	go func() { third <- h.sendOnly() }()
+	select {
+	case err := <-third:
+		t.Fatalf("a third publish went out with a Receive Maximum of 2 (err %v)", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if st := h.u.Stats(); st.InFlight != 2 {
+		t.Fatalf("%d in flight, want 2", st.InFlight)
+	}
+	h.puback(first, 0)
+	if err := <-third; err != nil {
+		t.Fatal(err)
+	}
+	if got := string(h.read().Payload); got != "c" {
+		t.Fatalf("after the PUBACK %q went out, want c", got)
+	}
+}
