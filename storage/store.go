@@ -781,32 +781,69 @@ func max2(a, b uint64) uint64 {
 }
 
 // Ack deletes acknowledged messages. It is idempotent. Deletions are
-// batched in the background within milliseconds; Stats reflect them once
+// batched in the background within ackGather; Stats reflect them once
 // written. A crash before that only makes the message be sent again.
 func (o *Outbox) Ack(refs ...Ref) error {
 	if o.closed.Load() {
 		return ErrClosed
 	}
 	o.ackMu.Lock()
+	before := len(o.acks)
 	o.acks = append(o.acks, refs...)
+	after := len(o.acks)
 	o.ackMu.Unlock()
-	select {
-	case o.ackWake <- struct{}{}:
-	default:
+	// Wake the flusher for the first pending acknowledgement, which starts
+	// its gathering time, and when a batch is full.
+	if before == 0 || (before < ackBatch && after >= ackBatch) {
+		select {
+		case o.ackWake <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
 
+const (
+	// ackGather is how long the flusher lets acknowledgements gather
+	// before it deletes them, unless ackBatch are pending sooner. One
+	// Badger transaction per batch costs less than one per few: while a
+	// backlog drains, flushing at once made batches of about 30.
+	ackGather = 5 * time.Millisecond
+	ackBatch  = 1024
+)
+
 func (o *Outbox) ackFlusher() {
 	defer o.wg.Done()
+	t := time.NewTimer(ackGather)
+	t.Stop()
 	for {
 		select {
 		case <-o.ctx.Done():
 			return
 		case <-o.ackWake:
 		}
+		t.Reset(ackGather)
+	gather:
+		for o.pendingAcks() < ackBatch {
+			select {
+			case <-o.ctx.Done():
+				t.Stop()
+				return // Close writes what is pending
+			case <-t.C:
+				break gather
+			case <-o.ackWake:
+			}
+		}
+		t.Stop()
 		o.flushAcks()
 	}
+}
+
+// pendingAcks is the number of acknowledgements not yet written.
+func (o *Outbox) pendingAcks() int {
+	o.ackMu.Lock()
+	defer o.ackMu.Unlock()
+	return len(o.acks)
 }
 
 // flushAcks writes the pending acknowledgements. It holds delMu from before

@@ -2,13 +2,12 @@
 package batchconn
 
 import (
-	"bufio"
 	"net"
 	"sync"
 	"time"
 )
 
-// Holder is implemented by the connections New and NewBuffered return.
+// Holder is implemented by the connections New returns.
 type Holder interface {
 	Hold() (release func(error))
 }
@@ -28,23 +27,6 @@ type Holder interface {
 // packet in several Writes holds Lock meanwhile so that no other writer's
 // bytes land inside it. paho's packet writer does this for any sync.Locker.
 func New(c net.Conn) net.Conn { return newBatchConn(c) }
-
-// NewBuffered is New with buffered reads as well, for a reader that reads
-// a packet in several small Reads (paho reads a fixed header byte by byte).
-// Only one goroutine may read at a time.
-func NewBuffered(c net.Conn) net.Conn {
-	return &bufferedConn{batchConn: newBatchConn(c), r: bufio.NewReaderSize(c, readBufferSize)}
-}
-
-// readBufferSize is the read buffer of NewBuffered.
-const readBufferSize = 32 << 10
-
-type bufferedConn struct {
-	*batchConn
-	r *bufio.Reader
-}
-
-func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
 type batchConn struct {
 	net.Conn

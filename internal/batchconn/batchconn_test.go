@@ -89,7 +89,7 @@ func TestBatchConnFailsAfterPeerCloses(t *testing.T) {
 // so that writers often block mid-packet on a full buffer.
 func TestPahoPacketsStayWhole(t *testing.T) {
 	client, server := net.Pipe()
-	b := NewBuffered(client)
+	b := New(client)
 	if _, ok := b.(sync.Locker); !ok {
 		t.Fatal("a batch conn is not a sync.Locker: paho would interleave packets")
 	}
@@ -153,38 +153,6 @@ func TestPahoPacketsStayWhole(t *testing.T) {
 }
 
 func payloadOf(topic string) string { return strings.Repeat(topic+";", 40<<10/len(topic)) }
-
-// TestBufferedReads reads packets that the peer wrote back to back through
-// the read buffer, in the small reads paho makes.
-func TestBufferedReads(t *testing.T) {
-	client, server := net.Pipe()
-	b := NewBuffered(client)
-	defer b.Close()
-	const N = 1000
-	go func() {
-		var all bytes.Buffer
-		for i := range N {
-			ack := &packets.Puback{PacketID: uint16(i + 1), Properties: &packets.Properties{}}
-			if _, err := ack.WriteTo(&all); err != nil {
-				t.Error(err)
-			}
-		}
-		_, _ = server.Write(all.Bytes())
-		server.Close()
-	}()
-	for i := range N {
-		cp, err := packets.ReadPacket(b)
-		if err != nil {
-			t.Fatalf("packet %d: %v", i, err)
-		}
-		if ack, ok := cp.Content.(*packets.Puback); !ok || ack.PacketID != uint16(i+1) {
-			t.Fatalf("packet %d: got %v", i, cp)
-		}
-	}
-	if _, err := packets.ReadPacket(b); !errors.Is(err, io.EOF) {
-		t.Fatalf("after the last packet: %v, want EOF", err)
-	}
-}
 
 // tcpPair returns a batchConn over a loopback TCP connection and the peer's
 // end.

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
-	"github.com/eclipse/paho.golang/paho/session"
 
 	"github.com/outpost-edge/outpost/storage"
 )
@@ -34,15 +33,15 @@ type link struct {
 	maxQoS    byte   // the server's Maximum QoS
 	retain    bool   // the server accepts retained messages
 	maxPacket uint32 // the server's Maximum Packet Size; 0 = no limit
+	recvMax   int    // the server's Receive Maximum: the largest window
 
 	retainWarned bool // run logged that retain is not available
 }
 
 // run sends the outbox, in order, until the link's context ends or a write
-// fails. A QoS 1 publish enters paho's session, which assigns its packet
-// identifier and bounds the window by the server's Receive Maximum, and is
-// registered in u.inflight before it is written, so before its PUBACK can
-// arrive.
+// fails. A QoS 1 publish waits for room in the window (the server's Receive
+// Maximum), gets a free packet identifier, and is registered in u.inflight
+// before it is written, so before its PUBACK can arrive.
 func (u *Uplink) run(l *link) {
 	defer close(l.done)
 	var scratch bytes.Buffer
@@ -163,24 +162,26 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		return !u.advance(p.ref, gen), nil
 	}
 
-	if p.qos == 1 {
-		if err := u.sess.AddToSession(l.ctx, pub, make(chan packets.ControlPacket, 1)); err != nil {
-			if errors.Is(err, session.ErrNoConnection) || l.ctx.Err() != nil {
-				return false, fmt.Errorf("%w: %w", errLinkDown, err)
-			}
-			return false, fmt.Errorf("session: %w", err)
-		}
-		setPacketID(scratch.Bytes(), len(pub.Topic), pub.PacketID)
-	}
-
 	u.mu.Lock()
+	if p.qos == 1 {
+		if err := u.roomLocked(l); err != nil {
+			u.mu.Unlock()
+			return false, err
+		}
+	}
 	if l.ctx.Err() != nil {
-		// The connection was lost after the packet entered the session;
-		// the session is cleared with it and the window rewound.
+		// The connection was lost; the window was rewound with it.
 		u.mu.Unlock()
 		return false, l.ctx.Err()
 	}
+	if gen != u.gen {
+		// The window was rewound while this waited: read again.
+		u.mu.Unlock()
+		return true, nil
+	}
 	if p.qos == 1 {
+		pub.PacketID = u.packetIDLocked()
+		setPacketID(scratch.Bytes(), len(pub.Topic), pub.PacketID)
 		if len(u.inflight) == 0 {
 			u.progress = time.Now()
 		}
@@ -210,6 +211,51 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		u.acked(p, 0)
 	}
 	return !advanced, nil
+}
+
+// roomLocked waits, with u.mu held (and released meanwhile), until the
+// window has room for one more QoS 1 publish on l or l ends. A full window
+// waits until a quarter of it is acknowledged, so that the loop wakes once
+// per burst of sends rather than once per PUBACK: with a slow upstream,
+// waking per PUBACK doubled the agent's CPU per message.
+func (u *Uplink) roomLocked(l *link) error {
+	for len(u.inflight) >= l.recvMax && l.ctx.Err() == nil {
+		if u.room == nil {
+			u.room = make(chan struct{})
+		}
+		u.lowWater = l.recvMax - max(1, l.recvMax/4)
+		room := u.room
+		u.mu.Unlock()
+		select {
+		case <-room:
+		case <-l.ctx.Done():
+		}
+		u.mu.Lock()
+	}
+	return l.ctx.Err()
+}
+
+// freedLocked wakes a publish loop waiting for room in the window once the
+// window is down to its low-water mark. u.mu must be held.
+func (u *Uplink) freedLocked() {
+	if u.room != nil && len(u.inflight) <= u.lowWater {
+		close(u.room)
+		u.room = nil
+	}
+}
+
+// packetIDLocked returns the next packet identifier not in flight. The
+// window is below Receive Maximum (at most 65535), so one is free. u.mu must
+// be held.
+func (u *Uplink) packetIDLocked() uint16 {
+	id := u.lastID
+	for {
+		id++
+		if _, used := u.inflight[id]; id != 0 && !used {
+			u.lastID = id
+			return id
+		}
+	}
 }
 
 // advance moves the route's send cursor past r unless the window was

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	paholog "github.com/eclipse/paho.golang/paho/log"
@@ -15,10 +14,10 @@ import (
 
 var _ session.SessionManager = (*sessionWrapper)(nil)
 
-// sessionWrapper wraps paho's session state to see acknowledgements and
-// lost connections. The state assigns packet identifiers and bounds the
-// publishes in flight by the server's Receive Maximum; the wrapper maps each
-// PUBACK to its outbox message.
+// sessionWrapper wraps paho's session state to see lost connections, which
+// rewind the window. The forwarded publishes do not enter the state: the
+// publish loop assigns their packet identifiers, and ackReader takes their
+// PUBACKs out of the stream.
 type sessionWrapper struct {
 	u     *Uplink
 	inner *state.State
@@ -46,43 +45,14 @@ func (s *sessionWrapper) ConnectionLost(dp *packets.Disconnect) error {
 	return err
 }
 
-// AddToSession assigns p its packet identifier. The publish loop registers
-// the message under it before writing the packet.
+// AddToSession and PacketReceived pass through: the forwarded publishes
+// and their PUBACKs never reach the session (see ackReader).
 func (s *sessionWrapper) AddToSession(ctx context.Context, p session.Packet, resp chan<- packets.ControlPacket) error {
 	return s.inner.AddToSession(ctx, p, resp)
 }
 
-// PacketReceived sees every PUBACK. The mapping is removed before the inner
-// state frees the packet identifier for reuse.
 func (s *sessionWrapper) PacketReceived(cp *packets.ControlPacket, ch chan<- *packets.Publish) error {
-	pa, isAck := cp.Content.(*packets.Puback)
-	var p pending
-	var found bool
-	if isAck {
-		u := s.u
-		u.mu.Lock()
-		p, found = u.inflight[pa.PacketID]
-		var skipped []pending
-		if found {
-			delete(u.inflight, pa.PacketID)
-			u.progress = time.Now()
-			skipped = u.skippedBeforeLocked(p)
-			for _, q := range skipped {
-				u.resendFromLocked(q.ref)
-			}
-		}
-		u.mu.Unlock()
-		if len(skipped) > 0 {
-			u.skipped.Add(int64(len(skipped)))
-			u.log.Warn("upstream acknowledged a later message first: resending the earlier ones",
-				"skipped", len(skipped), "first_message_id", skipped[0].id)
-		}
-	}
-	err := s.inner.PacketReceived(cp, ch)
-	if found {
-		s.u.acked(p, pa.ReasonCode)
-	}
-	return err
+	return s.inner.PacketReceived(cp, ch)
 }
 
 func (s *sessionWrapper) Ack(pb *packets.Publish) error   { return s.inner.Ack(pb) }

@@ -3,13 +3,16 @@
 // deleting a message from the outbox only when its PUBACK arrives.
 //
 // paho.golang's autopaho keeps the connection (reconnects with backoff,
-// CONNECT, keep-alive); paho's session state assigns packet identifiers and
-// enforces Receive Maximum. Outpost adds (docs/DECISIONS.md):
+// CONNECT, keep-alive) and encodes the packets. Outpost adds
+// (docs/DECISIONS.md):
 //   - a publish loop per connection that reads the outbox in batches and
-//     writes each PUBLISH once, without waiting for acknowledgements;
-//   - a wrapper around the session state that sees every PUBACK and every
-//     lost connection, so acknowledgements delete from the outbox and
-//     unacknowledged messages are resent after a reconnect;
+//     writes each PUBLISH once, without waiting for acknowledgements; it
+//     assigns the packet identifiers and bounds the window by the server's
+//     Receive Maximum;
+//   - a reader that takes the PUBACKs out of the stream before paho reads
+//     it, so acknowledgements delete from the outbox;
+//   - a wrapper around paho's session state that sees every lost
+//     connection, so unacknowledged messages are resent after a reconnect;
 //   - AttemptConnection, to keep the network connection so that one that is
 //     up but not flowing can be cut and re-established.
 package uplink
@@ -109,6 +112,10 @@ type Uplink struct {
 	flights    []flight // in-flight packet ids in the order they were sent
 	nextOrder  uint64
 	gen        uint64        // incremented when the send cursor moves back
+	lastID     uint16        // the packet identifier assigned last
+	room       chan struct{} // closed when the window is down to lowWater
+	lowWater   int           // see roomLocked
+	epoch      uint64        // incremented by each dial: PUBACKs of older connections are ignored
 	link       *link         // the current connection's publish loop
 	dialled    lockedConn    // the connection dial returned last
 	wake       chan struct{} // closed when there may be something to send
@@ -334,15 +341,20 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 		return nil, err
 	}
 	u.conn.Store(&conn)
-	// paho writes one system call per packet and reads a PUBACK in three;
-	// batchconn coalesces both. paho and the publish loop hold the conn's
-	// lock (a sync.Locker) across the Writes of one packet, so packets stay
-	// whole.
-	bc := batchconn.NewBuffered(conn).(lockedConn)
+	// paho writes one system call per packet; batchconn coalesces the
+	// writes. paho and the publish loop hold the conn's lock (a sync.Locker)
+	// across the Writes of one packet, so packets stay whole. The PUBACKs
+	// are read here, the rest by paho.
+	u.mu.Lock()
+	u.epoch++
+	epoch := u.epoch
+	u.mu.Unlock()
+	bc := batchconn.New(conn).(lockedConn)
+	ar := newAckReader(bc, conn, func(id uint16, reason byte) { u.puback(epoch, id, reason) })
 	u.mu.Lock()
 	u.dialled = bc
 	u.mu.Unlock()
-	return bc, nil
+	return ar, nil
 }
 
 // stopLink ends the current publish loop, if any, and waits for it.
@@ -389,6 +401,7 @@ func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
 		maxQoS:    1,
 		retain:    true,
 		maxPacket: maxPacket,
+		recvMax:   int(recvMax),
 		done:      make(chan struct{}),
 	}
 	if ca.Properties != nil {
@@ -483,6 +496,7 @@ func (u *Uplink) rewindLocked() {
 	u.flights = nil
 	u.gen++
 	u.wakeLocked()
+	u.freedLocked()
 }
 
 // cursorBeforeLocked moves the send cursor of r's route back to just before
@@ -524,6 +538,39 @@ func (u *Uplink) skippedBeforeLocked(p pending) []pending {
 		u.flights = nil
 	}
 	return skipped
+}
+
+// puback handles a PUBACK read on the connection of the given epoch.
+func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
+	u.mu.Lock()
+	if epoch != u.epoch {
+		// A late PUBACK of a connection that is gone: its window was
+		// rewound, and id may be in use again.
+		u.mu.Unlock()
+		return
+	}
+	p, found := u.inflight[id]
+	var skipped []pending
+	if found {
+		delete(u.inflight, id)
+		u.progress = time.Now()
+		skipped = u.skippedBeforeLocked(p)
+		for _, q := range skipped {
+			u.resendFromLocked(q.ref)
+		}
+		u.freedLocked()
+	}
+	u.mu.Unlock()
+	if !found {
+		u.log.Debug("PUBACK for a packet identifier not in flight: ignored", "packet_id", id, "reason_code", reason)
+		return
+	}
+	if len(skipped) > 0 {
+		u.skipped.Add(int64(len(skipped)))
+		u.log.Warn("upstream acknowledged a later message first: resending the earlier ones",
+			"skipped", len(skipped), "first_message_id", skipped[0].id)
+	}
+	u.acked(p, reason)
 }
 
 // acked handles the PUBACK of p.

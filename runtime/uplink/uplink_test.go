@@ -17,9 +17,9 @@ import (
 	"github.com/outpost-edge/outpost/storage"
 )
 
-// harness is an uplink (not started) over a real outbox, with paho's
-// session state and a link whose connection is one end of a pipe; the test
-// reads what is sent from the other end.
+// harness is an uplink (not started) over a real outbox, with a link whose
+// connection is one end of a pipe; the test reads what is sent from the
+// other end and acknowledges as the upstream would.
 type harness struct {
 	t    testing.TB
 	u    *Uplink
@@ -55,11 +55,9 @@ func newHarness(t testing.TB, payloads ...string) *harness {
 	t.Cleanup(u.cancel)
 	client, server := net.Pipe()
 	t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
-	l := &link{conn: batchconn.New(client).(lockedConn), maxQoS: 1, retain: true, done: make(chan struct{})}
+	l := &link{conn: batchconn.New(client).(lockedConn), maxQoS: 1, retain: true, recvMax: 65535, done: make(chan struct{})}
 	l.ctx, l.cancel = context.WithCancel(u.ctx)
-	if err := u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
-		t.Fatal(err)
-	}
+	u.epoch = 1 // as dial does
 	u.link = l
 	return &harness{t: t, u: u, l: l, ob: ob, wire: server}
 }
@@ -102,14 +100,27 @@ func (h *harness) read() *packets.Publish {
 	return pub
 }
 
+// puback delivers a PUBACK read on the current connection.
 func (h *harness) puback(id uint16, reason byte) {
+	h.u.mu.Lock()
+	epoch := h.u.epoch
+	h.u.mu.Unlock()
+	h.u.puback(epoch, id, reason)
+}
+
+// reconnect stands for a new connection: dial, then the CONNACK.
+func (h *harness) reconnect() {
 	h.t.Helper()
-	cp := packets.NewControlPacket(packets.PUBACK)
-	cp.Content.(*packets.Puback).PacketID = id
-	cp.Content.(*packets.Puback).ReasonCode = reason
-	if err := h.u.sess.PacketReceived(cp, make(chan *packets.Publish, 1)); err != nil {
+	h.u.mu.Lock()
+	h.u.epoch++
+	h.u.mu.Unlock()
+	if err := h.u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
 		h.t.Fatal(err)
 	}
+	h.l.ctx, h.l.cancel = context.WithCancel(h.u.ctx)
+	h.u.mu.Lock()
+	h.u.link = h.l
+	h.u.mu.Unlock()
 }
 
 // stored returns the payloads left in the outbox, after pending
@@ -274,9 +285,11 @@ func TestQoS0OnlyServerKeepsMessages(t *testing.T) {
 
 // TestLostConnectionRewinds: after the connection is lost, what was in
 // flight is sent again, from the oldest, and a late PUBACK from the old
-// connection deletes nothing.
+// connection deletes nothing, even when its packet identifier is in use on
+// the new one.
 func TestLostConnectionRewinds(t *testing.T) {
 	h := newHarness(t, "a", "b")
+	oldEpoch := h.u.epoch
 	id := h.send().PacketID
 	h.send()
 	if err := h.u.sess.ConnectionLost(nil); err != nil {
@@ -296,13 +309,18 @@ func TestLostConnectionRewinds(t *testing.T) {
 		t.Fatalf("stored %q, want both kept for the next connection", left)
 	}
 	// The next connection starts again at a.
-	if err := h.u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{}); err != nil {
-		t.Fatal(err)
+	h.reconnect()
+	h.u.lastID = id - 1 // so that a gets the old connection's identifier
+	pub := h.send()
+	if got := string(pub.Payload); got != "a" || pub.PacketID != id {
+		t.Fatalf("first after reconnecting: %q with id %d, want a with %d", got, pub.PacketID, id)
 	}
-	h.l.ctx, h.l.cancel = context.WithCancel(h.u.ctx)
-	h.u.link = h.l
-	if got := string(h.send().Payload); got != "a" {
-		t.Fatalf("first after reconnecting: %q, want a", got)
+	h.u.puback(oldEpoch, id, 0)
+	if st := h.u.Stats(); st.InFlight != 1 || st.Forwarded != 0 {
+		t.Fatalf("after a late PUBACK of the old connection: %+v, want a still in flight", st)
+	}
+	if left := h.stored(); len(left) != 2 {
+		t.Fatalf("stored %q, want both kept", left)
 	}
 }
 
@@ -368,19 +386,11 @@ func BenchmarkSend(b *testing.B) {
 }
 
 // TestWindowWithinReceiveMaximum: with the server's Receive Maximum at 2,
-// a third publish waits in the session until a PUBACK frees a slot, and
-// nothing of it reaches the wire meanwhile.
+// a third publish waits until a PUBACK frees a slot, and nothing of it
+// reaches the wire meanwhile.
 func TestWindowWithinReceiveMaximum(t *testing.T) {
 	h := newHarness(t, "a", "b", "c")
-	two := uint16(2)
-	if err := h.u.sess.ConnectionLost(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.u.sess.ConAckReceived(io.Discard, &packets.Connect{}, &packets.Connack{Properties: &packets.Properties{ReceiveMaximum: &two}}); err != nil {
-		t.Fatal(err)
-	}
-	h.l.ctx, h.l.cancel = context.WithCancel(h.u.ctx)
-	h.u.link = h.l
+	h.l.recvMax = 2
 	first := h.send().PacketID
 	h.send()
 	third := make(chan error, 1)
@@ -399,5 +409,42 @@ func TestWindowWithinReceiveMaximum(t *testing.T) {
 	}
 	if got := string(h.read().Payload); got != "c" {
 		t.Fatalf("after the PUBACK %q went out, want c", got)
+	}
+}
+
+// TestWindowWaitEndsWithTheConnection: a publish waiting for room in the
+// window gives up when its connection is lost, and nothing is lost.
+func TestWindowWaitEndsWithTheConnection(t *testing.T) {
+	h := newHarness(t, "a", "b")
+	h.l.recvMax = 1
+	h.send()
+	second := make(chan error, 1)
+	go func() { second <- h.sendOnly() }()
+	time.Sleep(50 * time.Millisecond) // let it wait (it would wait either way)
+	if err := h.u.sess.ConnectionLost(nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-second:
+		if err == nil {
+			t.Fatal("the waiting publish reported success on a lost connection")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiting publish did not end with its connection")
+	}
+	if left := h.stored(); len(left) != 2 {
+		t.Fatalf("stored %q, want both kept", left)
+	}
+}
+
+// TestPacketIDsSkipThoseInFlight: identifiers wrap around past 65535,
+// never use 0, and never reuse one still in flight.
+func TestPacketIDsSkipThoseInFlight(t *testing.T) {
+	h := newHarness(t)
+	h.u.inflight[65535] = pending{}
+	h.u.inflight[1] = pending{}
+	h.u.lastID = 65534
+	if id := h.u.packetIDLocked(); id != 2 {
+		t.Fatalf("next id %d, want 2 (65535 and 1 in flight, 0 never used)", id)
 	}
 }
