@@ -174,12 +174,16 @@ func Open(opts Options) (*Outbox, error) {
 }
 
 // badgerOptions sizes Badger for a gateway: small memtables and caches keep
-// RSS low with a large backlog; values up to 1 MiB live in the LSM tree.
+// RSS low with a large backlog and leave the Go collector room under the
+// agent's memory limit (docs/DECISIONS.md); values up to 512 KiB live in the
+// LSM tree, larger ones in the value log.
 func badgerOptions(opts Options, log *slog.Logger) badger.Options {
 	return badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{log}).
 		WithSyncWrites(opts.Durability == DurabilityFsync).
-		WithMemTableSize(8 << 20).
+		// Badger allows a value threshold up to 15% of the memtable.
+		WithMemTableSize(4 << 20).
+		WithValueThreshold(512 << 10).
 		WithNumMemtables(2).
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(8).
@@ -521,6 +525,11 @@ func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
 			if rs := o.routes[route]; rs != nil {
 				rs.count--
 				rs.bytes -= sizes[i]
+				if rs.count == 0 {
+					// Badger reports the size of a value in the value log
+					// within a few bytes only: do not let that add up.
+					rs.bytes = 0
+				}
 			}
 			deleted++
 		}

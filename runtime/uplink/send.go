@@ -36,6 +36,11 @@ type link struct {
 	recvMax   int    // the server's Receive Maximum: the largest window
 
 	retainWarned bool // run logged that retain is not available
+
+	// The packet being sent, reused: send encodes it before the next.
+	pub   packets.Publish
+	props packets.Properties
+	one   byte // the payload format indicator's value
 }
 
 // run sends the outbox, in order, until the link's context ends or a write
@@ -145,7 +150,7 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		u.log.Warn("the upstream does not support retained messages: forwarding them without the retain flag",
 			"message_id", p.id, "route", p.ref.Route)
 	}
-	pub := u.packet(m, &p, l.retain)
+	pub := u.packet(l, m, &p)
 	scratch.Reset()
 	if _, err := pub.WriteTo(scratch); err != nil {
 		return false, fmt.Errorf("encode: %w", err)
@@ -280,17 +285,18 @@ func (u *Uplink) advanceLocked(r storage.Ref, gen uint64) bool {
 	return true
 }
 
-// packet builds the upstream PUBLISH of m.
-func (u *Uplink) packet(m *storage.Message, p *pending, retainOK bool) *packets.Publish {
-	props := &packets.Properties{
+// packet builds the upstream PUBLISH of m in l's reused packet.
+func (u *Uplink) packet(l *link, m *storage.Message, p *pending) *packets.Publish {
+	props := &l.props
+	*props = packets.Properties{
 		ContentType:     m.ContentType,
 		ResponseTopic:   m.ResponseTopic,
 		CorrelationData: m.CorrelationData,
-		User:            make([]packets.User, 0, len(m.UserProps)+1),
+		User:            props.User[:0],
 	}
 	if m.PayloadUTF8 {
-		one := byte(1)
-		props.PayloadFormat = &one
+		l.one = 1
+		props.PayloadFormat = &l.one
 	}
 	if !m.Expires.IsZero() {
 		left := time.Until(m.Expires)
@@ -301,13 +307,14 @@ func (u *Uplink) packet(m *storage.Message, p *pending, retainOK bool) *packets.
 		props.User = append(props.User, packets.User{Key: up.Key, Value: up.Value})
 	}
 	props.User = append(props.User, packets.User{Key: MessageIDProperty, Value: p.id})
-	return &packets.Publish{
+	l.pub = packets.Publish{
 		Topic:      u.opts.Topic(m),
 		Payload:    m.Payload,
 		QoS:        p.qos,
-		Retain:     m.Retain && retainOK,
+		Retain:     m.Retain && l.retain,
 		Properties: props,
 	}
+	return &l.pub
 }
 
 // setPacketID writes id into an encoded QoS 1 PUBLISH whose topic is
