@@ -45,12 +45,23 @@ func (s *sessionWrapper) ConnectionLost(dp *packets.Disconnect) error {
 	return err
 }
 
-// AddToSession and PacketReceived pass through: the forwarded publishes
-// and their PUBACKs never reach the session (see ackReader).
+// errPahoPublish refuses a QoS 1 or 2 publish made through paho: ackReader
+// takes every PUBACK out of the stream, so paho would never see its
+// acknowledgement, and paho's packet identifiers could collide with the
+// publish loop's. Everything sent upstream goes through the outbox.
+var errPahoPublish = errors.New("uplink: QoS 1 and 2 publishes go through the outbox, not through paho")
+
+// AddToSession passes SUBSCRIBE and UNSUBSCRIBE through to paho's session
+// and refuses publishes (errPahoPublish).
 func (s *sessionWrapper) AddToSession(ctx context.Context, p session.Packet, resp chan<- packets.ControlPacket) error {
+	if p.Type() == packets.PUBLISH {
+		return errPahoPublish
+	}
 	return s.inner.AddToSession(ctx, p, resp)
 }
 
+// PacketReceived passes through: the forwarded publishes' PUBACKs never
+// reach it (see ackReader).
 func (s *sessionWrapper) PacketReceived(cp *packets.ControlPacket, ch chan<- *packets.Publish) error {
 	return s.inner.PacketReceived(cp, ch)
 }

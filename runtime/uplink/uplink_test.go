@@ -448,3 +448,14 @@ func TestPacketIDsSkipThoseInFlight(t *testing.T) {
 		t.Fatalf("next id %d, want 2 (65535 and 1 in flight, 0 never used)", id)
 	}
 }
+
+// TestPahoPublishRefused: a QoS 1 publish through paho's session would
+// never see its PUBACK (the uplink takes them all); it is refused with an
+// error that says where publishes go.
+func TestPahoPublishRefused(t *testing.T) {
+	h := newHarness(t)
+	err := h.u.sess.AddToSession(context.Background(), &packets.Publish{Topic: "t", QoS: 1}, make(chan packets.ControlPacket, 1))
+	if !errors.Is(err, errPahoPublish) {
+		t.Fatalf("AddToSession(PUBLISH): %v, want errPahoPublish", err)
+	}
+}
