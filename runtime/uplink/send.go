@@ -45,7 +45,7 @@ type link struct {
 
 // run sends the outbox, in order, until the link's context ends or a write
 // fails. A QoS 1 publish waits for room in the window (the server's Receive
-// Maximum), gets a free packet identifier, and is registered in u.inflight
+// Maximum), gets a free packet identifier, and is registered in u.win
 // before it is written, so before its PUBACK can arrive.
 func (u *Uplink) run(l *link) {
 	defer close(l.done)
@@ -185,15 +185,11 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		return true, nil
 	}
 	if p.qos == 1 {
-		pub.PacketID = u.packetIDLocked()
-		setPacketID(scratch.Bytes(), len(pub.Topic), pub.PacketID)
-		if len(u.inflight) == 0 {
+		if u.win.len() == 0 {
 			u.progress = time.Now()
 		}
-		p.order = u.nextOrder
-		u.nextOrder++
-		u.inflight[pub.PacketID] = p
-		u.flights = append(u.flights, flight{packetID: pub.PacketID, order: p.order})
+		pub.PacketID = u.win.add(p)
+		setPacketID(scratch.Bytes(), len(pub.Topic), pub.PacketID)
 	}
 	advanced := u.advanceLocked(p.ref, gen)
 	u.mu.Unlock()
@@ -224,7 +220,7 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 // per burst of sends rather than once per PUBACK: with a slow upstream,
 // waking per PUBACK doubled the agent's CPU per message.
 func (u *Uplink) roomLocked(l *link) error {
-	for len(u.inflight) >= l.recvMax && l.ctx.Err() == nil {
+	for u.win.len() >= l.recvMax && l.ctx.Err() == nil {
 		if u.room == nil {
 			u.room = make(chan struct{})
 		}
@@ -243,23 +239,9 @@ func (u *Uplink) roomLocked(l *link) error {
 // freedLocked wakes a publish loop waiting for room in the window once the
 // window is down to its low-water mark. u.mu must be held.
 func (u *Uplink) freedLocked() {
-	if u.room != nil && len(u.inflight) <= u.lowWater {
+	if u.room != nil && u.win.len() <= u.lowWater {
 		close(u.room)
 		u.room = nil
-	}
-}
-
-// packetIDLocked returns the next packet identifier not in flight. The
-// window is below Receive Maximum (at most 65535), so one is free. u.mu must
-// be held.
-func (u *Uplink) packetIDLocked() uint16 {
-	id := u.lastID
-	for {
-		id++
-		if _, used := u.inflight[id]; id != 0 && !used {
-			u.lastID = id
-			return id
-		}
 	}
 }
 

@@ -108,11 +108,8 @@ type Uplink struct {
 	mu         sync.Mutex
 	sent       storage.Cursor // per route, the highest seq handed to the session
 	maxSent    map[string]uint64
-	inflight   map[uint16]pending
-	flights    []flight // in-flight packet ids in the order they were sent
-	nextOrder  uint64
+	win        window        // the QoS 1 publishes in flight
 	gen        uint64        // incremented when the send cursor moves back
-	lastID     uint16        // the packet identifier assigned last
 	room       chan struct{} // closed when the window is down to lowWater
 	lowWater   int           // see roomLocked
 	epoch      uint64        // incremented by each dial: PUBACKs of older connections are ignored
@@ -134,16 +131,9 @@ type Uplink struct {
 }
 
 type pending struct {
-	ref   storage.Ref
-	id    string // message id
-	qos   byte
-	order uint64 // registration order on the connection
-}
-
-// flight is one entry of Uplink.flights.
-type flight struct {
-	packetID uint16
-	order    uint64
+	ref storage.Ref
+	id  string // message id
+	qos byte
 }
 
 // New validates opts. It does not connect; call Start.
@@ -181,11 +171,10 @@ func New(opts Options) (*Uplink, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	u := &Uplink{
-		opts:     opts,
-		log:      log,
-		sent:     storage.Cursor{},
-		maxSent:  map[string]uint64{},
-		inflight: map[uint16]pending{},
+		opts:    opts,
+		log:     log,
+		sent:    storage.Cursor{},
+		maxSent: map[string]uint64{},
 	}
 	u.sess = newSession(u)
 	u.lastErr.Store("")
@@ -301,7 +290,7 @@ func (u *Uplink) Close(ctx context.Context) error {
 // Stats returns a snapshot of the uplink's counters.
 func (u *Uplink) Stats() Stats {
 	u.mu.Lock()
-	inflight := len(u.inflight)
+	inflight := u.win.len()
 	u.mu.Unlock()
 	return Stats{
 		Connected:     u.connected.Load(),
@@ -462,8 +451,8 @@ func (u *Uplink) watchdog() {
 		case <-t.C:
 		}
 		u.mu.Lock()
-		stalled := len(u.inflight) > 0 && time.Since(u.progress) > u.opts.StallTimeout
-		n := len(u.inflight)
+		n := u.win.len()
+		stalled := n > 0 && time.Since(u.progress) > u.opts.StallTimeout
 		if stalled {
 			u.progress = time.Now() // one cut per timeout
 		}
@@ -489,11 +478,10 @@ func (u *Uplink) wakeLocked() {
 // next sends start again at the oldest unacknowledged message of each route.
 // u.mu must be held.
 func (u *Uplink) rewindLocked() {
-	for _, p := range u.inflight {
+	for _, p := range u.win.all() {
 		u.cursorBeforeLocked(p.ref)
 	}
-	clear(u.inflight)
-	u.flights = nil
+	u.win.clear()
 	u.gen++
 	u.wakeLocked()
 	u.freedLocked()
@@ -515,31 +503,6 @@ func (u *Uplink) resendFromLocked(r storage.Ref) {
 	u.wakeLocked()
 }
 
-// skippedBeforeLocked removes from the window, and returns, the messages
-// sent before p that are still unacknowledged. A receiver acknowledges QoS 1
-// publishes in the order it received them [MQTT-4.6.0-2], so these never
-// reached it on this connection. p must already be out of u.inflight. u.mu
-// must be held.
-func (u *Uplink) skippedBeforeLocked(p pending) []pending {
-	var skipped []pending
-	for len(u.flights) > 0 {
-		f := u.flights[0]
-		q, ok := u.inflight[f.packetID]
-		if ok && q.order == f.order {
-			if f.order > p.order {
-				break
-			}
-			skipped = append(skipped, q)
-			delete(u.inflight, f.packetID)
-		}
-		u.flights = u.flights[1:]
-	}
-	if len(u.flights) == 0 {
-		u.flights = nil
-	}
-	return skipped
-}
-
 // puback handles a PUBACK read on the connection of the given epoch.
 func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
 	u.mu.Lock()
@@ -549,12 +512,9 @@ func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
 		u.mu.Unlock()
 		return
 	}
-	p, found := u.inflight[id]
-	var skipped []pending
+	p, skipped, found := u.win.take(id)
 	if found {
-		delete(u.inflight, id)
 		u.progress = time.Now()
-		skipped = u.skippedBeforeLocked(p)
 		for _, q := range skipped {
 			u.resendFromLocked(q.ref)
 		}

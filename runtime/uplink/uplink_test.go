@@ -108,6 +108,17 @@ func (h *harness) puback(id uint16, reason byte) {
 	h.u.puback(epoch, id, reason)
 }
 
+// inFlight returns the packet identifiers in flight, oldest first.
+func (h *harness) inFlight() []uint16 {
+	h.u.mu.Lock()
+	defer h.u.mu.Unlock()
+	var ids []uint16
+	for o := h.u.win.first; o < h.u.win.next; o++ {
+		ids = append(ids, uint16(o%idSpace)+1)
+	}
+	return ids
+}
+
 // reconnect stands for a new connection: dial, then the CONNACK.
 func (h *harness) reconnect() {
 	h.t.Helper()
@@ -146,13 +157,13 @@ func (h *harness) stored() []string {
 // the session assigned and the message id as a user property.
 func TestSendEncodesThePublish(t *testing.T) {
 	h := newHarness(t, "one", "two")
-	for _, want := range []string{"one", "two"} {
+	for i, want := range []string{"one", "two"} {
 		pub := h.send()
 		if string(pub.Payload) != want || pub.Topic != "up/t" || pub.QoS != 1 || pub.PacketID == 0 {
 			t.Fatalf("sent %q on %q qos %d id %d, want %q on up/t qos 1 with an id", pub.Payload, pub.Topic, pub.QoS, pub.PacketID, want)
 		}
-		if _, ok := h.u.inflight[pub.PacketID]; !ok {
-			t.Fatalf("packet %d is not registered as in flight", pub.PacketID)
+		if ids := h.inFlight(); len(ids) != i+1 || ids[i] != pub.PacketID {
+			t.Fatalf("in flight %v, want packet %d registered last", ids, pub.PacketID)
 		}
 		if !hasUserProp(pub.Properties, MessageIDProperty) {
 			t.Fatalf("no %s user property: %+v", MessageIDProperty, pub.Properties.User)
@@ -310,7 +321,7 @@ func TestLostConnectionRewinds(t *testing.T) {
 	}
 	// The next connection starts again at a.
 	h.reconnect()
-	h.u.lastID = id - 1 // so that a gets the old connection's identifier
+	h.u.win.first, h.u.win.next = 0, 0 // so that a gets the old connection's identifier
 	pub := h.send()
 	if got := string(pub.Payload); got != "a" || pub.PacketID != id {
 		t.Fatalf("first after reconnecting: %q with id %d, want a with %d", got, pub.PacketID, id)
@@ -373,13 +384,7 @@ func BenchmarkSend(b *testing.B) {
 			}
 			sent++
 		}
-		h.u.mu.Lock()
-		ids := make([]uint16, 0, len(h.u.inflight))
-		for id := range h.u.inflight {
-			ids = append(ids, id)
-		}
-		h.u.mu.Unlock()
-		for _, id := range ids {
+		for _, id := range h.inFlight() {
 			h.puback(id, 0)
 		}
 	}
@@ -434,18 +439,6 @@ func TestWindowWaitEndsWithTheConnection(t *testing.T) {
 	}
 	if left := h.stored(); len(left) != 2 {
 		t.Fatalf("stored %q, want both kept", left)
-	}
-}
-
-// TestPacketIDsSkipThoseInFlight: identifiers wrap around past 65535,
-// never use 0, and never reuse one still in flight.
-func TestPacketIDsSkipThoseInFlight(t *testing.T) {
-	h := newHarness(t)
-	h.u.inflight[65535] = pending{}
-	h.u.inflight[1] = pending{}
-	h.u.lastID = 65534
-	if id := h.u.packetIDLocked(); id != 2 {
-		t.Fatalf("next id %d, want 2 (65535 and 1 in flight, 0 never used)", id)
 	}
 }
 
