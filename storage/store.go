@@ -793,10 +793,14 @@ func max2(a, b uint64) uint64 {
 // batched in the background within ackGather; Stats reflect them once
 // written. A crash before that only makes the message be sent again.
 func (o *Outbox) Ack(refs ...Ref) error {
+	o.ackMu.Lock()
+	// Checked under ackMu: Close marks the outbox closed before its last
+	// flush takes the pending list, so an Ack is either in that list or
+	// refused.
 	if o.closed.Load() {
+		o.ackMu.Unlock()
 		return ErrClosed
 	}
-	o.ackMu.Lock()
 	before := len(o.acks)
 	o.acks = append(o.acks, refs...)
 	after := len(o.acks)

@@ -816,3 +816,52 @@ func TestValueLogMessages(t *testing.T) {
 		t.Fatalf("after acknowledging a fresh one: %d messages, %d bytes; want 0 and 0", st.Messages, st.Bytes)
 	}
 }
+
+// TestAckRacingClose: acknowledgements made while the outbox closes are
+// either written before it closes or refused with ErrClosed; none that
+// returned nil is dropped (it would only be sent again, but Ack promised).
+func TestAckRacingClose(t *testing.T) {
+	dir := t.TempDir()
+	ob, err := Open(Options{Dir: dir, Routes: []Route{{Name: "r"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seqs := appendN(t, ob, "r", 4000, "m")
+	const P = 4
+	accepted := make([][]uint64, P)
+	var wg sync.WaitGroup
+	for g := range P {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := g; i < len(seqs); i += P {
+				if err := ob.Ack(Ref{Route: "r", Seq: seqs[i]}); err == nil {
+					accepted[g] = append(accepted[g], seqs[i])
+				} else if !errors.Is(err, ErrClosed) {
+					t.Errorf("ack: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Millisecond)
+	if err := ob.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	ob = open(t, Options{Dir: dir})
+	left := map[uint64]bool{}
+	for _, m := range drain(t, ob, false) {
+		left[m.Seq] = true
+	}
+	n := 0
+	for _, acc := range accepted {
+		for _, s := range acc {
+			n++
+			if left[s] {
+				t.Fatalf("seq %d: Ack returned nil before Close, but it is still stored", s)
+			}
+		}
+	}
+	t.Logf("%d of %d acknowledgements accepted before Close", n, len(seqs))
+}

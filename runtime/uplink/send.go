@@ -220,7 +220,7 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 // per burst of sends rather than once per PUBACK: with a slow upstream,
 // waking per PUBACK doubled the agent's CPU per message.
 func (u *Uplink) roomLocked(l *link) error {
-	for u.win.len() >= l.recvMax && l.ctx.Err() == nil {
+	for (u.win.len() >= l.recvMax || u.win.span() >= idSpace) && l.ctx.Err() == nil {
 		if u.room == nil {
 			u.room = make(chan struct{})
 		}
@@ -239,7 +239,7 @@ func (u *Uplink) roomLocked(l *link) error {
 // freedLocked wakes a publish loop waiting for room in the window once the
 // window is down to its low-water mark. u.mu must be held.
 func (u *Uplink) freedLocked() {
-	if u.room != nil && u.win.len() <= u.lowWater {
+	if u.room != nil && u.win.len() <= u.lowWater && u.win.span() < idSpace {
 		close(u.room)
 		u.room = nil
 	}

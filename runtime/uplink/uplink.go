@@ -382,6 +382,12 @@ func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
 		recvMax = *ca.Properties.ReceiveMaximum
 	}
+	if recvMax == 0 {
+		// A protocol error (MQTT 5 section 3.2.2.3.3); with a window of 0 nothing
+		// would ever be sent.
+		u.log.Warn("the upstream announced a Receive Maximum of 0 (a protocol error): using 1")
+		recvMax = 1
+	}
 	maxPacket := uint32(0)
 	if ca.Properties != nil && ca.Properties.MaximumPacketSize != nil {
 		maxPacket = *ca.Properties.MaximumPacketSize
@@ -518,8 +524,8 @@ func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
 		for _, q := range skipped {
 			u.resendFromLocked(q.ref)
 		}
-		u.freedLocked()
 	}
+	u.freedLocked()
 	u.mu.Unlock()
 	if !found {
 		u.log.Debug("PUBACK for a packet identifier not in flight: ignored", "packet_id", id, "reason_code", reason)

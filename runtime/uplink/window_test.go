@@ -48,8 +48,9 @@ func TestWindowIdentifiers(t *testing.T) {
 }
 
 // TestWindowTakeSkipsEarlier: a PUBACK that overtakes earlier publishes
-// removes them and returns them, oldest first; later ones stay in flight,
-// and their identifiers still find them.
+// returns them, oldest first, to be sent again; they keep their
+// identifiers until their own late PUBACK, which frees them without
+// acknowledging anything. Later publishes stay in flight.
 func TestWindowTakeSkipsEarlier(t *testing.T) {
 	var w window
 	var ids []uint16
@@ -60,14 +61,50 @@ func TestWindowTakeSkipsEarlier(t *testing.T) {
 	if !ok || p.ref.Seq != 2 || !reflect.DeepEqual(seqs(skipped), []uint64{0, 1}) {
 		t.Fatalf("take = seq %d, skipped %v, %v; want 2 with 0 and 1 skipped", p.ref.Seq, seqs(skipped), ok)
 	}
-	if w.len() != 2 || !reflect.DeepEqual(seqs(w.all()), []uint64{3, 4}) {
-		t.Fatalf("left in flight %v, want [3 4]", seqs(w.all()))
+	if w.len() != 4 || !reflect.DeepEqual(seqs(w.all()), []uint64{0, 1, 3, 4}) {
+		t.Fatalf("left %v (len %d), want [0 1 3 4]: the skipped ones still hold their identifiers", seqs(w.all()), w.len())
 	}
 	if _, _, ok := w.take(ids[0]); ok {
-		t.Fatal("a skipped publish was still found by its identifier")
+		t.Fatal("the late PUBACK of a skipped publish acknowledged something")
 	}
-	if p, _, ok := w.take(ids[4]); !ok || p.ref.Seq != 4 {
-		t.Fatalf("take(last) = %d %v", p.ref.Seq, ok)
+	if w.len() != 3 || w.first != 1 {
+		t.Fatalf("after the late PUBACK: len %d, first %d; want 3 and 1", w.len(), w.first)
+	}
+	if p, skipped, ok := w.take(ids[4]); !ok || p.ref.Seq != 4 || !reflect.DeepEqual(seqs(skipped), []uint64{3}) {
+		t.Fatalf("take(last) = %d, skipped %v, %v; want 4 with 3 skipped (1 was skipped already)", p.ref.Seq, seqs(skipped), ok)
+	}
+}
+
+// TestWindowSkippedIdentifierNotReused: while a skipped publish may still
+// be acknowledged, the window cannot span the identifier space, so its
+// identifier is not given to a new publish; its late PUBACK frees it and
+// acknowledges nothing else.
+func TestWindowSkippedIdentifierNotReused(t *testing.T) {
+	var w window
+	id0 := w.add(pend(0))
+	id1 := w.add(pend(1))
+	if _, skipped, ok := w.take(id1); !ok || len(skipped) != 1 {
+		t.Fatalf("take(id1): ok %v, %d skipped", ok, len(skipped))
+	}
+	seq := uint64(2)
+	for w.span() < idSpace { // as the publish loop waits for room
+		id := w.add(pend(seq))
+		if id == id0 {
+			t.Fatalf("identifier %d of the skipped publish was given to seq %d", id0, seq)
+		}
+		if _, _, ok := w.take(id); !ok {
+			t.Fatalf("take(%d) of seq %d failed", id, seq)
+		}
+		seq++
+	}
+	if w.len() != 1 || seq != idSpace {
+		t.Fatalf("len %d after %d publishes, want only the skipped one left after %d", w.len(), seq, idSpace)
+	}
+	if _, _, ok := w.take(id0); ok || w.len() != 0 || w.span() != 0 {
+		t.Fatalf("late PUBACK: ok %v, len %d, span %d; want nothing acknowledged and an empty window", ok, w.len(), w.span())
+	}
+	if id := w.add(pend(seq)); id != id0 {
+		t.Fatalf("after the late PUBACK the next identifier is %d, want %d again", id, id0)
 	}
 }
 
