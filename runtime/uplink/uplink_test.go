@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
+	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/outpost-edge/outpost/internal/batchconn"
 	"github.com/outpost-edge/outpost/storage"
@@ -450,5 +451,25 @@ func TestPahoPublishRefused(t *testing.T) {
 	err := h.u.sess.AddToSession(context.Background(), &packets.Publish{Topic: "t", QoS: 1}, make(chan packets.ControlPacket, 1))
 	if !errors.Is(err, errPahoPublish) {
 		t.Fatalf("AddToSession(PUBLISH): %v, want errPahoPublish", err)
+	}
+}
+
+// TestReceiveMaximumZero: a server that announces a Receive Maximum of 0
+// (a protocol error) gets a window of 1 instead of a loop that never sends.
+func TestReceiveMaximumZero(t *testing.T) {
+	h := newHarness(t, "a")
+	h.u.dialled = h.l.conn
+	h.u.link = nil // the harness's link has no loop to stop
+	zero := uint16(0)
+	h.u.onUp(nil, &paho.Connack{Properties: &paho.ConnackProperties{ReceiveMaximum: &zero}})
+	t.Cleanup(h.u.stopLink)
+	h.u.mu.Lock()
+	l := h.u.link
+	h.u.mu.Unlock()
+	if l == nil || l.recvMax != 1 {
+		t.Fatalf("link %+v, want a window of 1", l)
+	}
+	if got := string(h.read().Payload); got != "a" {
+		t.Fatalf("sent %q, want a", got)
 	}
 }
