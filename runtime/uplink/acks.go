@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"time"
 )
 
 // ackReader is the connection paho reads from. It takes the PUBACKs out of
@@ -25,6 +26,9 @@ type ackReader struct {
 	r     *bufio.Reader
 	pass  int // bytes of the current packet still to hand to paho
 	onAck func(id uint16, reason byte)
+	// pace, when set, says how long to let PUBACKs gather before reading
+	// the socket again once everything read is handled (see ackPace).
+	pace func() time.Duration
 }
 
 // ackReadBuffer is the read buffer of an ackReader.
@@ -44,6 +48,11 @@ const (
 
 func (a *ackReader) Read(p []byte) (int, error) {
 	for a.pass == 0 {
+		if a.r.Buffered() == 0 && a.pace != nil {
+			if d := a.pace(); d > 0 {
+				time.Sleep(d)
+			}
+		}
 		hlen, rlen, err := a.header()
 		if err != nil {
 			return 0, err

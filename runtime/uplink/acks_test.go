@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 
@@ -123,5 +124,50 @@ func TestAckReaderMalformed(t *testing.T) {
 		if len(got) != 0 || len(acks) != 0 {
 			t.Errorf("%s: read %d packets and %d acks, want none", name, len(got), len(acks))
 		}
+	}
+}
+
+// TestAckReaderPaces: with pacing on, the reader waits before reading the
+// socket only when everything read so far is handled, and nothing is lost
+// or reordered.
+func TestAckReaderPaces(t *testing.T) {
+	stream := encode(t,
+		&packets.Puback{PacketID: 1, Properties: &packets.Properties{}},
+		&packets.Pingresp{},
+		&packets.Puback{PacketID: 2, ReasonCode: 0x10, Properties: &packets.Properties{}},
+	)
+	client, server := net.Pipe()
+	defer client.Close()
+	go func() {
+		_, _ = server.Write(stream) // one write: one read takes it all
+		server.Close()
+	}()
+	var acks []ack
+	ar := newAckReader(batchconn.New(client).(lockedConn), client, func(id uint16, reason byte) {
+		acks = append(acks, ack{id, reason})
+	})
+	paced := 0
+	ar.pace = func() time.Duration { paced++; return time.Millisecond }
+	var types []byte
+	for {
+		cp, err := packets.ReadPacket(ar)
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				t.Fatalf("stream ended with %v, want EOF", err)
+			}
+			break
+		}
+		types = append(types, cp.Type)
+	}
+	if want := []ack{{1, 0}, {2, 0x10}}; !reflect.DeepEqual(acks, want) {
+		t.Fatalf("acks %v, want %v", acks, want)
+	}
+	if !bytes.Equal(types, []byte{packets.PINGRESP}) {
+		t.Fatalf("paho read %v, want only the PINGRESP", types)
+	}
+	// Once before the first read, once before the read that finds the end:
+	// never while packets were buffered.
+	if paced != 2 {
+		t.Fatalf("paced %d times, want 2", paced)
 	}
 }
