@@ -214,11 +214,12 @@ func waitPort(addr string) error {
 // It subscribes at QoS 0 so that its own acknowledgements do not limit the
 // figures (the upstream queues QoS 0 for its session: queue_qos0_messages).
 type counter struct {
-	mu          sync.Mutex
-	seen        map[string]int
-	first, last time.Time
-	cancel      context.CancelFunc
-	done        <-chan struct{}
+	mu             sync.Mutex
+	seen           map[string]int
+	distinct, dups int // kept as messages arrive: counts is polled often
+	first, last    time.Time
+	cancel         context.CancelFunc
+	done           <-chan struct{}
 }
 
 func newCounter(upURL, filter string) (*counter, error) {
@@ -258,7 +259,11 @@ func newCounter(upURL, filter string) (*counter, error) {
 					c.first = now
 				}
 				c.last = now
-				c.seen[key]++
+				if c.seen[key]++; c.seen[key] == 1 {
+					c.distinct++
+				} else {
+					c.dups++
+				}
 				c.mu.Unlock()
 				return true, nil
 			}},
@@ -287,11 +292,7 @@ func (c *counter) close() {
 func (c *counter) counts() (distinct, dups int, first, last time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, k := range c.seen {
-		distinct++
-		dups += k - 1
-	}
-	return distinct, dups, c.first, c.last
+	return c.distinct, c.dups, c.first, c.last
 }
 
 // waitDistinct waits until want distinct messages arrived, or until nothing
