@@ -865,3 +865,35 @@ func TestAckRacingClose(t *testing.T) {
 	}
 	t.Logf("%d of %d acknowledgements accepted before Close", n, len(seqs))
 }
+
+// TestAcksFlushedInBackground: acknowledgements are deleted without any
+// explicit flush, both when a few gather until the flusher's timer and when
+// a full batch arrives at once.
+func TestAcksFlushedInBackground(t *testing.T) {
+	ob := open(t, Options{})
+	seqs := appendN(t, ob, "r", ackBatch+10, "m")
+	waitMessages := func(want int64) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for ob.Stats().Messages != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d messages stored, want %d: the acknowledgements were not deleted", ob.Stats().Messages, want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for _, s := range seqs[:3] { // fewer than a batch: the gathering time ends it
+		if err := ob.Ack(Ref{Route: "r", Seq: s}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitMessages(int64(len(seqs) - 3))
+	refs := make([]Ref, 0, len(seqs)-3)
+	for _, s := range seqs[3:] { // a full batch in one call
+		refs = append(refs, Ref{Route: "r", Seq: s})
+	}
+	if err := ob.Ack(refs...); err != nil {
+		t.Fatal(err)
+	}
+	waitMessages(0)
+}
