@@ -41,7 +41,17 @@ type link struct {
 	pub   packets.Publish
 	props packets.Properties
 	one   byte // the payload format indicator's value
+
+	// out gathers the encoded packets of a batch for one Write (flush);
+	// qos0 are the QoS 0 messages in it, deleted from the outbox once
+	// written.
+	out  bytes.Buffer
+	qos0 []pending
 }
+
+// flushAt is the size at which send writes what it has gathered without
+// waiting for the end of the batch.
+const flushAt = 64 << 10
 
 // run sends the outbox, in order, until the link's context ends or a write
 // fails. A QoS 1 publish waits for room in the window (the server's Receive
@@ -57,7 +67,11 @@ func (u *Uplink) run(l *link) {
 		}
 		for i := range msgs {
 			again, err := u.send(l, &msgs[i], gen, &scratch)
+			if err == nil && (again || i == len(msgs)-1) {
+				err = u.flush(l)
+			}
 			if err != nil {
+				_ = u.flush(l) // what was gathered before the error goes out
 				switch {
 				case l.ctx.Err() != nil, errors.Is(err, errQoS0Only):
 				case errors.Is(err, errLinkDown):
@@ -131,6 +145,35 @@ var errLinkDown = errors.New("connection lost")
 // errQoS0Only stops a link to a server that does not accept QoS 1.
 var errQoS0Only = errors.New("the upstream accepts QoS 0 only; Outpost forwards QoS 1 so that nothing is lost: messages stay stored")
 
+// flush writes the packets gathered in l.out in one Write: one wake-up of
+// the connection's writer per batch instead of one per message. A QoS 1
+// packet is in the window before it is gathered, so a failed write is
+// covered by the rewind of the lost connection; the QoS 0 ones are sent
+// again from the first of them.
+func (u *Uplink) flush(l *link) error {
+	if l.out.Len() == 0 {
+		return nil
+	}
+	l.conn.Lock()
+	_, err := l.conn.Write(l.out.Bytes())
+	l.conn.Unlock()
+	l.out.Reset()
+	qos0 := l.qos0
+	l.qos0 = l.qos0[:0]
+	if err != nil {
+		if len(qos0) > 0 {
+			u.mu.Lock()
+			u.resendFromLocked(qos0[0].ref)
+			u.mu.Unlock()
+		}
+		return fmt.Errorf("%w: write: %w", errLinkDown, err)
+	}
+	for _, p := range qos0 {
+		u.acked(p, 0)
+	}
+	return nil
+}
+
 // send publishes m on l. again reports that the send window was rewound
 // meanwhile, so the caller must read from the cursor again; err that the
 // link cannot go on.
@@ -194,22 +237,14 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 	advanced := u.advanceLocked(p.ref, gen)
 	u.mu.Unlock()
 
-	l.conn.Lock()
-	_, err = l.conn.Write(scratch.Bytes())
-	l.conn.Unlock()
-	if err != nil {
-		if p.qos == 0 {
-			// Not in the window, so the rewind after the lost connection
-			// would not send it again: move the cursor back to it now.
-			u.mu.Lock()
-			u.resendFromLocked(p.ref)
-			u.mu.Unlock()
-		}
-		// A QoS 1 message is in the window: the lost connection rewinds it.
-		return false, fmt.Errorf("%w: write: %w", errLinkDown, err)
-	}
+	l.out.Write(scratch.Bytes())
 	if p.qos == 0 {
-		u.acked(p, 0)
+		l.qos0 = append(l.qos0, p)
+	}
+	if l.out.Len() >= flushAt {
+		if err := u.flush(l); err != nil {
+			return false, err
+		}
 	}
 	return !advanced, nil
 }
@@ -228,6 +263,11 @@ func (u *Uplink) roomLocked(l *link) error {
 		u.lowWater = l.recvMax - max(1, l.recvMax/4)
 		room := u.room
 		u.mu.Unlock()
+		// The PUBACKs that make room can only come for what was written.
+		if err := u.flush(l); err != nil {
+			u.mu.Lock()
+			return err
+		}
 		select {
 		case <-room:
 		case <-l.ctx.Done():

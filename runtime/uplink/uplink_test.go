@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -73,8 +74,9 @@ func (h *harness) send() *packets.Publish {
 	return h.read()
 }
 
-// sendOnly sends the next stored message and returns send's error. It
-// does not stop the test, so it may run on another goroutine.
+// sendOnly sends (and flushes) the next stored message, as the publish
+// loop does at the end of a batch, and returns the error. It does not stop
+// the test, so it may run on another goroutine.
 func (h *harness) sendOnly() error {
 	ctx, cancel := context.WithTimeout(h.l.ctx, 5*time.Second)
 	defer cancel()
@@ -82,8 +84,10 @@ func (h *harness) sendOnly() error {
 	if !ok {
 		return errors.New("nothing to send")
 	}
-	_, err := h.u.send(h.l, &msgs[0], gen, &h.buf)
-	return err
+	if _, err := h.u.send(h.l, &msgs[0], gen, &h.buf); err != nil {
+		return err
+	}
+	return h.u.flush(h.l)
 }
 
 // read returns the next packet on the wire.
@@ -385,6 +389,9 @@ func BenchmarkSend(b *testing.B) {
 			}
 			sent++
 		}
+		if err := h.u.flush(h.l); err != nil {
+			b.Fatal(err)
+		}
 		for _, id := range h.inFlight() {
 			h.puback(id, 0)
 		}
@@ -471,5 +478,67 @@ func TestReceiveMaximumZero(t *testing.T) {
 	}
 	if got := string(h.read().Payload); got != "a" {
 		t.Fatalf("sent %q, want a", got)
+	}
+}
+
+// countingConn counts the Writes made to a link's connection.
+type countingConn struct {
+	lockedConn
+	mu     sync.Mutex
+	writes int
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.writes++
+	c.mu.Unlock()
+	return c.lockedConn.Write(p)
+}
+
+func (c *countingConn) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.writes
+}
+
+// runLoop starts the publish loop on h's link and stops it at the end of
+// the test.
+func (h *harness) runLoop() {
+	go h.u.run(h.l)
+	h.t.Cleanup(func() { h.l.cancel(); <-h.l.done })
+}
+
+// TestBatchGoesOutInOneWrite: the publish loop gathers the packets of a
+// batch read from the outbox and writes them to the connection at once.
+func TestBatchGoesOutInOneWrite(t *testing.T) {
+	payloads := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
+	h := newHarness(t, payloads...)
+	cc := &countingConn{lockedConn: h.l.conn}
+	h.l.conn = cc
+	h.runLoop()
+	for _, want := range payloads {
+		if got := string(h.read().Payload); got != want {
+			t.Fatalf("got %q, want %q", got, want)
+		}
+	}
+	if n := cc.count(); n != 1 {
+		t.Fatalf("%d writes for a batch of %d messages, want 1", n, len(payloads))
+	}
+}
+
+// TestFullWindowWritesWhatItGathered: a publish loop that must wait for
+// room in the window first writes the packets it gathered, since the
+// PUBACKs that make room can only come for packets the server got.
+// Without that the loop and the server would wait for each other.
+func TestFullWindowWritesWhatItGathered(t *testing.T) {
+	h := newHarness(t, "a", "b", "c", "d")
+	h.l.recvMax = 2
+	h.runLoop()
+	for _, want := range []string{"a", "b", "c", "d"} {
+		pub := h.read() // fails after 5 s if a gathered packet stayed back
+		if got := string(pub.Payload); got != want {
+			t.Fatalf("got %q, want %q", got, want)
+		}
+		h.puback(pub.PacketID, 0)
 	}
 }
