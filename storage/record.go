@@ -141,3 +141,33 @@ func (r *reader) bytes() []byte {
 	}
 	return out
 }
+
+// A segment is the value of one message entry: the records of messages
+// appended to one route in one commit, whose sequence numbers are
+// consecutive, each as its length (uvarint) and the record. Entries written
+// before segments existed hold one bare record (see parseKey).
+
+// appendFramed appends one record to a segment.
+func appendFramed(seg, rec []byte) []byte { return appendBytes(seg, rec) }
+
+// splitSegment calls fn with each of the n records of a segment, in order,
+// until fn returns false.
+func splitSegment(v []byte, n int, fn func(i int, rec []byte) bool) error {
+	r := reader{b: v}
+	for i := range n {
+		rec := r.bytes()
+		if r.err == nil && len(rec) == 0 {
+			r.err = errShort
+		}
+		if r.err != nil {
+			return fmt.Errorf("storage: segment: record %d of %d: %w", i, n, r.err)
+		}
+		if !fn(i, rec) {
+			return nil
+		}
+	}
+	if len(r.b) != 0 {
+		return fmt.Errorf("storage: segment: %d trailing bytes", len(r.b))
+	}
+	return nil
+}

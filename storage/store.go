@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bytes"
+	stdcmp "cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -12,6 +13,7 @@ import (
 	"math"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,8 +22,13 @@ import (
 	"github.com/dgraph-io/badger/v4/options"
 )
 
-// Key layout: 'o' | len(route) | route | seq (8 bytes, big-endian) for
-// messages; 'm' | name for metadata.
+// Key layout: 'o' | len(route) | route | last (8 bytes, big-endian) |
+// count (4 bytes, big-endian) for a segment, the messages last-count+1 to
+// last of one route, appended in one commit (record.go); 'm' | name for
+// metadata. Ordered by last, a scan from 'o' | len | route | seq starts at
+// the segment that holds seq, if one does. Stores written before segments
+// hold one message per entry, keyed 'o' | len(route) | route | seq, with
+// the bare record as the value; they are read as segments of one.
 const (
 	prefixMsg  = 'o'
 	prefixMeta = 'm'
@@ -30,23 +37,89 @@ const (
 var metaStoreID = []byte{prefixMeta, 'i', 'd'}
 
 func routePrefix(route string) []byte {
-	k := make([]byte, 0, 2+len(route)+8)
+	k := make([]byte, 0, 2+len(route)+12)
 	k = append(k, prefixMsg, byte(len(route)))
 	return append(k, route...)
 }
 
-func msgKey(route string, seq uint64) []byte {
+// seekKey is where a scan for the message seq of route starts.
+func seekKey(route string, seq uint64) []byte {
 	return binary.BigEndian.AppendUint64(routePrefix(route), seq)
 }
 
-// parseKey splits a message key.
-func parseKey(k []byte) (route string, seq uint64, ok bool) {
-	if len(k) < 2 || k[0] != prefixMsg || len(k) != 2+int(k[1])+8 {
-		return "", 0, false
-	}
-	n := int(k[1])
-	return string(k[2 : 2+n]), binary.BigEndian.Uint64(k[2+n:]), true
+// segment names one message entry.
+type segment struct {
+	route string
+	last  uint64 // sequence number of its last message
+	n     uint32 // messages in it, with consecutive sequence numbers
+	bare  bool   // written before segments: one bare record, no count in the key
 }
+
+func (s segment) first() uint64 { return s.last - uint64(s.n) + 1 }
+
+func (s segment) holds(seq uint64) bool { return seq >= s.first() && seq <= s.last }
+
+func (s segment) key() []byte {
+	k := seekKey(s.route, s.last)
+	if s.bare {
+		return k
+	}
+	return binary.BigEndian.AppendUint32(k, s.n)
+}
+
+func (s segment) id() segID { return segID{s.route, s.last} }
+
+// parseKey reads a message entry's key.
+func parseKey(k []byte) (segment, bool) {
+	if len(k) < 2 || k[0] != prefixMsg {
+		return segment{}, false
+	}
+	rl := int(k[1])
+	if len(k) < 2+rl+8 {
+		return segment{}, false
+	}
+	s := segment{route: string(k[2 : 2+rl]), last: binary.BigEndian.Uint64(k[2+rl:])}
+	switch len(k) - 2 - rl {
+	case 8:
+		s.n, s.bare = 1, true
+	case 12:
+		s.n = binary.BigEndian.Uint32(k[2+rl+8:])
+		if s.n == 0 || uint64(s.n) > s.last {
+			return segment{}, false
+		}
+	default:
+		return segment{}, false
+	}
+	return s, true
+}
+
+// segID identifies a segment in Outbox.done.
+type segID struct {
+	route string
+	last  uint64
+}
+
+// segState records which messages of a segment are done (acknowledged,
+// expired): bit i is its message first+i.
+type segState struct {
+	first uint64
+	bits  []uint64
+	left  uint32 // messages not done
+}
+
+func isDone(bits []uint64, first, seq uint64) bool {
+	i := seq - first
+	return bits != nil && bits[i/64]&(1<<(i%64)) != 0
+}
+
+// Bounds of a segment: a commit's messages for one route are split into
+// segments of at most segMaxMsgs messages and segMaxBytes bytes (a larger
+// message is a segment of its own). Eviction frees whole segments, so these
+// also bound how many messages one eviction drops beyond what it must.
+const (
+	segMaxMsgs  = 64
+	segMaxBytes = 64 << 10
+)
 
 // userMeta bit on a message entry: the record has an expiry.
 const metaHasExpiry = 1
@@ -80,6 +153,11 @@ type Outbox struct {
 	dropped [3]atomic.Int64
 
 	delMu sync.Mutex // serializes deletions, so existence checks and accounting agree
+
+	// done holds, for each segment with some of its messages acknowledged
+	// or expired, which ones; a segment is deleted when all are. Guarded by
+	// mu. Lost on a restart: the segment's messages are sent again.
+	done map[segID]*segState
 
 	ackMu   sync.Mutex
 	acks    []Ref
@@ -139,6 +217,7 @@ func Open(opts Options) (*Outbox, error) {
 		log:     log,
 		now:     now,
 		routes:  map[string]*routeState{},
+		done:    map[segID]*segState{},
 		ackWake: make(chan struct{}, 1),
 		notify:  make(chan struct{}, 1),
 	}
@@ -231,24 +310,24 @@ func (o *Outbox) load() error {
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
 			item := it.Item()
-			route, seq, ok := parseKey(item.Key())
+			s, ok := parseKey(item.Key())
 			if !ok {
 				continue
 			}
-			rs := o.routes[route]
+			rs := o.routes[s.route]
 			if rs == nil {
 				// A route no longer configured: keep draining it, last.
-				rs = &routeState{Route: Route{Name: route, Priority: math.MinInt32}, prefix: routePrefix(route)}
-				o.routes[route] = rs
-				o.log.Warn("draining messages of a route that is no longer configured", "route", route)
+				rs = &routeState{Route: Route{Name: s.route, Priority: math.MinInt32}, prefix: routePrefix(s.route)}
+				o.routes[s.route] = rs
+				o.log.Warn("draining messages of a route that is no longer configured", "route", s.route)
 			}
 			if rs.count == 0 {
-				rs.hint = seq
+				rs.hint = s.first()
 			}
-			rs.count++
+			rs.count += int64(s.n)
 			rs.bytes += int64(len(item.Key())) + int64(item.ValueSize())
-			rs.last = max(rs.last, seq)
-			maxSeq = max(maxSeq, seq)
+			rs.last = max(rs.last, s.last)
+			maxSeq = max(maxSeq, s.last)
 		}
 		return nil
 	})
@@ -358,15 +437,17 @@ func (o *Outbox) AppendAsync(m *Message, done func(seq uint64, err error)) error
 	return nil
 }
 
-// stored counts a written message. It moves it from pending to stored in
-// one step under o.mu, where totals reads both.
-func (o *Outbox) stored(rs *routeState, seq uint64, size int64) {
+// stored counts a written segment. It moves its messages from pending to
+// stored in one step under o.mu, where totals reads both.
+func (o *Outbox) stored(w *segWrite) {
 	o.mu.Lock()
-	rs.count++
-	rs.bytes += size
-	rs.last = max(rs.last, seq)
-	o.pendingCount.Add(-1)
-	o.pendingBytes.Add(-size)
+	w.rs.count += int64(w.seg.n)
+	w.rs.bytes += w.size
+	w.rs.last = max(w.rs.last, w.seg.last)
+	for _, r := range w.reqs {
+		o.pendingCount.Add(-1)
+		o.pendingBytes.Add(-r.size)
+	}
 	o.mu.Unlock()
 }
 
@@ -436,9 +517,9 @@ func (o *Outbox) totals(pending bool) totals {
 	return t
 }
 
-// evictOldest deletes the oldest messages of the lowest-priority non-empty
+// evictOldest deletes the oldest segments of the lowest-priority non-empty
 // route until at least needBytes and needMsgs are freed (or the route is
-// empty), and returns how many it deleted.
+// empty), and returns how many segments it deleted.
 func (o *Outbox) evictOldest(needBytes, needMsgs int64) (int, error) {
 	o.flushAcks()
 	o.delMu.Lock()
@@ -459,123 +540,163 @@ func (o *Outbox) evictOldest(needBytes, needMsgs int64) (int, error) {
 	if rs == nil {
 		return 0, nil
 	}
-	var keys [][]byte
+	var segs []segRef
 	err := o.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
 		defer it.Close()
-		var freed int64
-		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(keys) < 1000; it.Next() {
-			if freed >= needBytes && int64(len(keys)) >= needMsgs {
+		var freedBytes, freedMsgs int64
+		for it.Seek(seekKey(rs.Name, from)); it.Valid() && len(segs) < 1000; it.Next() {
+			if freedBytes >= needBytes && freedMsgs >= needMsgs {
 				break
 			}
 			item := it.Item()
-			keys = append(keys, item.KeyCopy(nil))
-			freed += int64(len(item.Key())) + int64(item.ValueSize())
+			s, ok := parseKey(item.Key())
+			if !ok {
+				continue
+			}
+			segs = append(segs, segRef{rs: rs, seg: s, size: int64(len(item.Key())) + int64(item.ValueSize())})
+			freedBytes += segs[len(segs)-1].size
+			freedMsgs += o.left(s)
 		}
 		return nil
 	})
 	if err != nil {
 		return 0, fmt.Errorf("storage: evict: %w", err)
 	}
-	n, err := o.deleteLocked(keys, ReasonEvicted)
-	if len(keys) > 0 {
-		_, seq, _ := parseKey(keys[len(keys)-1])
+	n, err := o.deleteLocked(segs, ReasonEvicted)
+	if len(segs) > 0 {
 		o.mu.Lock()
-		rs.hint = max(rs.hint, seq+1)
+		rs.hint = max(rs.hint, segs[len(segs)-1].seg.last+1)
 		o.mu.Unlock()
 	}
 	if n > 0 {
 		o.log.Debug("evicted oldest messages to make room", "route", rs.Name, "count", n)
 	}
-	return n, err
+	return len(segs), err
 }
 
-// deleteLocked deletes the keys that exist, updates the counters and counts
-// them under reason ("" = acknowledged). o.delMu must be held. keys is
-// sorted in place.
-func (o *Outbox) deleteLocked(keys [][]byte, reason string) (int, error) {
-	slices.SortFunc(keys, bytes.Compare)
-	deleted := 0
-	for len(keys) > 0 {
-		chunk := keys[:min(len(keys), 1000)]
-		keys = keys[len(chunk):]
-		sizes := make([]int64, len(chunk))
+// left returns how many messages of s are not done.
+func (o *Outbox) left(s segment) int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if st := o.done[s.id()]; st != nil {
+		return int64(st.left)
+	}
+	return int64(s.n)
+}
+
+// segRef is a stored segment: its route, name and stored size (key and
+// value).
+type segRef struct {
+	rs   *routeState
+	seg  segment
+	size int64
+}
+
+// deleteLocked deletes stored segments, updates the counters, and counts
+// the messages in them that were not done yet as dropped for reason (none
+// for ""). It returns that number. o.delMu must be held, so that the
+// segments still exist.
+func (o *Outbox) deleteLocked(segs []segRef, reason string) (int, error) {
+	dropped := 0
+	for len(segs) > 0 {
+		chunk := segs[:min(len(segs), 1000)]
+		segs = segs[len(chunk):]
 		err := o.db.Update(func(txn *badger.Txn) error {
-			entrySizes(txn, chunk, sizes)
-			for i, k := range chunk {
-				if sizes[i] < 0 {
-					continue
-				}
-				if err := txn.Delete(k); err != nil {
+			for _, s := range chunk {
+				if err := txn.Delete(s.seg.key()); err != nil {
 					return err
 				}
 			}
 			return nil
 		})
 		if err != nil {
-			return deleted, fmt.Errorf("storage: delete: %w", err)
+			if reason != "" && dropped > 0 {
+				o.drop(reason, int64(dropped))
+			}
+			return dropped, fmt.Errorf("storage: delete: %w", err)
 		}
 		o.commits.Add(1)
 		o.mu.Lock()
-		for i, k := range chunk {
-			if sizes[i] < 0 {
-				continue
+		for _, s := range chunk {
+			left := int64(s.seg.n)
+			if st := o.done[s.seg.id()]; st != nil {
+				left = int64(st.left)
+				delete(o.done, s.seg.id())
 			}
-			route, _, _ := parseKey(k)
-			if rs := o.routes[route]; rs != nil {
-				rs.count--
-				rs.bytes -= sizes[i]
-				if rs.count == 0 {
-					// Badger reports the size of a value in the value log
-					// within a few bytes only: do not let that add up.
-					rs.bytes = 0
-				}
+			s.rs.count -= left
+			s.rs.bytes -= s.size
+			if s.rs.count == 0 {
+				// Badger reports the size of a value in the value log
+				// within a few bytes only: do not let that add up.
+				s.rs.bytes = 0
 			}
-			deleted++
+			dropped += int(left)
 		}
 		o.mu.Unlock()
 	}
-	if reason != "" && deleted > 0 {
-		o.drop(reason, int64(deleted))
+	if reason != "" && dropped > 0 {
+		o.drop(reason, int64(dropped))
 	}
-	return deleted, nil
+	return dropped, nil
 }
 
-// entrySizes sets sizes[i] to the stored size (key and value) of keys[i],
-// or -1 if it is not stored. keys must be sorted. Acknowledged keys are
-// mostly consecutive, so it walks one iterator over them instead of looking
-// each up (a point lookup searches every level of the LSM tree); it seeks
-// again past a gap.
-func entrySizes(txn *badger.Txn, keys [][]byte, sizes []int64) {
-	const maxWalk = 16 // keys stepped over before seeking instead
-	it := txn.NewIterator(badger.IteratorOptions{PrefetchValues: false})
-	defer it.Close()
-	i := 0
-	for i < len(keys) {
-		it.Seek(keys[i])
-		for walked := 0; i < len(keys) && walked <= maxWalk; {
-			if !it.Valid() {
-				for ; i < len(keys); i++ {
-					sizes[i] = -1
-				}
-				return
+// mark names one message of a stored segment.
+type mark struct {
+	segRef
+	seq uint64
+}
+
+// finishLocked marks messages done (acknowledged for reason "", else
+// dropped and counted for reason), and deletes the segments all of whose
+// messages are done. Marking a message done twice has no effect. o.delMu
+// must be held.
+func (o *Outbox) finishLocked(marks []mark, reason string) error {
+	var full []segRef
+	newly := 0
+	o.mu.Lock()
+	for len(marks) > 0 {
+		// The marks of one segment: adjacent, in order.
+		id := marks[0].seg.id()
+		j, ordered := 1, true
+		for j < len(marks) && marks[j].seg.id() == id {
+			ordered = ordered && marks[j].seq > marks[j-1].seq
+			j++
+		}
+		group := marks[:j]
+		marks = marks[j:]
+		st := o.done[id]
+		if st == nil && ordered && len(group) == int(group[0].seg.n) {
+			// All of it at once, the usual case: no state to keep.
+			// deleteLocked takes the messages off the count.
+			newly += len(group)
+			full = append(full, group[0].segRef)
+			continue
+		}
+		for _, m := range group {
+			if st == nil {
+				st = &segState{first: m.seg.first(), bits: make([]uint64, (m.seg.n+63)/64), left: m.seg.n}
+				o.done[id] = st
 			}
-			item := it.Item()
-			switch c := bytes.Compare(item.Key(), keys[i]); {
-			case c == 0:
-				sizes[i] = int64(len(keys[i])) + int64(item.ValueSize())
-				i++
-				it.Next()
-				walked = 0
-			case c < 0:
-				it.Next()
-				walked++
-			default:
-				sizes[i] = -1
-				i++
+			i := m.seq - st.first
+			if st.bits[i/64]&(1<<(i%64)) != 0 {
+				continue
+			}
+			st.bits[i/64] |= 1 << (i % 64)
+			st.left--
+			m.rs.count--
+			newly++
+			if st.left == 0 {
+				full = append(full, m.segRef)
 			}
 		}
 	}
+	o.mu.Unlock()
+	if reason != "" && newly > 0 {
+		o.drop(reason, int64(newly))
+	}
+	_, err := o.deleteLocked(full, "")
+	return err
 }
 
 // committer writes the queued appends: everything waiting when it wakes
@@ -612,27 +733,83 @@ const (
 	maxBatchBytes = 4 << 20
 )
 
+// segWrite is one segment being written: consecutive appends to one route.
+type segWrite struct {
+	rs    *routeState
+	seg   segment
+	size  int64 // key and value
+	reqs  []*appendReq
+	entry *badger.Entry
+}
+
+// segments groups batch into segments, per route in arrival order, and
+// assigns sequence numbers: consecutive within a segment, and in the order
+// of the returned list, which is the order they are committed in, so they
+// become visible in order.
+func (o *Outbox) segments(batch []*appendReq) []*segWrite {
+	var byRoute []*routeState
+	groups := map[*routeState][]*appendReq{}
+	for _, r := range batch {
+		if _, ok := groups[r.rs]; !ok {
+			byRoute = append(byRoute, r.rs)
+		}
+		groups[r.rs] = append(groups[r.rs], r)
+	}
+	var out []*segWrite
+	for _, rs := range byRoute {
+		reqs := groups[rs]
+		for len(reqs) > 0 {
+			n, bytes := 1, len(reqs[0].val)
+			for n < len(reqs) && n < segMaxMsgs && bytes+len(reqs[n].val) <= segMaxBytes {
+				bytes += len(reqs[n].val)
+				n++
+			}
+			chunk := reqs[:n:n]
+			reqs = reqs[n:]
+			last := o.seq.Add(uint64(n))
+			w := &segWrite{rs: rs, seg: segment{route: rs.Name, last: last, n: uint32(n)}, reqs: chunk}
+			val := make([]byte, 0, bytes+3*n)
+			var meta byte
+			for i, r := range chunk {
+				r.seq = last - uint64(n-1-i)
+				val = appendFramed(val, r.val)
+				meta |= r.meta
+			}
+			key := w.seg.key()
+			w.size = int64(len(key) + len(val))
+			w.entry = badger.NewEntry(key, val).WithMeta(meta)
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
 // commitBatch writes batch, in as few transactions as Badger allows, and
 // reports each append's outcome.
 func (o *Outbox) commitBatch(batch []*appendReq) {
+	segs := o.segments(batch)
 	txn := o.db.NewTransaction(true)
-	first := 0 // batch[first:] are not reported yet
-	report := func(rs []*appendReq, err error) {
-		for _, r := range rs {
+	first := 0 // segs[first:] are not reported yet
+	report := func(ws []*segWrite, err error) {
+		for _, w := range ws {
 			if err == nil {
-				o.stored(r.rs, r.seq, r.size)
+				o.stored(w)
 			} else {
-				o.pendingCount.Add(-1)
-				o.pendingBytes.Add(-r.size)
+				for _, r := range w.reqs {
+					o.pendingCount.Add(-1)
+					o.pendingBytes.Add(-r.size)
+				}
 			}
-			if err != nil {
-				r.done(0, fmt.Errorf("storage: append %s: %w", r.rs.Name, err))
-			} else {
-				r.done(r.seq, nil)
+			for _, r := range w.reqs {
+				if err != nil {
+					r.done(0, fmt.Errorf("storage: append %s: %w", w.rs.Name, err))
+				} else {
+					r.done(r.seq, nil)
+				}
 			}
 		}
 	}
-	// commit writes batch[first:upTo], which are in txn, and starts a new
+	// commit writes segs[first:upTo], which are in txn, and starts a new
 	// transaction.
 	commit := func(upTo int) {
 		if upTo == first {
@@ -640,30 +817,26 @@ func (o *Outbox) commitBatch(batch []*appendReq) {
 		} else {
 			err := txn.Commit()
 			o.commits.Add(1)
-			report(batch[first:upTo], err)
+			report(segs[first:upTo], err)
 		}
 		first = upTo
 		txn = o.db.NewTransaction(true)
 	}
-	for i, r := range batch {
-		// Sequence numbers are assigned here, in commit order, so they
-		// become visible in order.
-		r.seq = o.seq.Add(1)
-		e := badger.NewEntry(msgKey(r.rs.Name, r.seq), r.val).WithMeta(r.meta)
-		err := txn.SetEntry(e)
+	for i, w := range segs {
+		err := txn.SetEntry(w.entry)
 		if errors.Is(err, badger.ErrTxnTooBig) && i > first {
 			commit(i) // write what fits, go on in a new transaction
-			err = txn.SetEntry(e)
+			err = txn.SetEntry(w.entry)
 		}
 		if err != nil {
-			// r alone cannot be written (larger than Badger takes in one
+			// w alone cannot be written (larger than Badger takes in one
 			// transaction): write the ones before it, refuse it.
 			commit(i)
-			report(batch[i:i+1], err)
+			report(segs[i:i+1], err)
 			first = i + 1
 		}
 	}
-	commit(len(batch))
+	commit(len(segs))
 	txn.Discard()
 	select {
 	case o.notify <- struct{}{}:
@@ -732,15 +905,15 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 	o.mu.Unlock()
 	now := o.now()
 	var msgs []Message
-	var expired [][]byte
+	var expired []mark
 	err := o.db.View(func(txn *badger.Txn) error {
 		// No prefetching: Badger fetches each prefetched value on a goroutine
 		// of its own, and the values here are small and read in order.
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
 		defer it.Close()
-		for it.Seek(msgKey(rs.Name, from)); it.Valid() && len(msgs) < max; it.Next() {
+		for it.Seek(seekKey(rs.Name, from)); it.Valid() && len(msgs) < max; it.Next() {
 			item := it.Item()
-			_, seq, ok := parseKey(item.Key())
+			s, ok := parseKey(item.Key())
 			if !ok {
 				continue
 			}
@@ -748,16 +921,30 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 			if err != nil {
 				return err
 			}
-			m := Message{Seq: seq, Route: rs.Name}
-			if err := decodeRecord(val, &m); err != nil {
-				o.log.Error("unreadable message: skipped", "route", rs.Name, "seq", seq, "error", err)
-				continue
+			ref := segRef{rs: rs, seg: s, size: int64(len(item.Key())) + int64(item.ValueSize())}
+			first, bits := s.first(), o.doneBits(s)
+			visit := func(i int, rec []byte) bool {
+				seq := first + uint64(i)
+				if seq < from || isDone(bits, first, seq) {
+					return true
+				}
+				m := Message{Seq: seq, Route: rs.Name}
+				if err := decodeRecord(rec, &m); err != nil {
+					o.log.Error("unreadable message: skipped", "route", rs.Name, "seq", seq, "error", err)
+					return true
+				}
+				if !m.Expires.IsZero() && !now.Before(m.Expires) {
+					expired = append(expired, mark{ref, seq})
+					return true
+				}
+				msgs = append(msgs, m)
+				return len(msgs) < max
 			}
-			if !m.Expires.IsZero() && !now.Before(m.Expires) {
-				expired = append(expired, item.KeyCopy(nil))
-				continue
+			if s.bare {
+				visit(0, val)
+			} else if err := splitSegment(val, int(s.n), visit); err != nil {
+				o.log.Error("unreadable messages: skipped", "route", rs.Name, "from", first, "to", s.last, "error", err)
 			}
-			msgs = append(msgs, m)
 		}
 		return nil
 	})
@@ -766,7 +953,7 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 	}
 	if len(expired) > 0 {
 		o.delMu.Lock()
-		_, err := o.deleteLocked(expired, ReasonTTL)
+		err := o.finishLocked(o.existing(expired), ReasonTTL)
 		o.delMu.Unlock()
 		if err != nil {
 			return msgs, err
@@ -780,6 +967,16 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 		o.mu.Unlock()
 	}
 	return msgs, nil
+}
+
+// doneBits returns a copy of which messages of s are done, or nil if none.
+func (o *Outbox) doneBits(s segment) []uint64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if st := o.done[s.id()]; st != nil {
+		return slices.Clone(st.bits)
+	}
+	return nil
 }
 
 func max2(a, b uint64) uint64 {
@@ -872,18 +1069,70 @@ func (o *Outbox) flushAcks() {
 	if len(refs) == 0 {
 		return
 	}
-	// The same message may be acknowledged more than once; one delete each.
-	seen := make(map[Ref]struct{}, len(refs))
-	keys := make([][]byte, 0, len(refs))
-	for _, r := range refs {
-		if _, dup := seen[r]; dup {
-			continue
+	slices.SortFunc(refs, func(a, b Ref) int {
+		if c := strings.Compare(a.Route, b.Route); c != 0 {
+			return c
 		}
-		seen[r] = struct{}{}
-		keys = append(keys, msgKey(r.Route, r.Seq))
+		return stdcmp.Compare(a.Seq, b.Seq)
+	})
+	refs = slices.Compact(refs) // the same message may be acknowledged more than once
+	var marks []mark
+	err := o.db.View(func(txn *badger.Txn) error {
+		var it *badger.Iterator
+		defer func() {
+			if it != nil {
+				it.Close()
+			}
+		}()
+		var cur segRef
+		have := false
+		for i, r := range refs {
+			if i == 0 || r.Route != refs[i-1].Route {
+				if it != nil {
+					it.Close()
+				}
+				o.mu.Lock()
+				rs := o.routes[r.Route]
+				o.mu.Unlock()
+				if rs == nil {
+					it = nil
+					continue
+				}
+				it = txn.NewIterator(badger.IteratorOptions{Prefix: rs.prefix})
+				cur, have = segRef{rs: rs}, false
+			}
+			if it == nil {
+				continue
+			}
+			if !have || !cur.seg.holds(r.Seq) {
+				// Acknowledged messages are mostly consecutive: step to the
+				// next entry when it is the one, seek past a gap (a seek
+				// searches every level of the LSM tree).
+				if have {
+					it.Next()
+				}
+				if !have || !it.Valid() || !entryHolds(it.Item(), r.Seq) {
+					it.Seek(seekKey(r.Route, r.Seq))
+				}
+				have = false
+				if !it.Valid() {
+					continue
+				}
+				s, ok := parseKey(it.Item().Key())
+				if !ok || !s.holds(r.Seq) {
+					continue // no longer stored
+				}
+				cur.seg, cur.size, have = s, int64(len(it.Item().Key()))+int64(it.Item().ValueSize()), true
+			}
+			marks = append(marks, mark{cur, r.Seq})
+		}
+		return nil
+	})
+	if err == nil {
+		err = o.finishLocked(marks, "")
 	}
-	if _, err := o.deleteLocked(keys, ""); err != nil {
-		o.log.Error("deleting acknowledged messages failed; they will be sent again", "count", len(keys), "error", err)
+	if err != nil {
+		o.log.Error("deleting acknowledged messages failed; they will be sent again", "count", len(refs), "error", err)
 	}
 }
 
@@ -946,11 +1195,17 @@ func (o *Outbox) Maintain() error {
 	}
 }
 
+// entryHolds reports whether the message entry item holds seq.
+func entryHolds(item *badger.Item, seq uint64) bool {
+	s, ok := parseKey(item.Key())
+	return ok && s.holds(seq)
+}
+
 // sweepExpired deletes expired messages: a key-only scan finds the entries
 // flagged with an expiry; only those are read.
 func (o *Outbox) sweepExpired() error {
 	now := o.now()
-	var expired [][]byte
+	var expired []mark
 	err := o.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{prefixMsg}})
 		defer it.Close()
@@ -959,15 +1214,35 @@ func (o *Outbox) sweepExpired() error {
 			if item.UserMeta()&metaHasExpiry == 0 {
 				continue
 			}
-			err := item.Value(func(v []byte) error {
+			s, ok := parseKey(item.Key())
+			if !ok {
+				continue
+			}
+			o.mu.Lock()
+			rs := o.routes[s.route]
+			o.mu.Unlock()
+			if rs == nil {
+				continue
+			}
+			ref := segRef{rs: rs, seg: s, size: int64(len(item.Key())) + int64(item.ValueSize())}
+			first, bits := s.first(), o.doneBits(s)
+			visit := func(i int, rec []byte) bool {
+				seq := first + uint64(i)
 				var m Message
-				if err := decodeRecord(v, &m); err == nil && !m.Expires.IsZero() && !now.Before(m.Expires) {
-					expired = append(expired, item.KeyCopy(nil))
+				if !isDone(bits, first, seq) && decodeRecord(rec, &m) == nil && !m.Expires.IsZero() && !now.Before(m.Expires) {
+					expired = append(expired, mark{ref, seq})
 				}
-				return nil
+				return true
+			}
+			err := item.Value(func(v []byte) error {
+				if s.bare {
+					visit(0, v)
+					return nil
+				}
+				return splitSegment(v, int(s.n), visit)
 			})
 			if err != nil {
-				return err
+				o.log.Error("unreadable messages: not checked for expiry", "route", s.route, "from", first, "to", s.last, "error", err)
 			}
 		}
 		return nil
@@ -980,8 +1255,37 @@ func (o *Outbox) sweepExpired() error {
 	}
 	o.delMu.Lock()
 	defer o.delMu.Unlock()
-	_, err = o.deleteLocked(expired, ReasonTTL)
-	return err
+	return o.finishLocked(o.existing(expired), ReasonTTL)
+}
+
+// existing returns the marks whose segments are still stored. The marks
+// were found before o.delMu was taken, which must be held now. Marks of one
+// segment are adjacent.
+func (o *Outbox) existing(marks []mark) []mark {
+	out := marks[:0]
+	err := o.db.View(func(txn *badger.Txn) error {
+		var last segID
+		keep := false
+		for i, m := range marks {
+			if i == 0 || m.seg.id() != last {
+				last = m.seg.id()
+				_, err := txn.Get(m.seg.key())
+				if err != nil && !errors.Is(err, badger.ErrKeyNotFound) {
+					return err
+				}
+				keep = err == nil
+			}
+			if keep {
+				out = append(out, m)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		o.log.Error("checking expired messages failed; they will be checked again", "error", err)
+		return nil
+	}
+	return out
 }
 
 // Close writes pending acknowledgements, stops the background work and
