@@ -125,7 +125,9 @@ type RouteStats struct {
 	Bytes    int64
 }
 
-// Stats describe the whole outbox.
+// Stats describe the whole outbox. Bytes is the stored size (keys and
+// values) of the entries that hold the messages: messages appended together
+// share an entry, which counts until all of them are acknowledged.
 type Stats struct {
 	Messages int64
 	Bytes    int64
