@@ -230,10 +230,10 @@ Outpost is running.
 Try, in another terminal:
   mosquitto_sub -h %s -p %s -t 'plant/#' -v                    # a local subscriber
   mosquitto_pub -h %s -p %s -q 1 -t plant/line1/temp -m 21.5   # stored, then forwarded
-  bin/outpost run --upstream mqtt://BROKER:1883                 # forward to any MQTT 5 broker,
-                                                                # under outpost/%s/...
-Stop with Ctrl-C: the backlog stays in %s and drains on the next start.
-`, addr, up, cfg.DeviceID, host, port, host, port, cfg.DeviceID, cfg.DataDir)
+Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for example
+forwarded to any MQTT 5 broker, under outpost/%s/..., with
+  bin/outpost run --upstream mqtt://BROKER:1883
+`, addr, up, cfg.DeviceID, host, port, host, port, cfg.DataDir, cfg.DeviceID)
 }
 
 func cmdConfig(args []string, stdout, stderr io.Writer) int {
