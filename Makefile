@@ -49,6 +49,7 @@ lint: ## go vet, gofmt, and staticcheck when installed
 fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz '^FuzzRecord$$' -fuzztime 30s ./storage/
 	$(GO) test -run '^$$' -fuzz '^FuzzSegment$$' -fuzztime 30s ./storage/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMeta$$' -fuzztime 30s ./abi/
 
 clean: ## remove build output and the default data directory
 	rm -rf bin data
