@@ -20,10 +20,11 @@ build: ## build the agent into bin/outpost
 run: build ## build, then run the agent on its embedded defaults (Ctrl-C stops it)
 	$(BIN) run --hints
 
-deps: ## install what the tests need (mosquitto, mosquitto-clients) when missing
+deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when missing
 	@need=; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$$need mosquitto"; \
 	command -v mosquitto_pub >/dev/null 2>&1 || need="$$need mosquitto-clients"; \
+	command -v wat2wasm >/dev/null 2>&1 || need="$$need wabt"; \
 	if [ -n "$$need" ]; then \
 		echo "installing:$$need"; \
 		sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \

@@ -1,0 +1,86 @@
+// Package wasmtest builds the wasm modules tests run: Go guests from source
+// and .wat fixtures with Debian's wabt.
+package wasmtest
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+var (
+	mu    sync.Mutex
+	built = map[string][]byte{}
+)
+
+// BuildGo builds the Go guest in dir (a main package, a path relative to
+// the test's directory) as a WASI reactor and returns the module. Builds
+// are cached for the test binary's life.
+func BuildGo(t testing.TB, dir string) []byte {
+	t.Helper()
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if b, ok := built[abs]; ok {
+		return b
+	}
+	out := filepath.Join(t.TempDir(), "guest.wasm")
+	cmd := exec.Command("go", "build", "-buildmode=c-shared", "-trimpath", "-o", out, ".")
+	cmd.Dir = abs
+	cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm")
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the Go guest in %s: %v\n%s", dir, err, msg)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built[abs] = b
+	return b
+}
+
+// Wat returns the committed .wasm beside the .wat file path. With wabt
+// installed it first checks that the .wasm is what wat2wasm makes of the
+// .wat; without it the test fails when CI=true and skips otherwise.
+func Wat(t testing.TB, path string) []byte {
+	t.Helper()
+	RequireWabt(t)
+	wasmPath := strings.TrimSuffix(path, ".wat") + ".wasm"
+	committed, err := os.ReadFile(wasmPath)
+	if err != nil {
+		t.Fatalf("%v (run: wat2wasm %s -o %s)", err, path, wasmPath)
+	}
+	out := filepath.Join(t.TempDir(), "fixture.wasm")
+	if msg, err := exec.Command("wat2wasm", path, "-o", out).CombinedOutput(); err != nil {
+		t.Fatalf("wat2wasm %s: %v\n%s", path, err, msg)
+	}
+	fresh, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(fresh, committed) {
+		t.Fatalf("%s is stale: run wat2wasm %s -o %s", wasmPath, path, wasmPath)
+	}
+	return committed
+}
+
+// RequireWabt fails the test when wat2wasm is missing and CI=true, and skips
+// it otherwise.
+func RequireWabt(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("wat2wasm"); err != nil {
+		msg := fmt.Sprintf("wat2wasm is missing: install with: apt-get install -y wabt (or run make test)")
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+}

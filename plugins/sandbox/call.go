@@ -1,0 +1,407 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tetratelabs/wazero/api"
+	"github.com/tetratelabs/wazero/experimental"
+	"github.com/tetratelabs/wazero/sys"
+
+	"github.com/outpost-edge/outpost/abi"
+)
+
+// Request is one request to a plugin.
+type Request struct {
+	abi.Meta
+	Payload []byte
+}
+
+// Response is a plugin's answer, or the host's when the call failed: then
+// Status is one of the host statuses of the ABI and Err says why.
+type Response struct {
+	Status      abi.Status
+	Payload     []byte
+	ContentType string
+	Props       []abi.Property
+	Err         error // set when the host ended or refused the call
+}
+
+// Kinds of failure, for Stats.
+const (
+	FailTrap      = "trap"     // the guest trapped
+	FailTimeout   = "timeout"  // the deadline passed
+	FailABI       = "abi"      // the guest broke the ABI
+	FailLimit     = "limit"    // response or memory limit
+	FailRejected  = "rejected" // refused before the guest ran: too large, queue full, breaker open
+	FailInstance  = "instance" // a new instance failed to start
+	failKindCount = 6
+)
+
+var failKinds = [failKindCount]string{FailTrap, FailTimeout, FailABI, FailLimit, FailRejected, FailInstance}
+
+// instance is one instantiation of the module.
+type instance struct {
+	mod    api.Module
+	mem    *limitedMemory
+	handle api.Function
+	idle   api.Function
+	stack  []uint64
+}
+
+func (p *Plugin) newInstance(ctx context.Context) (*instance, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.lim.InitTimeout)
+	defer cancel()
+	c := &call{}
+	ctx = context.WithValue(ctx, callKey{}, c)
+	mem := &limitedMemory{limit: p.lim.Memory}
+	ctx = experimental.WithMemoryAllocator(ctx, experimental.MemoryAllocatorFunc(func(_, _ uint64) experimental.LinearMemory { return mem }))
+	mod, err := p.rt.InstantiateModule(ctx, p.compiled, p.modCfg)
+	if err != nil {
+		if c.violation != "" {
+			return nil, fmt.Errorf("starting an instance: %s", c.violation)
+		}
+		return nil, fmt.Errorf("starting an instance: %w", err)
+	}
+	inst := &instance{mod: mod, mem: mem, handle: mod.ExportedFunction(abi.ExportHandle), stack: make([]uint64, 2)}
+	if p.hasIdle {
+		inst.idle = mod.ExportedFunction(abi.ExportIdle)
+	}
+	if p.hasInit {
+		s := []uint64{api.EncodeU32(uint32(len(p.cfg.Config)))}
+		if err := mod.ExportedFunction(abi.ExportInit).CallWithStack(ctx, s); err != nil {
+			_ = mod.Close(context.Background())
+			if c.violation != "" {
+				return nil, fmt.Errorf("%s: %s", abi.ExportInit, c.violation)
+			}
+			return nil, fmt.Errorf("%s: %w", abi.ExportInit, err)
+		}
+		if rc := api.DecodeI32(s[0]); rc != 0 {
+			_ = mod.Close(context.Background())
+			return nil, fmt.Errorf("%s returned %d: the instance refused to start", abi.ExportInit, rc)
+		}
+	}
+	return inst, nil
+}
+
+// Call serves one request. It never fails: a refused or failed call is a
+// response with a host status and Err set. The deadline is the earliest of
+// ctx's, the request's and the plugin's timeout.
+func (p *Plugin) Call(ctx context.Context, req *Request) *Response {
+	start := time.Now()
+	resp := p.call(ctx, req)
+	p.stats.observe(time.Since(start), resp)
+	return resp
+}
+
+func (p *Plugin) call(ctx context.Context, req *Request) *Response {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.closed {
+		return hostResp(abi.StatusUnavailable, FailRejected, errors.New("plugin is closed"))
+	}
+	if len(req.Payload) > p.lim.MaxRequest {
+		return hostResp(abi.StatusRequestTooLarge, FailRejected, fmt.Errorf("request payload of %d bytes is over the %d-byte limit", len(req.Payload), p.lim.MaxRequest))
+	}
+	timeout := p.lim.Timeout
+	if req.Deadline > 0 {
+		timeout = min(timeout, req.Deadline)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if !p.breaker.allow() {
+		return hostResp(abi.StatusUnavailable, FailRejected, errors.New("breaker open after repeated failures"))
+	}
+	inst, refused := p.acquire(ctx)
+	if refused != nil {
+		p.breaker.release()
+		return refused
+	}
+	// The envelope carries the time actually left.
+	m := req.Meta
+	if dl, ok := ctx.Deadline(); ok {
+		m.Deadline = max(time.Until(dl).Truncate(time.Millisecond), time.Millisecond)
+	}
+	meta, merr := abi.AppendMeta(nil, &m)
+	if merr != nil {
+		p.pool.put(inst)
+		p.breaker.release()
+		return hostResp(abi.StatusBadRequest, FailRejected, merr)
+	}
+	c := &call{meta: meta, payload: req.Payload}
+	inst.mem.refused = false
+	inst.stack[0], inst.stack[1] = api.EncodeU32(uint32(len(meta))), api.EncodeU32(uint32(len(req.Payload)))
+	p.stats.running.Add(1)
+	err := inst.handle.CallWithStack(context.WithValue(ctx, callKey{}, c), inst.stack)
+	p.stats.running.Add(-1)
+	resp := p.outcome(ctx, inst, c, err)
+	if resp.Err != nil && resp.Status != abi.StatusInsufficientStorage {
+		p.breaker.failure()
+	} else {
+		p.breaker.success()
+	}
+	if resp.Err != nil {
+		p.discard(inst)
+	} else {
+		p.reuse(inst)
+	}
+	return resp
+}
+
+// outcome turns the end of a call into a response.
+func (p *Plugin) outcome(ctx context.Context, inst *instance, c *call, err error) *Response {
+	switch {
+	case err == nil:
+		st := abi.Status(api.DecodeI32(inst.stack[0]))
+		if !st.Valid() {
+			return hostResp(abi.StatusInternal, FailABI, fmt.Errorf("%s returned %d, not a status", abi.ExportHandle, int32(st)))
+		}
+		if c.overLimit != "" {
+			return hostResp(abi.StatusInsufficientStorage, FailLimit, errors.New(c.overLimit))
+		}
+		return &Response{Status: st, Payload: c.resp, ContentType: c.contentType, Props: c.props}
+	case c.violation != "":
+		return hostResp(abi.StatusInternal, FailABI, errors.New(c.violation))
+	case inst.mem.refused:
+		// Out of memory shows as a trap (a Go guest throws) or a loop; the
+		// refused grow says why.
+		return hostResp(abi.StatusInsufficientStorage, FailLimit, fmt.Errorf("memory limit of %d bytes reached: %s", p.lim.Memory, firstLine(err)))
+	case isDeadline(ctx, err):
+		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("deadline passed: %s", firstLine(err)))
+	}
+	return hostResp(abi.StatusInternal, FailTrap, fmt.Errorf("trap: %s", firstLine(err)))
+}
+
+func isDeadline(ctx context.Context, err error) bool {
+	var ee *sys.ExitError
+	if errors.As(err, &ee) && (ee.ExitCode() == sys.ExitCodeDeadlineExceeded || ee.ExitCode() == sys.ExitCodeContextCanceled) {
+		return true
+	}
+	return ctx.Err() != nil
+}
+
+// firstLine is the first line of err: wazero appends the wasm stack.
+func firstLine(err error) string {
+	s := err.Error()
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return s
+}
+
+func hostResp(st abi.Status, kind string, err error) *Response {
+	return &Response{
+		Status:      st,
+		Payload:     []byte(err.Error()),
+		ContentType: "text/plain; charset=utf-8",
+		Props:       []abi.Property{{Key: "outpost-error", Value: kind}},
+		Err:         &CallError{Kind: kind, Err: err},
+	}
+}
+
+// CallError is why the host ended or refused a call.
+type CallError struct {
+	Kind string // one of the Fail* kinds
+	Err  error
+}
+
+func (e *CallError) Error() string { return "sandbox: " + e.Kind + ": " + e.Err.Error() }
+func (e *CallError) Unwrap() error { return e.Err }
+
+// acquire takes an idle instance, makes one if the pool has room, or waits
+// for one within ctx and the queue bound.
+func (p *Plugin) acquire(ctx context.Context) (*instance, *Response) {
+	inst, fresh, err := p.pool.get(ctx)
+	switch {
+	case errors.Is(err, errQueueFull):
+		return nil, hostResp(abi.StatusTooManyRequests, FailRejected, fmt.Errorf("%d calls already wait for an instance", p.lim.Queue))
+	case err != nil:
+		return nil, hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed waiting for an instance"))
+	case !fresh:
+		return inst, nil
+	}
+	inst, err = p.newInstance(context.WithoutCancel(ctx))
+	if err != nil {
+		p.pool.free()
+		p.log.Error("a new instance failed to start", "error", err)
+		return nil, hostResp(abi.StatusUnavailable, FailInstance, err)
+	}
+	return inst, nil
+}
+
+// discard closes an instance after a failure and frees its slot.
+func (p *Plugin) discard(inst *instance) {
+	_ = inst.mod.Close(context.Background())
+	p.pool.free()
+}
+
+// reuse returns an instance to the pool, after outpost_idle, off the
+// caller's path.
+func (p *Plugin) reuse(inst *instance) {
+	if inst.idle == nil {
+		p.pool.put(inst)
+		return
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), p.lim.Timeout)
+		defer cancel()
+		if err := inst.idle.CallWithStack(context.WithValue(ctx, callKey{}, &call{}), nil); err != nil {
+			p.discard(inst)
+			return
+		}
+		p.pool.put(inst)
+	}()
+}
+
+// pool bounds the instances of a plugin: slots holds a token per instance
+// alive, idle the instances not serving.
+type pool struct {
+	slots   chan struct{}
+	idle    chan *instance
+	waiting atomic.Int32
+	queue   int32
+}
+
+var errQueueFull = errors.New("queue full")
+
+func (q *pool) init(instances, queue int) {
+	q.slots = make(chan struct{}, instances)
+	q.idle = make(chan *instance, instances)
+	q.queue = int32(queue)
+}
+
+// get returns an idle instance, or fresh = true when the caller may make a
+// new one (it holds a slot).
+func (q *pool) get(ctx context.Context) (inst *instance, fresh bool, err error) {
+	select {
+	case inst := <-q.idle:
+		return inst, false, nil
+	default:
+	}
+	if q.waiting.Add(1) > q.queue {
+		q.waiting.Add(-1)
+		return nil, false, errQueueFull
+	}
+	defer q.waiting.Add(-1)
+	select {
+	case inst := <-q.idle:
+		return inst, false, nil
+	case q.slots <- struct{}{}:
+		return nil, true, nil
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
+}
+
+func (q *pool) put(inst *instance) { q.idle <- inst }
+
+func (q *pool) free() { <-q.slots }
+
+// breaker opens after a run of failures, answers 503 while open, and lets
+// one call through after the open period (half-open).
+type breaker struct {
+	mu       sync.Mutex
+	after    int
+	open     time.Duration
+	failures int
+	openTill time.Time
+	probing  bool
+}
+
+func (b *breaker) init(after int, open time.Duration) { b.after, b.open = after, open }
+
+func (b *breaker) allow() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.failures < b.after {
+		return true
+	}
+	if time.Now().Before(b.openTill) || b.probing {
+		return false
+	}
+	b.probing = true
+	return true
+}
+
+func (b *breaker) success() {
+	b.mu.Lock()
+	b.failures, b.probing = 0, false
+	b.mu.Unlock()
+}
+
+func (b *breaker) failure() {
+	b.mu.Lock()
+	b.failures++
+	b.probing = false
+	if b.failures >= b.after {
+		b.openTill = time.Now().Add(b.open)
+	}
+	b.mu.Unlock()
+}
+
+// release ends a probe that never reached the guest.
+func (b *breaker) release() {
+	b.mu.Lock()
+	b.probing = false
+	b.mu.Unlock()
+}
+
+func (b *breaker) isOpen() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.failures >= b.after
+}
+
+// Stats are a plugin's counters since it was loaded.
+type Stats struct {
+	Running     int // calls in the guest now
+	Calls       int64
+	Failures    map[string]int64 // by kind
+	LogsDropped int64
+	BreakerOpen bool
+	Latency     time.Duration // total time in Call
+}
+
+type stats struct {
+	running     atomic.Int32 // calls in the guest now
+	calls       atomic.Int64
+	failures    [failKindCount]atomic.Int64
+	logsDropped atomic.Int64
+	latency     atomic.Int64
+}
+
+func (s *stats) observe(d time.Duration, r *Response) {
+	s.calls.Add(1)
+	s.latency.Add(int64(d))
+	var ce *CallError
+	if errors.As(r.Err, &ce) {
+		for i, k := range failKinds {
+			if k == ce.Kind {
+				s.failures[i].Add(1)
+			}
+		}
+	}
+}
+
+// Stats returns the plugin's counters.
+func (p *Plugin) Stats() Stats {
+	st := Stats{
+		Running:     int(p.stats.running.Load()),
+		Calls:       p.stats.calls.Load(),
+		Failures:    map[string]int64{},
+		LogsDropped: p.stats.logsDropped.Load(),
+		BreakerOpen: p.breaker.isOpen(),
+		Latency:     time.Duration(p.stats.latency.Load()),
+	}
+	for i, k := range failKinds {
+		st.Failures[k] = p.stats.failures[i].Load()
+	}
+	return st
+}

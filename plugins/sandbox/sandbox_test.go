@@ -1,0 +1,335 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/abi"
+	"github.com/outpost-edge/outpost/internal/wasmtest"
+)
+
+// shared is the engine of every test: one compilation cache, so each
+// module is compiled once per test binary (a Go guest takes seconds under
+// the race detector).
+var shared struct {
+	once sync.Once
+	e    *Engine
+	err  error
+}
+
+func engine(t testing.TB) *Engine {
+	t.Helper()
+	shared.once.Do(func() { shared.e, shared.err = NewEngine("") })
+	if shared.err != nil {
+		t.Fatal(shared.err)
+	}
+	return shared.e
+}
+
+func load(t testing.TB, e *Engine, wasm []byte, cfg Config) *Plugin {
+	t.Helper()
+	if cfg.Name == "" {
+		cfg.Name = "test"
+	}
+	p, err := e.Load(context.Background(), wasm, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close(context.Background()) })
+	return p
+}
+
+func goGuest(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }
+
+func method(name string, payload string) *Request {
+	return &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: name, Flags: abi.FlagResponseExpected}, Payload: []byte(payload)}
+}
+
+func prop(r *Response, key string) string {
+	for _, p := range r.Props {
+		if p.Key == key {
+			return p.Value
+		}
+	}
+	return ""
+}
+
+// TestGoGuestRoundTrip: a request's name, payload, content type and
+// properties reach a Go handler, and its response comes back whole.
+func TestGoGuestRoundTrip(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{})
+	req := method("echo", "hello \x00 bytes")
+	req.ContentType = "application/x-test"
+	req.Props = []abi.Property{{Key: "a", Value: "1"}, {Key: "b", Value: "2"}}
+	req.Deadline = 3 * time.Second
+	r := p.Call(context.Background(), req)
+	if r.Err != nil || r.Status != 200 {
+		t.Fatalf("status %d, err %v", r.Status, r.Err)
+	}
+	if string(r.Payload) != "hello \x00 bytes" || r.ContentType != "application/x-test" {
+		t.Fatalf("payload %q, content type %q", r.Payload, r.ContentType)
+	}
+	if prop(r, "a") != "1" || prop(r, "b") != "2" {
+		t.Fatalf("properties %v", r.Props)
+	}
+	// The guest sees the time left, no more than the request gave.
+	if ms, err := strconv.Atoi(prop(r, "deadline-ms")); err != nil || ms <= 0 || ms > 3000 {
+		t.Fatalf("deadline seen by the guest: %q ms, want 1 to 3000", prop(r, "deadline-ms"))
+	}
+	// A handler's own error status passes through as it is.
+	r = p.Call(context.Background(), &Request{Meta: abi.Meta{Kind: abi.KindCommand, Name: "fail"}, Payload: []byte("no")})
+	if r.Err != nil || r.Status != 422 || !strings.Contains(string(r.Payload), "refused: no") {
+		t.Fatalf("fail: status %d, payload %q, err %v", r.Status, r.Payload, r.Err)
+	}
+	// An unknown name: the SDK answers 501.
+	r = p.Call(context.Background(), method("nope", ""))
+	if r.Status != 501 {
+		t.Fatalf("unknown method: status %d", r.Status)
+	}
+}
+
+// TestHostileGoGuest: each failure of a Go handler gets its own status and
+// reason, the instance is discarded, and the plugin goes on serving.
+func TestHostileGoGuest(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{
+		Memory: 64 << 20, Timeout: 10 * time.Second, MaxResponse: 1 << 20, BreakerAfter: 100,
+	}})
+	for _, c := range []struct {
+		name, payload string
+		deadline      time.Duration
+		status        abi.Status
+		kind          string
+	}{
+		{"loop", "", 300 * time.Millisecond, abi.StatusTimeout, FailTimeout},
+		{"sleep", "10s", 300 * time.Millisecond, abi.StatusTimeout, FailTimeout},
+		{"alloc", "", 0, abi.StatusInsufficientStorage, FailLimit},
+		{"panic", "", 0, abi.StatusInternal, FailTrap},
+		{"big", "2000000", 0, abi.StatusInsufficientStorage, FailLimit},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			req := method(c.name, c.payload)
+			req.Deadline = c.deadline
+			r := p.Call(context.Background(), req)
+			var ce *CallError
+			if r.Status != c.status || !errors.As(r.Err, &ce) || ce.Kind != c.kind {
+				t.Fatalf("status %d, err %v; want %d (%s)", r.Status, r.Err, c.status, c.kind)
+			}
+			if prop(r, "outpost-error") != c.kind {
+				t.Fatalf("outpost-error property %q, want %q", prop(r, "outpost-error"), c.kind)
+			}
+			// The plugin still serves.
+			if r := p.Call(context.Background(), method("echo", "after "+c.name)); r.Status != 200 || string(r.Payload) != "after "+c.name {
+				t.Fatalf("after %s: status %d, payload %q, err %v", c.name, r.Status, r.Payload, r.Err)
+			}
+		})
+	}
+	st := p.Stats()
+	if st.Failures[FailTimeout] != 2 || st.Failures[FailTrap] != 1 || st.Failures[FailLimit] != 2 {
+		t.Fatalf("failures %v", st.Failures)
+	}
+}
+
+// TestWatFixtures: hostile modules written in wasm text, each with its
+// specific error, while a well-behaved plugin loaded beside them serves.
+func TestWatFixtures(t *testing.T) {
+	e := engine(t)
+	good := load(t, e, wasmtest.Wat(t, "testdata/wat/echo.wat"), Config{Name: "echo"})
+	lim := Limits{Timeout: 10 * time.Second, Memory: 4 << 20, MaxResponse: 64 << 10, BreakerAfter: 100}
+	for _, c := range []struct {
+		fixture string
+		status  abi.Status
+		kind    string
+		reason  string
+	}{
+		{"loop", abi.StatusTimeout, FailTimeout, "deadline"},
+		{"membomb", abi.StatusInsufficientStorage, FailLimit, "memory limit of 4194304 bytes"},
+		{"trap", abi.StatusInternal, FailTrap, "unreachable"},
+		{"recursion", abi.StatusInternal, FailTrap, "stack"},
+		{"bigresp", abi.StatusInsufficientStorage, FailLimit, "response payload over the 65536-byte limit"},
+		{"oob", abi.StatusInternal, FailABI, "resp_write: [65000, 65000+1000) is outside the guest's 65536-byte memory"},
+		{"badstatus", abi.StatusInternal, FailABI, "returned 42, not a status"},
+	} {
+		t.Run(c.fixture, func(t *testing.T) {
+			p := load(t, e, wasmtest.Wat(t, "testdata/wat/"+c.fixture+".wat"), Config{Name: c.fixture, Limits: lim})
+			for range 2 { // a fresh instance fails the same way
+				req := method("m", "x")
+				if c.fixture == "loop" {
+					req.Deadline = 200 * time.Millisecond
+				}
+				r := p.Call(context.Background(), req)
+				var ce *CallError
+				if r.Status != c.status || !errors.As(r.Err, &ce) || ce.Kind != c.kind || !strings.Contains(r.Err.Error(), c.reason) {
+					t.Fatalf("status %d, err %v; want %d (%s) with %q", r.Status, r.Err, c.status, c.kind, c.reason)
+				}
+			}
+			if r := good.Call(context.Background(), method("m", "still here")); r.Status != 200 || string(r.Payload) != "still here" || r.ContentType != "application/octet-stream" {
+				t.Fatalf("the good plugin: status %d, payload %q, content type %q, err %v", r.Status, r.Payload, r.ContentType, r.Err)
+			}
+		})
+	}
+}
+
+// TestLoadRefuses: modules that cannot serve are refused at load, with the
+// export or import named, before any of their code runs.
+func TestLoadRefuses(t *testing.T) {
+	e := engine(t)
+	for _, c := range []struct {
+		name   string
+		wasm   func(t *testing.T) []byte
+		reason string
+	}{
+		{"not wasm", func(*testing.T) []byte { return []byte("#!/bin/sh\necho hi\n") }, "not a WebAssembly module"},
+		{"truncated", func(t *testing.T) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat")[:20] }, "invalid module"},
+		{"no handle", wat("nohandle"), "does not export outpost_handle(i32, i32) -> (i32)"},
+		{"bad signature", wat("badsig"), "exports outpost_handle(i32) -> (i64), want outpost_handle(i32, i32) -> (i32)"},
+		{"no memory", wat("nomemory"), `exports no memory named "memory"`},
+		{"ungranted capability", wat("kvimport"), "imports outpost_kv_v1.kv_get: capability outpost_kv_v1 is not granted"},
+		{"unknown import", wat("unknownimport"), "imports outpost_v1.req_metadata, which this host (ABI v1) does not provide"},
+		{"import signature", wat("badimportsig"), "imports outpost_v1.req_meta as (i32) -> (i32), want (i32, i32) -> (i32)"},
+		{"command", wat("command"), "is a WASI command"},
+		{"init fails", wat("initfails"), "outpost_init returned 1"},
+		{"memory over the limit", wat("bigmemory"), "does not fit the 16777216-byte limit"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := e.Load(context.Background(), c.wasm(t), Config{Name: "bad"})
+			var le *LoadError
+			if err == nil {
+				_ = p.Close(context.Background())
+			}
+			if !errors.As(err, &le) || !strings.Contains(err.Error(), c.reason) {
+				t.Fatalf("error %v, want a LoadError containing %q", err, c.reason)
+			}
+		})
+	}
+}
+
+func wat(name string) func(t *testing.T) []byte {
+	return func(t *testing.T) []byte { return wasmtest.Wat(t, "testdata/wat/"+name+".wat") }
+}
+
+// TestBreaker: after repeated failures the plugin answers 503 without
+// running the guest, then lets one call through after the open period.
+func TestBreaker(t *testing.T) {
+	p := load(t, engine(t), wasmtest.Wat(t, "testdata/wat/trap.wat"), Config{Limits: Limits{BreakerAfter: 3, BreakerOpen: 200 * time.Millisecond}})
+	for range 3 {
+		if r := p.Call(context.Background(), method("m", "")); r.Status != abi.StatusInternal {
+			t.Fatalf("status %d, want 500", r.Status)
+		}
+	}
+	r := p.Call(context.Background(), method("m", ""))
+	if r.Status != abi.StatusUnavailable || !strings.Contains(r.Err.Error(), "breaker open") || !p.Stats().BreakerOpen {
+		t.Fatalf("with the breaker open: status %d, err %v", r.Status, r.Err)
+	}
+	time.Sleep(250 * time.Millisecond)
+	if r := p.Call(context.Background(), method("m", "")); r.Status != abi.StatusInternal {
+		t.Fatalf("half-open probe: status %d, want the guest's 500", r.Status)
+	}
+	if r := p.Call(context.Background(), method("m", "")); r.Status != abi.StatusUnavailable {
+		t.Fatalf("after a failed probe: status %d, want 503", r.Status)
+	}
+}
+
+// TestRequestTooLarge: a payload over the limit is refused before the
+// guest runs.
+func TestRequestTooLarge(t *testing.T) {
+	p := load(t, engine(t), wasmtest.Wat(t, "testdata/wat/echo.wat"), Config{Limits: Limits{MaxRequest: 10}})
+	r := p.Call(context.Background(), method("m", "01234567890"))
+	if r.Status != abi.StatusRequestTooLarge || p.Stats().Failures[FailRejected] != 1 {
+		t.Fatalf("status %d, err %v", r.Status, r.Err)
+	}
+}
+
+// TestPoolBoundsAndQueue: calls beyond the instances wait; beyond the queue
+// they get 429; a waiting call whose deadline passes gets 504.
+func TestPoolBoundsAndQueue(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{Instances: 1, Queue: 1, Timeout: 10 * time.Second}})
+	var wg sync.WaitGroup
+	sleeper := func() {
+		wg.Add(1)
+		go func() { // holds the only instance
+			defer wg.Done()
+			if r := p.Call(context.Background(), method("sleep", "2s")); r.Status != 200 {
+				t.Errorf("sleeper: status %d, err %v", r.Status, r.Err)
+			}
+		}()
+		waitFor(t, "the sleeper to run", func() bool { return p.Stats().Running == 1 })
+	}
+	sleeper()
+	wg.Add(1)
+	go func() { // waits in the queue, then runs
+		defer wg.Done()
+		if r := p.Call(context.Background(), method("echo", "queued")); r.Status != 200 {
+			t.Errorf("queued: status %d, err %v", r.Status, r.Err)
+		}
+	}()
+	waitFor(t, "a call to wait", func() bool { return p.pool.waiting.Load() == 1 })
+	if r := p.Call(context.Background(), method("echo", "")); r.Status != abi.StatusTooManyRequests {
+		t.Fatalf("over the queue: status %d, err %v", r.Status, r.Err)
+	}
+	wg.Wait()
+	waitFor(t, "the instance to be idle", func() bool { return len(p.pool.idle) == 1 })
+	sleeper()
+	req := method("echo", "")
+	req.Deadline = 50 * time.Millisecond
+	if r := p.Call(context.Background(), req); r.Status != abi.StatusTimeout || !strings.Contains(r.Err.Error(), "waiting for an instance") {
+		t.Fatalf("deadline while waiting: status %d, err %v", r.Status, r.Err)
+	}
+	wg.Wait()
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for range 3000 {
+		if cond() {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("gave up waiting for %s", what)
+}
+
+// TestGuestLogRateLimited: a guest's log lines reach the agent's log,
+// tagged with the plugin, and the excess over the rate is dropped and
+// counted.
+func TestGuestLogRateLimited(t *testing.T) {
+	var buf syncBuffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	p := load(t, engine(t), goGuest(t), Config{Name: "chatty", Log: log, Limits: Limits{LogPerSec: 5}})
+	if r := p.Call(context.Background(), method("log", "50")); r.Status != 204 {
+		t.Fatalf("status %d, err %v", r.Status, r.Err)
+	}
+	out := buf.String()
+	if n := strings.Count(out, "line "); n != 5 {
+		t.Fatalf("%d lines logged, want 5:\n%s", n, out)
+	}
+	if !strings.Contains(out, "plugin=chatty") || !strings.Contains(out, "msg=\"line 0\"") {
+		t.Fatalf("log lines not tagged with the plugin:\n%s", out)
+	}
+	if d := p.Stats().LogsDropped; d != 45 {
+		t.Fatalf("%d dropped, want 45", d)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,0 +1,56 @@
+// A Go handler for the sandbox's tests: well-behaved methods beside
+// hostile ones.
+package main
+
+import (
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/outpost-edge/outpost/abi/guest"
+)
+
+var hold [][]byte // what "alloc" keeps
+
+func init() {
+	guest.Method("echo", func(r *guest.Request) guest.Response {
+		resp := guest.Response{Status: 200, Body: r.Payload(), ContentType: r.ContentType, Props: r.Props}
+		return resp.With("deadline-ms", strconv.FormatInt(r.Deadline.Milliseconds(), 10))
+	})
+	guest.Command("fail", func(r *guest.Request) guest.Response {
+		return guest.Error(422, errors.New("refused: "+string(r.Payload())))
+	})
+	guest.Method("sleep", func(r *guest.Request) guest.Response {
+		d, err := time.ParseDuration(string(r.Payload()))
+		if err != nil {
+			return guest.Error(400, err)
+		}
+		time.Sleep(d)
+		return guest.Text(200, "slept "+d.String())
+	})
+	guest.Method("alloc", func(r *guest.Request) guest.Response {
+		for {
+			hold = append(hold, make([]byte, 1<<20))
+		}
+	})
+	guest.Method("loop", func(r *guest.Request) guest.Response {
+		for {
+		}
+	})
+	guest.Method("panic", func(r *guest.Request) guest.Response {
+		panic("handler panicked")
+	})
+	guest.Method("big", func(r *guest.Request) guest.Response {
+		n, _ := strconv.Atoi(string(r.Payload()))
+		return guest.Response{Status: 200, Body: make([]byte, n)}
+	})
+	guest.Method("log", func(r *guest.Request) guest.Response {
+		n, _ := strconv.Atoi(string(r.Payload()))
+		for i := range n {
+			guest.Logf(2, "line %d", i)
+		}
+		return guest.Status(204)
+	})
+}
+
+func main() {}

@@ -1,0 +1,5 @@
+;; Exports no memory.
+(module
+  (func (export "outpost_abi_v1"))
+  (func (export "outpost_handle") (param i32 i32) (result i32)
+    (i32.const 200)))

@@ -1,0 +1,6 @@
+;; Traps at once.
+(module
+  (memory (export "memory") 1)
+  (func (export "outpost_abi_v1"))
+  (func (export "outpost_handle") (param i32 i32) (result i32)
+    unreachable))

@@ -1,0 +1,7 @@
+;; Imports a function this host does not have.
+(module
+  (import "outpost_v1" "req_metadata" (func (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "outpost_abi_v1"))
+  (func (export "outpost_handle") (param i32 i32) (result i32)
+    (i32.const 200)))
