@@ -1,0 +1,367 @@
+package plugins
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+
+	"github.com/outpost-edge/outpost/abi"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
+)
+
+// Files of an installed plugin, in Dir/<name>/.
+const (
+	fileManifest = "manifest.yaml"
+	fileModule   = "module.wasm"
+	fileSig      = "manifest.sig"
+	dirPrevious  = "previous" // the version before, kept for rollback
+)
+
+// Options configure a Registry.
+type Options struct {
+	Dir    string          // where installed plugins live; loaded at Open
+	Engine *sandbox.Engine // shared compilation cache
+	Trust  TrustKeys       // if set, only plugins signed by one of these load
+	Log    *slog.Logger
+}
+
+// Registry holds the installed plugins and which serves each name. Its
+// methods are safe for concurrent use.
+type Registry struct {
+	opts Options
+	log  *slog.Logger
+
+	installMu sync.Mutex // serializes install and remove
+
+	mu      sync.RWMutex
+	plugins map[string]*version
+	claims  map[claim]string // (kind, name) -> plugin
+}
+
+type claim struct {
+	kind abi.Kind
+	name string
+}
+
+// version is one loaded version of a plugin. calls counts the calls that
+// hold it, so that an upgrade closes it only after they finish.
+type version struct {
+	m      *Manifest
+	p      *sandbox.Plugin
+	calls  sync.WaitGroup
+	signed bool
+}
+
+// Info describes an installed plugin.
+type Info struct {
+	Name, Version, SHA256 string
+	Handlers              []HandlerSpec
+	Capabilities          []string
+	Signed                bool
+	Stats                 sandbox.Stats
+}
+
+// Open loads every plugin installed in opts.Dir. A plugin that fails to
+// load is logged and skipped: the others still serve.
+func Open(ctx context.Context, opts Options) (*Registry, error) {
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	if err := os.MkdirAll(opts.Dir, 0o750); err != nil {
+		return nil, fmt.Errorf("plugins: %w", err)
+	}
+	r := &Registry{opts: opts, log: opts.Log.With("component", "plugins"), plugins: map[string]*version{}, claims: map[claim]string{}}
+	entries, err := os.ReadDir(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("plugins: %w", err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() || e.Name()[0] == '.' {
+			continue
+		}
+		dir := filepath.Join(opts.Dir, e.Name())
+		v, err := r.loadDir(ctx, dir)
+		if err == nil {
+			err = r.swap(v)
+		}
+		if err != nil {
+			r.log.Error("plugin not loaded", "dir", dir, "error", err)
+			continue
+		}
+		r.log.Info("plugin loaded", "plugin", v.m.Name, "version", v.m.Version)
+	}
+	return r, nil
+}
+
+func (r *Registry) loadDir(ctx context.Context, dir string) (*version, error) {
+	man, err := os.ReadFile(filepath.Join(dir, fileManifest))
+	if err != nil {
+		return nil, err
+	}
+	wasm, err := os.ReadFile(filepath.Join(dir, fileModule))
+	if err != nil {
+		return nil, err
+	}
+	sig, err := os.ReadFile(filepath.Join(dir, fileSig))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	v, err := r.prepare(ctx, man, wasm, sig)
+	if err != nil {
+		return nil, err
+	}
+	if v.m.Name != filepath.Base(dir) {
+		_ = v.p.Close(ctx)
+		return nil, fmt.Errorf("plugins: %s holds plugin %q", dir, v.m.Name)
+	}
+	return v, nil
+}
+
+// prepare checks a plugin and loads it into the sandbox, not yet serving.
+func (r *Registry) prepare(ctx context.Context, manifest, wasm, sig []byte) (*version, error) {
+	m, err := ParseManifest(manifest)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.CheckModule(wasm); err != nil {
+		return nil, err
+	}
+	if len(r.opts.Trust) > 0 {
+		if err := r.opts.Trust.Verify(m, sig); err != nil {
+			return nil, err
+		}
+	}
+	cfg, err := m.sandboxConfig()
+	if err != nil {
+		return nil, err
+	}
+	cfg.Log = r.opts.Log
+	p, err := r.opts.Engine.Load(ctx, wasm, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &version{m: m, p: p, signed: len(sig) > 0}, nil
+}
+
+// swap makes v the serving version of its plugin, if its claims conflict
+// with no other plugin, and closes the version it replaces once the calls
+// holding it finish.
+func (r *Registry) swap(v *version) error {
+	r.mu.Lock()
+	for _, h := range v.m.Handlers {
+		c := claim{kindNames[h.Kind], h.Name}
+		if owner, ok := r.claims[c]; ok && owner != v.m.Name {
+			r.mu.Unlock()
+			_ = v.p.Close(context.Background())
+			return fmt.Errorf("plugins: %s: %s %q is already served by plugin %s", v.m.Name, h.Kind, h.Name, owner)
+		}
+	}
+	old := r.plugins[v.m.Name]
+	if old != nil {
+		for _, h := range old.m.Handlers {
+			delete(r.claims, claim{kindNames[h.Kind], h.Name})
+		}
+	}
+	for _, h := range v.m.Handlers {
+		r.claims[claim{kindNames[h.Kind], h.Name}] = v.m.Name
+	}
+	r.plugins[v.m.Name] = v
+	r.mu.Unlock()
+	if old != nil {
+		go old.retire()
+	}
+	return nil
+}
+
+// retire closes a replaced version after the calls holding it.
+func (v *version) retire() {
+	v.calls.Wait()
+	_ = v.p.Close(context.Background())
+}
+
+// Install checks a plugin (manifest, module, signature when trust keys are
+// set), loads it (its first instance must start), and then, atomically,
+// makes it serve in place of the version installed before, which is kept
+// for Rollback. Calls already running finish on the old version. Nothing
+// changes if any step fails.
+func (r *Registry) Install(ctx context.Context, manifest, wasm, sig []byte) (Info, error) {
+	r.installMu.Lock()
+	defer r.installMu.Unlock()
+	v, err := r.prepare(ctx, manifest, wasm, sig)
+	if err != nil {
+		return Info{}, err
+	}
+	// Claims are checked before anything is written.
+	r.mu.RLock()
+	for _, h := range v.m.Handlers {
+		if owner, ok := r.claims[claim{kindNames[h.Kind], h.Name}]; ok && owner != v.m.Name {
+			r.mu.RUnlock()
+			_ = v.p.Close(ctx)
+			return Info{}, fmt.Errorf("plugins: %s: %s %q is already served by plugin %s", v.m.Name, h.Kind, h.Name, owner)
+		}
+	}
+	r.mu.RUnlock()
+	if err := r.persist(v.m.Name, manifest, wasm, sig); err != nil {
+		_ = v.p.Close(ctx)
+		return Info{}, err
+	}
+	if err := r.swap(v); err != nil {
+		return Info{}, err
+	}
+	r.log.Info("plugin installed", "plugin", v.m.Name, "version", v.m.Version, "signed", v.signed)
+	return v.info(), nil
+}
+
+// persist writes a plugin's files: the new version in a temporary
+// directory, renamed into place; the current one moves to previous/.
+func (r *Registry) persist(name string, manifest, wasm, sig []byte) error {
+	dir := filepath.Join(r.opts.Dir, name)
+	tmp, err := os.MkdirTemp(r.opts.Dir, "."+name+"-")
+	if err != nil {
+		return fmt.Errorf("plugins: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	files := map[string][]byte{fileManifest: manifest, fileModule: wasm}
+	if len(sig) > 0 {
+		files[fileSig] = sig
+	}
+	for f, b := range files {
+		if err := writeSync(filepath.Join(tmp, f), b); err != nil {
+			return fmt.Errorf("plugins: %w", err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, fileManifest)); err == nil {
+		// Keep the current version as previous/ (replacing an older one).
+		prev := filepath.Join(tmp, dirPrevious)
+		if err := os.Mkdir(prev, 0o750); err != nil {
+			return fmt.Errorf("plugins: %w", err)
+		}
+		for _, f := range []string{fileManifest, fileModule, fileSig} {
+			if err := os.Rename(filepath.Join(dir, f), filepath.Join(prev, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("plugins: %w", err)
+			}
+		}
+	}
+	old := filepath.Join(r.opts.Dir, "."+name+"-old")
+	_ = os.RemoveAll(old)
+	if err := os.Rename(dir, old); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("plugins: %w", err)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("plugins: %w", err)
+	}
+	_ = os.RemoveAll(old)
+	return nil
+}
+
+func writeSync(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o640)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// Rollback reinstalls the version kept from before the last install.
+func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
+	prev := filepath.Join(r.opts.Dir, name, dirPrevious)
+	man, err := os.ReadFile(filepath.Join(prev, fileManifest))
+	if err != nil {
+		return Info{}, fmt.Errorf("plugins: %s: no previous version to roll back to", name)
+	}
+	wasm, err := os.ReadFile(filepath.Join(prev, fileModule))
+	if err != nil {
+		return Info{}, fmt.Errorf("plugins: %s: previous version: %w", name, err)
+	}
+	sig, _ := os.ReadFile(filepath.Join(prev, fileSig))
+	return r.Install(ctx, man, wasm, sig)
+}
+
+// Remove stops serving a plugin and deletes its files. Calls already
+// running finish first.
+func (r *Registry) Remove(ctx context.Context, name string) error {
+	r.installMu.Lock()
+	defer r.installMu.Unlock()
+	r.mu.Lock()
+	v := r.plugins[name]
+	if v == nil {
+		r.mu.Unlock()
+		return fmt.Errorf("plugins: %s is not installed", name)
+	}
+	for _, h := range v.m.Handlers {
+		delete(r.claims, claim{kindNames[h.Kind], h.Name})
+	}
+	delete(r.plugins, name)
+	r.mu.Unlock()
+	v.retire()
+	if err := os.RemoveAll(filepath.Join(r.opts.Dir, name)); err != nil {
+		return fmt.Errorf("plugins: %s: %w", name, err)
+	}
+	r.log.Info("plugin removed", "plugin", name)
+	return nil
+}
+
+// Call serves a request with the plugin that claims its kind and name:
+// 501 if none does.
+func (r *Registry) Call(ctx context.Context, req *sandbox.Request) *sandbox.Response {
+	r.mu.RLock()
+	name, ok := r.claims[claim{req.Kind, req.Name}]
+	var v *version
+	if ok {
+		v = r.plugins[name]
+		v.calls.Add(1)
+	}
+	r.mu.RUnlock()
+	if v == nil {
+		return &sandbox.Response{
+			Status:      abi.StatusNotImplemented,
+			Payload:     []byte(fmt.Sprintf("no plugin serves %s %q", req.Kind, req.Name)),
+			ContentType: "text/plain; charset=utf-8",
+			Props:       []abi.Property{{Key: "outpost-error", Value: "not_implemented"}},
+			Err:         &sandbox.CallError{Kind: "not_implemented", Err: errors.New("no plugin claims the name")},
+		}
+	}
+	defer v.calls.Done()
+	return v.p.Call(ctx, req)
+}
+
+// List describes the installed plugins, by name.
+func (r *Registry) List() []Info {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]Info, 0, len(r.plugins))
+	for _, v := range r.plugins {
+		out = append(out, v.info())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (v *version) info() Info {
+	return Info{Name: v.m.Name, Version: v.m.Version, SHA256: v.m.SHA256, Handlers: v.m.Handlers,
+		Capabilities: v.m.Capabilities, Signed: v.signed, Stats: v.p.Stats()}
+}
+
+// Close closes every plugin after the calls in progress.
+func (r *Registry) Close() {
+	r.mu.Lock()
+	vs := r.plugins
+	r.plugins, r.claims = map[string]*version{}, map[claim]string{}
+	r.mu.Unlock()
+	for _, v := range vs {
+		v.retire()
+	}
+}
