@@ -1,5 +1,6 @@
 // Package runtime wires Outpost's parts into one agent: the local broker,
-// the router, the outbox and the uplink. It owns configuration and
+// the router, the outbox, the uplink, and the wasm handlers that serve
+// requests. It owns configuration and
 // lifecycle; the parts live in their own packages.
 package runtime
 
@@ -14,8 +15,12 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/outpost-edge/outpost/abi"
+	"github.com/outpost-edge/outpost/plugins"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/broker"
 	"github.com/outpost-edge/outpost/runtime/dialect/generic"
+	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/router"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
@@ -23,11 +28,14 @@ import (
 
 // Agent is one running Outpost: build it with New, then Start, then Close.
 type Agent struct {
-	cfg    Config
-	log    *slog.Logger
-	outbox *storage.Outbox
-	broker *broker.Broker
-	uplink *uplink.Uplink // nil when no uplink is configured
+	cfg      Config
+	log      *slog.Logger
+	outbox   *storage.Outbox
+	broker   *broker.Broker
+	uplink   *uplink.Uplink // nil when no uplink is configured
+	engine   *sandbox.Engine
+	plugins  *plugins.Registry
+	dispatch *dispatch.Dispatcher
 }
 
 // Status is a snapshot of the agent's state.
@@ -97,9 +105,16 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
 
+	if err := a.openPlugins(); err != nil {
+		_ = a.broker.Close()
+		_ = a.outbox.Close()
+		return nil, fmt.Errorf("runtime: %w", err)
+	}
+
 	if cfg.Uplink.URL != "" {
 		a.uplink, err = newUplink(cfg, a.outbox, log.With("component", "uplink"))
 		if err != nil {
+			a.closePlugins()
 			_ = a.broker.Close()
 			_ = a.outbox.Close()
 			return nil, fmt.Errorf("runtime: %w", err)
@@ -107,6 +122,76 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	return a, nil
 }
+
+// openPlugins loads the installed plugins and serves local requests with
+// them.
+func (a *Agent) openPlugins() error {
+	dir := a.cfg.Plugins.Dir
+	if dir == "" {
+		dir = filepath.Join(a.cfg.DataDir, "plugins")
+	}
+	var trust plugins.TrustKeys
+	if a.cfg.Plugins.TrustKeys != "" {
+		var err error
+		if trust, err = plugins.LoadTrustKeys(a.cfg.Plugins.TrustKeys); err != nil {
+			return fmt.Errorf("plugins.trust_keys: %w", err)
+		}
+	}
+	var err error
+	a.engine, err = sandbox.NewEngine(filepath.Join(a.cfg.DataDir, "wasm-cache"))
+	if err != nil {
+		return err
+	}
+	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log})
+	if err != nil {
+		_ = a.engine.Close(context.Background())
+		return err
+	}
+	a.dispatch = dispatch.New(a.plugins, a.reply, a.cfg.Plugins.MaxConcurrent, a.log.With("component", "dispatch"))
+	for i, f := range []string{dispatch.MethodsFilter, dispatch.CommandsFilter} {
+		if err := a.broker.HandleRequests(f, i+1, a.localRequest); err != nil {
+			a.closePlugins()
+			return err
+		}
+	}
+	return nil
+}
+
+// localRequest hands a request from the local broker to the dispatcher.
+func (a *Agent) localRequest(r broker.Request) {
+	props := make([]abi.Property, len(r.UserProps))
+	for i, p := range r.UserProps {
+		props[i] = abi.Property{Key: p[0], Value: p[1]}
+	}
+	a.dispatch.Local(dispatch.Request{Topic: r.Topic, Payload: r.Payload, ContentType: r.ContentType,
+		ResponseTopic: r.ResponseTopic, Correlation: r.CorrelationData, Expiry: time.Duration(r.ExpirySeconds) * time.Second,
+		Props: props, QoS: r.QoS})
+}
+
+// reply publishes a dispatcher's response on the local broker.
+func (a *Agent) reply(r dispatch.Reply) error {
+	props := make([][2]string, len(r.Props))
+	for i, p := range r.Props {
+		props[i] = [2]string{p.Key, p.Value}
+	}
+	return a.broker.Respond(broker.Response{Topic: r.Topic, Payload: r.Payload, QoS: r.QoS, ContentType: r.ContentType,
+		CorrelationData: r.Correlation, UserProps: props})
+}
+
+func (a *Agent) closePlugins() {
+	if a.dispatch != nil {
+		a.dispatch.Close()
+	}
+	if a.plugins != nil {
+		a.plugins.Close()
+	}
+	if a.engine != nil {
+		_ = a.engine.Close(context.Background())
+	}
+}
+
+// Plugins returns the plugin registry, to install and list plugins.
+func (a *Agent) Plugins() *plugins.Registry { return a.plugins }
 
 func newUplink(cfg Config, src uplink.Source, log *slog.Logger) (*uplink.Uplink, error) {
 	u := cfg.Uplink
@@ -204,6 +289,7 @@ func (a *Agent) Close(ctx context.Context) error {
 	if err := a.broker.Close(); err != nil {
 		errs = append(errs, err)
 	}
+	a.closePlugins()
 	if a.uplink != nil {
 		if err := a.uplink.Close(ctx); err != nil {
 			errs = append(errs, err)

@@ -35,6 +35,20 @@ type Config struct {
 	Storage     StorageConfig `yaml:"storage"`
 	Routes      []RouteConfig `yaml:"routes"`
 	Uplink      UplinkConfig  `yaml:"uplink"`
+	Plugins     PluginsConfig `yaml:"plugins"`
+}
+
+// PluginsConfig configures the wasm handlers.
+type PluginsConfig struct {
+	// Dir holds the installed plugins, loaded at start. Default
+	// {data_dir}/plugins.
+	Dir string `yaml:"dir"`
+	// TrustKeys is a file of ed25519 public keys (base64, one per line);
+	// when set, only plugins whose manifest is signed by one of them load.
+	TrustKeys string `yaml:"trust_keys"`
+	// MaxConcurrent bounds the local requests served at once; more are
+	// answered 429.
+	MaxConcurrent int `yaml:"max_concurrent"`
 }
 
 // LogConfig configures logging.
@@ -124,7 +138,8 @@ func DefaultConfig() Config {
 			MaxBytes:    1 << 30,
 			WhenFull:    "drop_oldest",
 		},
-		Routes: []RouteConfig{{Name: "telemetry", Match: []string{"#"}}},
+		Routes:  []RouteConfig{{Name: "telemetry", Match: []string{"#"}}},
+		Plugins: PluginsConfig{MaxConcurrent: 64},
 		Uplink: UplinkConfig{
 			Dialect:        "generic",
 			TopicPrefix:    "outpost/{device_id}/",
@@ -195,6 +210,9 @@ func (c *Config) Validate() error {
 		bad("device_id", "must not be empty")
 	} else if idUnsafe.MatchString(c.DeviceID) || len(c.DeviceID) > 128 {
 		bad("device_id", "%q: use 1 to 128 of A-Z a-z 0-9 . _ -", c.DeviceID)
+	}
+	if c.Plugins.MaxConcurrent < 1 || c.Plugins.MaxConcurrent > 100000 {
+		bad("plugins.max_concurrent", "%d: want 1 to 100000", c.Plugins.MaxConcurrent)
 	}
 	if c.DataDir == "" {
 		bad("data_dir", "must not be empty")

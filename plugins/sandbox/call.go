@@ -174,7 +174,7 @@ func (p *Plugin) outcome(ctx context.Context, inst *instance, c *call, err error
 	case isDeadline(ctx, err):
 		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("deadline passed: %s", firstLine(err)))
 	}
-	return hostResp(abi.StatusInternal, FailTrap, fmt.Errorf("trap: %s", firstLine(err)))
+	return hostResp(abi.StatusInternal, FailTrap, errors.New(firstLine(err)))
 }
 
 func isDeadline(ctx context.Context, err error) bool {

@@ -17,6 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/outpost-edge/outpost/internal/batchconn"
+	"github.com/outpost-edge/outpost/runtime/router"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -204,6 +205,10 @@ type ingestHook struct {
 	store     func(*storage.Message, func(uint64, error)) error
 	log       *slog.Logger
 	anonymous map[string]bool // listener id -> anonymous allowed; read-only after New
+	// requests matches the filters served by HandleRequests: never stored.
+	// Set before Start, read-only after.
+	requestFilters []string
+	requests       *router.Router
 
 	stored, refused, failed, local atomic.Int64
 	lastWarn                       atomic.Int64 // unix nanos of the last "full" warning
@@ -258,6 +263,11 @@ func (h *ingestHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 // so that it publishes again later. When the write fails later, the
 // connection is closed before the acknowledgement leaves.
 func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	// The agent's own publishes (responses) and requests stay local.
+	if cl.Net.Inline || h.isRequest(pk.TopicName) {
+		h.local.Add(1)
+		return pk, nil
+	}
 	route, ok := h.route(pk.TopicName)
 	if !ok {
 		h.local.Add(1)
@@ -326,6 +336,14 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	// with a PUBACK, which is a protocol error): close without acknowledging.
 	cl.Stop(code)
 	return pk, packets.ErrRejectPacket
+}
+
+func (h *ingestHook) isRequest(topic string) bool {
+	if h.requests == nil {
+		return false
+	}
+	_, ok := h.requests.Match(topic)
+	return ok
 }
 
 // warnFull logs a refusal at most once every 10 s: a full store under load

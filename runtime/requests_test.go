@@ -1,0 +1,71 @@
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/internal/mosqtest"
+	"github.com/outpost-edge/outpost/internal/wasmtest"
+)
+
+// installGuest installs the sandbox's Go test guest as plugin "tools",
+// serving the methods echo and panic and the command fail.
+func installGuest(t *testing.T, a *Agent) {
+	t.Helper()
+	wasm := wasmtest.BuildGo(t, "../plugins/sandbox/testdata/goguest")
+	sum := sha256.Sum256(wasm)
+	man := fmt.Sprintf("name: tools\nversion: 1.0.0\nsha256: %s\nhandlers:\n  - {kind: method, name: echo}\n  - {kind: method, name: panic}\n  - {kind: command, name: fail}\n",
+		hex.EncodeToString(sum[:]))
+	if _, err := a.Plugins().Install(context.Background(), []byte(man), wasm, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLocalRequestResponse: a local MQTT 5 client (mosquitto_rr) calls a
+// wasm handler through the local broker with no uplink at all, and gets
+// the response on its response topic with the status; requests are not
+// stored for upstream; a failing handler gets its error status and the
+// next request is served.
+func TestLocalRequestResponse(t *testing.T) {
+	mosqtest.Require(t, "mosquitto_rr")
+	a := testAgent(t, "", nil)
+	installGuest(t, a)
+	host, port := hostPort(t, a.BrokerAddrs()[0])
+	rr := func(topic, payload string, extra ...string) string {
+		t.Helper()
+		args := append([]string{"-h", host, "-p", port, "-t", topic, "-e", "replies/" + t.Name(), "-m", payload, "-W", "20", "-F", "%p|%P|%C"}, extra...)
+		out, err := run(t, 30*time.Second, "mosquitto_rr", args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(out)
+	}
+	out := rr("outpost/methods/echo", "hello", "-D", "publish", "user-property", "line", "3", "-D", "publish", "content-type", "text/plain")
+	parts := strings.SplitN(out, "|", 3)
+	if len(parts) != 3 || parts[0] != "hello" || !strings.Contains(parts[1], "status:200") || !strings.Contains(parts[1], "line:3") || parts[2] != "text/plain" {
+		t.Fatalf("echo: %q, want payload hello, status:200 and line:3 properties, content type text/plain", out)
+	}
+	out = rr("outpost/methods/nosuch", "x")
+	if !strings.Contains(out, "status:501") || !strings.Contains(out, `no plugin serves method "nosuch"`) {
+		t.Fatalf("unknown method: %q", out)
+	}
+	out = rr("outpost/methods/panic", "x")
+	if !strings.Contains(out, "status:500") || !strings.Contains(out, "outpost-error:trap") {
+		t.Fatalf("panicking handler: %q", out)
+	}
+	out = rr("outpost/commands/fail", "because")
+	if !strings.Contains(out, "status:422") || !strings.Contains(out, "refused: because") {
+		t.Fatalf("command: %q", out)
+	}
+	if out := rr("outpost/methods/echo", "again"); !strings.HasPrefix(out, "again|") {
+		t.Fatalf("after the failures: %q", out)
+	}
+	if st := a.Status(); st.Outbox.Messages != 0 {
+		t.Fatalf("%d messages stored for upstream: requests and responses must stay local", st.Outbox.Messages)
+	}
+}
