@@ -9,16 +9,28 @@ LDFLAGS := -X main.version=$(VERSION)
 # Test packages run in parallel up to this many at once; the race detector is on.
 TESTFLAGS ?= -race -shuffle=on -timeout 25m
 
-.PHONY: help build run test deps bench lint fuzz clean
+.PHONY: help build examples run test deps bench lint fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: ## build the agent into bin/outpost
+build: examples ## build the agent into bin/outpost, and the example handlers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/outpost
 
-run: build ## build, then run the agent on its embedded defaults (Ctrl-C stops it)
-	$(BIN) run --hints
+# Each examples/<name>/ builds into examples/<name>/build/: module.wasm and
+# manifest.yaml, the manifest.yaml.in with the module's sha256 filled in.
+EXAMPLES := examples/handler-go
+examples: ## build the example wasm handlers into examples/*/build
+	@for d in $(EXAMPLES); do \
+		mkdir -p $$d/build && \
+		(cd $$d && GOOS=wasip1 GOARCH=wasm $(GO) build -buildmode=c-shared -trimpath -o build/module.wasm .) && \
+		sum=$$(sha256sum $$d/build/module.wasm | cut -d' ' -f1) && \
+		sed "s/@SHA256@/$$sum/" $$d/manifest.yaml.in > $$d/build/manifest.yaml && \
+		echo "built $$d/build (sha256 $$sum)" || exit 1; \
+	done
+
+run: build ## build, then run the agent on its embedded defaults with the example handlers (Ctrl-C stops it)
+	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(EXAMPLES)))
 
 deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when missing
 	@need=; \
@@ -53,4 +65,4 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMeta$$' -fuzztime 30s ./abi/
 
 clean: ## remove build output and the default data directory
-	rm -rf bin data
+	rm -rf bin data examples/*/build

@@ -47,7 +47,8 @@ const (
 // Property is one request or response property (an MQTT 5 user property or
 // a method header). Keys may repeat.
 type Property struct {
-	Key, Value string
+	Key   string `json:"key"`
+	Value string `json:"value"`
 }
 
 // Meta is a request's metadata: everything but the payload.

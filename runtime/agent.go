@@ -18,6 +18,7 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/admin"
 	"github.com/outpost-edge/outpost/runtime/broker"
 	"github.com/outpost-edge/outpost/runtime/dialect/generic"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
@@ -36,6 +37,7 @@ type Agent struct {
 	engine   *sandbox.Engine
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
+	admin    *admin.Server // nil when the admin API is off
 }
 
 // Status is a snapshot of the agent's state.
@@ -250,10 +252,16 @@ func loadTLS(c TLSConfig) (*tls.Config, error) {
 	return t, nil
 }
 
-// Start serves the local broker and starts the uplink.
+// Start serves the local broker and the admin API, and starts the uplink.
 func (a *Agent) Start() error {
 	if err := a.broker.Start(); err != nil {
 		return fmt.Errorf("runtime: %w", err)
+	}
+	if sock := a.cfg.AdminSocket(); sock != "" {
+		var err error
+		if a.admin, err = admin.Listen(sock, a.plugins, a.log.With("component", "admin")); err != nil {
+			return fmt.Errorf("runtime: admin.socket: %w", err)
+		}
 	}
 	if a.uplink != nil {
 		if err := a.uplink.Start(); err != nil {
@@ -267,6 +275,9 @@ func (a *Agent) Start() error {
 		"durability", a.cfg.Storage.Durability, "backlog", st.Messages)
 	return nil
 }
+
+// AdminSocket returns the admin API's socket, or "" when it is off.
+func (a *Agent) AdminSocket() string { return a.cfg.AdminSocket() }
 
 // BrokerAddrs returns the bound addresses of the local broker's listeners.
 func (a *Agent) BrokerAddrs() []string { return a.broker.Addrs() }
@@ -286,6 +297,11 @@ func (a *Agent) Status() Status {
 // the store.
 func (a *Agent) Close(ctx context.Context) error {
 	var errs []error
+	if a.admin != nil {
+		if err := a.admin.Close(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := a.broker.Close(); err != nil {
 		errs = append(errs, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -36,6 +37,27 @@ type Config struct {
 	Routes      []RouteConfig `yaml:"routes"`
 	Uplink      UplinkConfig  `yaml:"uplink"`
 	Plugins     PluginsConfig `yaml:"plugins"`
+	Admin       AdminConfig   `yaml:"admin"`
+}
+
+// AdminConfig configures the local administration API (the outpost CLI
+// talks to it).
+type AdminConfig struct {
+	// Socket is the unix socket of the API, mode 0600. Default
+	// {data_dir}/outpost.sock; "off" disables the API.
+	Socket string `yaml:"socket"`
+}
+
+// AdminSocket is the admin API's socket path, with the default applied; ""
+// when the API is off.
+func (c *Config) AdminSocket() string {
+	switch c.Admin.Socket {
+	case "off":
+		return ""
+	case "":
+		return filepath.Join(c.DataDir, "outpost.sock")
+	}
+	return c.Admin.Socket
 }
 
 // PluginsConfig configures the wasm handlers.

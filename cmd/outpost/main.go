@@ -3,6 +3,8 @@
 //	outpost run [flags]              run the agent
 //	outpost config validate FILE     check a configuration file
 //	outpost config print [FILE]      print the effective configuration
+//	outpost plugin install|list|inspect|remove|rollback
+//	outpost invoke NAME              call a handler through the running agent
 //	outpost version                  print the version
 package main
 
@@ -15,6 +17,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	gort "runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -40,6 +43,8 @@ Usage:
   outpost run [flags]              run the agent (see 'outpost run -h')
   outpost config validate FILE     check a configuration file, report every problem
   outpost config print [FILE]      print the effective configuration (defaults filled in)
+  outpost plugin ...               install, list, inspect, remove, roll back wasm handlers
+  outpost invoke NAME              call a handler through the running agent
   outpost version                  print the version
 `
 
@@ -53,6 +58,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdRun(args[1:], stdout, stderr)
 	case "config":
 		return cmdConfig(args[1:], stdout, stderr)
+	case "plugin":
+		return cmdPlugin(args[1:], stdout, stderr)
+	case "invoke":
+		return cmdInvoke(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "outpost", version)
 		return 0
@@ -71,6 +80,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 type runFlags struct {
 	config, listen, data, upstream, deviceID, durability, logLevel, logFormat string
 	hints                                                                     bool
+	install                                                                   []string
 }
 
 func parseRunFlags(args []string, stderr io.Writer) (*runFlags, error) {
@@ -86,6 +96,10 @@ func parseRunFlags(args []string, stderr io.Writer) (*runFlags, error) {
 	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "", "auto, text or json")
 	fs.BoolVar(&f.hints, "hints", false, "print what to try once the agent is ready")
+	fs.Func("install", "install or upgrade the plugin in `DIR` (manifest.yaml, module.wasm) before serving; repeatable", func(s string) error {
+		f.install = append(f.install, s)
+		return nil
+	})
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: outpost run [flags]\n\nFlags (each also as an environment variable: --upstream is OUTPOST_UPSTREAM):")
 		fs.PrintDefaults()
@@ -188,6 +202,17 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
+	for _, dir := range f.install {
+		req, _, err := installRequest(filepath.Join(dir, "manifest.yaml"), filepath.Join(dir, "module.wasm"), optional(filepath.Join(dir, "manifest.sig")))
+		if err == nil {
+			_, err = agent.Plugins().Install(ctx, []byte(req.Manifest), req.Wasm, []byte(req.Signature))
+		}
+		if err != nil {
+			log.Error("cannot install a plugin", "dir", dir, "error", err)
+			_ = agent.Close(context.Background())
+			return 1
+		}
+	}
 	if err := agent.Start(); err != nil {
 		log.Error("cannot start", "error", err)
 		_ = agent.Close(context.Background())
@@ -234,6 +259,14 @@ Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for exam
 forwarded to any MQTT 5 broker, under outpost/%s/..., with
   bin/outpost run --upstream mqtt://BROKER:1883
 `, addr, up, cfg.DeviceID, host, port, host, port, cfg.DataDir, cfg.DeviceID)
+}
+
+// optional returns path if the file exists, else "".
+func optional(path string) string {
+	if _, err := os.Stat(path); err != nil {
+		return ""
+	}
+	return path
 }
 
 func cmdConfig(args []string, stdout, stderr io.Writer) int {

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/internal/mosqtest"
+	"github.com/outpost-edge/outpost/internal/wasmtest"
+	"github.com/outpost-edge/outpost/runtime"
+)
+
+// TestExampleThroughTheAgent builds this example, installs it in a real
+// agent with the manifest it ships, and calls each handler with
+// mosquitto_rr through the agent's local broker.
+func TestExampleThroughTheAgent(t *testing.T) {
+	mosqtest.Require(t, "mosquitto_rr")
+	wasm := wasmtest.BuildGo(t, ".")
+	tmpl, err := os.ReadFile("manifest.yaml.in")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(wasm)
+	manifest := strings.ReplaceAll(string(tmpl), "@SHA256@", hex.EncodeToString(sum[:]))
+
+	cfg := runtime.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Broker.Listeners = []runtime.ListenerConfig{{Address: "127.0.0.1:0"}}
+	a, err := runtime.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Plugins().Install(context.Background(), []byte(manifest), wasm, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close(context.Background())
+	host, port, _ := net.SplitHostPort(a.BrokerAddrs()[0])
+
+	rr := func(topic, payload string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "mosquitto_rr", "-h", host, "-p", port, "-t", topic, "-e", "replies/example",
+			"-m", payload, "-W", "20", "-F", "%P %p").CombinedOutput()
+		if err != nil {
+			t.Fatalf("mosquitto_rr %s: %v: %s", topic, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if out := rr("outpost/methods/getDiagnostics", ""); !strings.HasPrefix(out, "status:200 ") || !strings.Contains(out, `"setpoint_limits":{"min":5,"max":80}`) {
+		t.Fatalf("getDiagnostics: %s (the limits come from the manifest's config)", out)
+	}
+	if out := rr("outpost/methods/echo", "ping"); out != "status:200 ping" {
+		t.Fatalf("echo: %q", out)
+	}
+	if out := rr("outpost/commands/setpoint", `{"value": 42}`); out != `status:200 {"accepted":42}` {
+		t.Fatalf("setpoint 42: %q", out)
+	}
+	if out := rr("outpost/commands/setpoint", `{"value": 95}`); !strings.HasPrefix(out, "status:422 ") || !strings.Contains(out, "95 is outside 5..80") {
+		t.Fatalf("setpoint 95: %q", out)
+	}
+	if out := rr("outpost/commands/setpoint", `not json`); !strings.HasPrefix(out, "status:400 ") {
+		t.Fatalf("setpoint with a bad payload: %q", out)
+	}
+}
