@@ -49,8 +49,8 @@ type Manifest struct {
 
 // HandlerSpec is one name a plugin serves.
 type HandlerSpec struct {
-	Kind string `yaml:"kind"` // command, method or dm_action
-	Name string `yaml:"name"`
+	Kind string `yaml:"kind" json:"kind"` // command, method or dm_action
+	Name string `yaml:"name" json:"name"`
 }
 
 // ManifestLimits are the limits a plugin asks for; zero takes the default.

@@ -59,11 +59,13 @@ type version struct {
 
 // Info describes an installed plugin.
 type Info struct {
-	Name, Version, SHA256 string
-	Handlers              []HandlerSpec
-	Capabilities          []string
-	Signed                bool
-	Stats                 sandbox.Stats
+	Name         string        `json:"name"`
+	Version      string        `json:"version"`
+	SHA256       string        `json:"sha256"`
+	Handlers     []HandlerSpec `json:"handlers"`
+	Capabilities []string      `json:"capabilities"`
+	Signed       bool          `json:"signed"`
+	Stats        sandbox.Stats `json:"stats"`
 }
 
 // Open loads every plugin installed in opts.Dir. A plugin that fails to

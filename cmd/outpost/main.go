@@ -219,7 +219,13 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if f.hints {
-		printHints(stdout, cfg, agent.BrokerAddrs()[0])
+		var handlers []string
+		for _, p := range agent.Plugins().List() {
+			for _, h := range p.Handlers {
+				handlers = append(handlers, h.Kind+":"+h.Name)
+			}
+		}
+		printHints(stdout, cfg, agent.BrokerAddrs()[0], handlers)
 	}
 	<-ctx.Done()
 	stop()
@@ -240,25 +246,39 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func printHints(w io.Writer, cfg runtime.Config, addr string) {
+func printHints(w io.Writer, cfg runtime.Config, addr string, handlers []string) {
 	host, port, _ := strings.Cut(addr, ":")
 	up := "none: messages are stored in " + cfg.DataDir + " until an uplink is configured"
 	if cfg.Uplink.URL != "" {
 		up = cfg.Uplink.URL
+	}
+	hs := "none installed (bin/outpost plugin install DIR)"
+	if len(handlers) > 0 {
+		hs = strings.Join(handlers, ", ")
 	}
 	fmt.Fprintf(w, `
 Outpost is running.
   local broker  %s
   uplink        %s
   device id     %s
+  handlers      %s
 
 Try, in another terminal:
   mosquitto_sub -h %s -p %s -t 'plant/#' -v                    # a local subscriber
   mosquitto_pub -h %s -p %s -q 1 -t plant/line1/temp -m 21.5   # stored, then forwarded
-Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for example
+`, addr, up, cfg.DeviceID, hs, host, port, host, port)
+	if len(handlers) > 0 {
+		name := strings.TrimPrefix(handlers[0], "method:")
+		fmt.Fprintf(w, `  mosquitto_rr -h %s -p %s -t outpost/methods/%s -e replies/me -m '' -F '%%P %%p'
+                                                     # call a wasm handler over MQTT 5
+  bin/outpost invoke %s --socket %s     # the same through the admin API
+  bin/outpost plugin list --socket %s
+`, host, port, name, name, cfg.AdminSocket(), cfg.AdminSocket())
+	}
+	fmt.Fprintf(w, `Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for example
 forwarded to any MQTT 5 broker, under outpost/%s/..., with
   bin/outpost run --upstream mqtt://BROKER:1883
-`, addr, up, cfg.DeviceID, host, port, host, port, cfg.DataDir, cfg.DeviceID)
+`, cfg.DataDir, cfg.DeviceID)
 }
 
 // optional returns path if the file exists, else "".

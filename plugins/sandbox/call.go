@@ -361,12 +361,12 @@ func (b *breaker) isOpen() bool {
 
 // Stats are a plugin's counters since it was loaded.
 type Stats struct {
-	Running     int // calls in the guest now
-	Calls       int64
-	Failures    map[string]int64 // by kind
-	LogsDropped int64
-	BreakerOpen bool
-	Latency     time.Duration // total time in Call
+	Running     int              `json:"running"` // calls in the guest now
+	Calls       int64            `json:"calls"`
+	Failures    map[string]int64 `json:"failures"` // by kind
+	LogsDropped int64            `json:"logs_dropped"`
+	BreakerOpen bool             `json:"breaker_open"`
+	Latency     time.Duration    `json:"latency_ns"` // total time in Call
 }
 
 type stats struct {
