@@ -22,6 +22,7 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/internal/units"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/router"
 )
 
 // Manifest describes a plugin. It is YAML:
@@ -60,6 +61,7 @@ type ManifestLimits struct {
 	Instances   int            `yaml:"instances"`
 	MaxRequest  units.ByteSize `yaml:"max_request"`
 	MaxResponse units.ByteSize `yaml:"max_response"`
+	KVQuota     units.ByteSize `yaml:"kv_quota"` // key/value bytes [1 MiB]
 }
 
 // Capabilities a manifest may ask for.
@@ -118,10 +120,18 @@ func ParseManifest(b []byte) (*Manifest, error) {
 	if len(m.PublishTopics) > 0 && !m.Has(CapPublish) {
 		bad("publish_topics", "set without the publish capability")
 	}
+	if m.Has(CapPublish) && len(m.PublishTopics) == 0 {
+		bad("publish_topics", "the publish capability needs at least one topic filter")
+	}
+	for i, f := range m.PublishTopics {
+		if err := router.ValidFilter(f); err != nil {
+			bad(fmt.Sprintf("publish_topics[%d]", i), "%v", err)
+		}
+	}
 	if m.Limits.Memory < 0 || m.Limits.Memory > 4<<30 || (m.Limits.Memory > 0 && m.Limits.Memory < 64<<10) {
 		bad("limits.memory", "%d: want 64KiB to 4GiB", m.Limits.Memory)
 	}
-	if m.Limits.Timeout < 0 || m.Limits.Instances < 0 || m.Limits.MaxRequest < 0 || m.Limits.MaxResponse < 0 {
+	if m.Limits.Timeout < 0 || m.Limits.Instances < 0 || m.Limits.MaxRequest < 0 || m.Limits.MaxResponse < 0 || m.Limits.KVQuota < 0 {
 		bad("limits", "negative values are not allowed")
 	}
 	if len(errs) > 0 {

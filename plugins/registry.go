@@ -8,10 +8,12 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/router"
 )
 
 // Files of an installed plugin, in Dir/<name>/.
@@ -28,6 +30,12 @@ type Options struct {
 	Engine *sandbox.Engine // shared compilation cache
 	Trust  TrustKeys       // if set, only plugins signed by one of these load
 	Log    *slog.Logger
+	// KV opens a plugin's key/value namespace (capability kv); nil = the
+	// capability is not available.
+	KV func(plugin string, quota int64) (sandbox.KVStore, error)
+	// Publish publishes for a plugin (capability publish) once the topic
+	// passed the plugin's publish_topics; nil = not available.
+	Publish sandbox.Publisher
 }
 
 // Registry holds the installed plugins and which serves each name. Its
@@ -143,12 +151,56 @@ func (r *Registry) prepare(ctx context.Context, manifest, wasm, sig []byte) (*ve
 		return nil, err
 	}
 	cfg.Log = r.opts.Log
+	if err := r.grant(m, &cfg); err != nil {
+		return nil, err
+	}
 	p, err := r.opts.Engine.Load(ctx, wasm, cfg)
 	if err != nil {
 		return nil, err
 	}
 	return &version{m: m, p: p, signed: len(sig) > 0}, nil
 }
+
+// grant gives the sandbox the capabilities the manifest asks for.
+func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
+	if m.Has(CapKV) {
+		if r.opts.KV == nil {
+			return fmt.Errorf("plugins: %s: capability kv is not available in this agent", m.Name)
+		}
+		quota := int64(m.Limits.KVQuota)
+		if quota == 0 {
+			quota = DefaultKVQuota
+		}
+		kv, err := r.opts.KV(m.Name, quota)
+		if err != nil {
+			return fmt.Errorf("plugins: %s: %w", m.Name, err)
+		}
+		cfg.KV = kv
+	}
+	if m.Has(CapPublish) {
+		if r.opts.Publish == nil {
+			return fmt.Errorf("plugins: %s: capability publish is not available in this agent", m.Name)
+		}
+		allowed, err := router.New([]router.Rule{{Route: "allowed", Match: m.PublishTopics}})
+		if err != nil {
+			return fmt.Errorf("plugins: %s: publish_topics: %w", m.Name, err)
+		}
+		publish := r.opts.Publish
+		cfg.Publish = func(ctx context.Context, topic string, payload []byte, qos byte) error {
+			if topic == "" || strings.ContainsAny(topic, "+#\x00") {
+				return fmt.Errorf("%w: topic %q", sandbox.ErrBadArg, topic)
+			}
+			if _, ok := allowed.Match(topic); !ok {
+				return fmt.Errorf("%w: %q is not in publish_topics", sandbox.ErrDenied, topic)
+			}
+			return publish(ctx, topic, payload, qos)
+		}
+	}
+	return nil
+}
+
+// DefaultKVQuota is a plugin's key/value quota when its manifest sets none.
+const DefaultKVQuota = 1 << 20
 
 // swap makes v the serving version of its plugin, if its claims conflict
 // with no other plugin, and closes the version it replaces once the calls

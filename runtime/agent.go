@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -32,12 +33,16 @@ type Agent struct {
 	cfg      Config
 	log      *slog.Logger
 	outbox   *storage.Outbox
+	router   *router.Router
 	broker   *broker.Broker
 	uplink   *uplink.Uplink // nil when no uplink is configured
 	engine   *sandbox.Engine
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
 	admin    *admin.Server // nil when the admin API is off
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // Status is a snapshot of the agent's state.
@@ -68,6 +73,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
+	a.router = rt
 	durability := storage.DurabilityProcess
 	if cfg.Storage.Durability == "fsync" {
 		durability = storage.DurabilityFsync
@@ -144,7 +150,8 @@ func (a *Agent) openPlugins() error {
 	if err != nil {
 		return err
 	}
-	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log})
+	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log,
+		KV: a.pluginKV, Publish: a.pluginPublish})
 	if err != nil {
 		_ = a.engine.Close(context.Background())
 		return err
@@ -157,6 +164,50 @@ func (a *Agent) openPlugins() error {
 		}
 	}
 	return nil
+}
+
+// pluginKV opens a plugin's key/value namespace in the store.
+func (a *Agent) pluginKV(plugin string, quota int64) (sandbox.KVStore, error) {
+	kv, err := a.outbox.KV(plugin, quota)
+	if err != nil {
+		return nil, err
+	}
+	return kvStore{kv}, nil
+}
+
+// kvStore gives the sandbox the store's errors as the ABI's.
+type kvStore struct{ kv *storage.KV }
+
+func kvErr(err error) error {
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return fmt.Errorf("%w: %w", sandbox.ErrNotFound, err)
+	case errors.Is(err, storage.ErrQuota):
+		return fmt.Errorf("%w: %w", sandbox.ErrLimit, err)
+	case errors.Is(err, storage.ErrBadKV):
+		return fmt.Errorf("%w: %w", sandbox.ErrBadArg, err)
+	}
+	return err
+}
+
+func (s kvStore) Get(k []byte) ([]byte, error) { v, err := s.kv.Get(k); return v, kvErr(err) }
+func (s kvStore) Set(k, v []byte) error        { return kvErr(s.kv.Set(k, v)) }
+func (s kvStore) Delete(k []byte) error        { return kvErr(s.kv.Delete(k)) }
+
+// pluginPublish publishes for a plugin as a local client would: stored for
+// upstream when a route takes the topic, and delivered to local
+// subscribers.
+func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, qos byte) error {
+	if route, ok := a.router.Match(topic); ok {
+		err := a.outbox.Append(&storage.Message{Route: route, Topic: topic, Payload: payload, QoS: qos})
+		if errors.Is(err, storage.ErrFull) {
+			return fmt.Errorf("%w: %w", sandbox.ErrLimit, err)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return a.broker.PublishLocal(topic, payload, qos)
 }
 
 // localRequest hands a request from the local broker to the dispatcher.
@@ -294,8 +345,13 @@ func (a *Agent) Status() Status {
 
 // Close shuts down in order: stop accepting local publishes, let the uplink
 // collect the acknowledgements of what is in flight (bounded by ctx), close
-// the store.
+// the store. Later calls return the first one's result.
 func (a *Agent) Close(ctx context.Context) error {
+	a.closeOnce.Do(func() { a.closeErr = a.close(ctx) })
+	return a.closeErr
+}
+
+func (a *Agent) close(ctx context.Context) error {
 	var errs []error
 	if a.admin != nil {
 		if err := a.admin.Close(ctx); err != nil {

@@ -69,3 +69,83 @@ func TestLocalRequestResponse(t *testing.T) {
 		t.Fatalf("%d messages stored for upstream: requests and responses must stay local", st.Outbox.Messages)
 	}
 }
+
+// TestPluginCapabilities: a plugin granted kv keeps a counter in the store
+// across calls and restarts, within its quota; granted publish, it
+// publishes to local subscribers and to the outbox, only under its
+// publish_topics.
+func TestPluginCapabilities(t *testing.T) {
+	mosqtest.Require(t, "mosquitto_rr", "mosquitto_sub")
+	dataDir := t.TempDir()
+	wasm := wasmtest.BuildGo(t, "../plugins/sandbox/testdata/capguest")
+	sum := sha256.Sum256(wasm)
+	man := fmt.Sprintf(`name: caps
+version: 1.0.0
+sha256: %s
+handlers:
+  - {kind: method, name: count}
+  - {kind: method, name: fill}
+  - {kind: method, name: publish}
+capabilities: [kv, publish]
+publish_topics: ["plant/+/status"]
+limits: {kv_quota: 1KiB}
+`, hex.EncodeToString(sum[:]))
+	start := func() (*Agent, func(topic, payload string) string) {
+		a := testAgent(t, "", func(c *Config) { c.DataDir = dataDir })
+		host, port := hostPort(t, a.BrokerAddrs()[0])
+		return a, func(topic, payload string) string {
+			t.Helper()
+			out, err := run(t, 30*time.Second, "mosquitto_rr", "-h", host, "-p", port, "-t", topic, "-e", "replies/caps", "-m", payload, "-W", "20", "-F", "%P %p")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return strings.TrimSpace(out)
+		}
+	}
+	a, rr := start()
+	if _, err := a.Plugins().Install(context.Background(), []byte(man), wasm, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 3; i++ {
+		if out := rr("outpost/methods/count", ""); out != fmt.Sprintf("status:200 %d", i) {
+			t.Fatalf("count %d: %q", i, out)
+		}
+	}
+	if out := rr("outpost/methods/fill", "2000"); !strings.HasPrefix(out, "status:413 ") {
+		t.Fatalf("over the quota: %q", out)
+	}
+
+	// A persistent local subscriber: registered first (-E), collected after.
+	host, port := hostPort(t, a.BrokerAddrs()[0])
+	subArgs := []string{"-h", host, "-p", port, "-t", "plant/#", "-q", "1", "-c", "-i", "caps-sub", "-V", "mqttv5", "-x", "60"}
+	if _, err := run(t, 30*time.Second, "mosquitto_sub", append(subArgs, "-E")...); err != nil {
+		t.Fatal(err)
+	}
+	if out := rr("outpost/methods/publish", "plant/line1/status running"); out != "status:204" {
+		t.Fatalf("publish: %q", out)
+	}
+	got, err := run(t, 30*time.Second, "mosquitto_sub", append(subArgs, "-C", "1", "-v", "-W", "20")...)
+	if err != nil || strings.TrimSpace(got) != "plant/line1/status running" {
+		t.Fatalf("the local subscriber got %q, %v", got, err)
+	}
+	if st := a.Status(); st.Outbox.Messages != 1 {
+		t.Fatalf("%d messages in the outbox, want the plugin's publish", st.Outbox.Messages)
+	}
+	if out := rr("outpost/methods/publish", "plant/line1/secret x"); !strings.HasPrefix(out, "status:403 ") {
+		t.Fatalf("a topic outside publish_topics: %q", out)
+	}
+	if out := rr("outpost/methods/publish", "plant/+/status x"); !strings.HasPrefix(out, "status:403 ") {
+		t.Fatalf("a wildcard topic: %q", out)
+	}
+
+	// The store keeps the counter across a restart of the agent.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := a.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, rr = start()
+	if out := rr("outpost/methods/count", ""); out != "status:200 4" {
+		t.Fatalf("count after a restart: %q", out)
+	}
+}

@@ -2,6 +2,8 @@
 
 package guest
 
+import "github.com/outpost-edge/outpost/abi"
+
 // Outside wasm there is no host: these let the package build, and its tests
 // run, on the development machine.
 
@@ -10,3 +12,11 @@ func readPayload(p []byte, offset int) int { return 0 }
 func hostLog(level int, msg string) {}
 
 func logEnabled(level int) bool { return false }
+
+func kvGetHost(string) ([]byte, error) { return nil, abi.ErrUnavailable }
+
+func kvSetHost(string, []byte) error { return abi.ErrUnavailable }
+
+func kvDeleteHost(string) error { return abi.ErrUnavailable }
+
+func publishHost(string, []byte, int) error { return abi.ErrUnavailable }

@@ -86,7 +86,20 @@ func (p *Plugin) instantiateHost(ctx context.Context) error {
 	if _, err := wasi_snapshot_preview1.Instantiate(ctx, p.rt); err != nil {
 		return err
 	}
-	return p.hostModule(ctx, abi.Module, p.coreFuncs())
+	if err := p.hostModule(ctx, abi.Module, p.coreFuncs()); err != nil {
+		return err
+	}
+	if p.cfg.KV != nil {
+		if err := p.hostModule(ctx, abi.ModuleKV, p.kvFuncs()); err != nil {
+			return err
+		}
+	}
+	if p.cfg.Publish != nil {
+		if err := p.hostModule(ctx, abi.ModuleMQTT, p.mqttFuncs()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (p *Plugin) hostModule(ctx context.Context, name string, fns []hostFn) error {

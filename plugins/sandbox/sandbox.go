@@ -47,15 +47,16 @@ func (e *Engine) Close(ctx context.Context) error { return e.cache.Close(ctx) }
 
 // Limits bound one plugin. Zero values take the defaults.
 type Limits struct {
-	Memory      uint64        // linear memory per instance, bytes [16 MiB]
-	Timeout     time.Duration // per call, when the request gives none or a longer one [5 s]
-	InitTimeout time.Duration // instantiation and outpost_init [10 s]
-	MaxRequest  int           // request payload bytes [256 KiB]
-	MaxResponse int           // response payload bytes [256 KiB]
-	MaxProps    int           // response properties [64]
-	Instances   int           // instances at once [GOMAXPROCS]
-	Queue       int           // calls waiting for an instance beyond those [64]
-	LogPerSec   int           // log lines per second, the excess dropped [20]
+	Memory        uint64        // linear memory per instance, bytes [16 MiB]
+	Timeout       time.Duration // per call, when the request gives none or a longer one [5 s]
+	InitTimeout   time.Duration // instantiation and outpost_init [10 s]
+	MaxRequest    int           // request payload bytes [256 KiB]
+	MaxResponse   int           // response payload bytes [256 KiB]
+	MaxProps      int           // response properties [64]
+	Instances     int           // instances at once [GOMAXPROCS]
+	Queue         int           // calls waiting for an instance beyond those [64]
+	LogPerSec     int           // log lines per second, the excess dropped [20]
+	PublishPerSec int           // publishes per second [100]
 	// Breaker opens after this many consecutive failures (traps, timeouts,
 	// ABI violations) [5] and stays open for BreakerOpen [10 s], then lets
 	// one call through.
@@ -89,6 +90,7 @@ func (l Limits) withDefaults() Limits {
 	def(&l.Instances, runtime.GOMAXPROCS(0))
 	def(&l.Queue, 64)
 	def(&l.LogPerSec, 20)
+	def(&l.PublishPerSec, 100)
 	def(&l.BreakerAfter, 5)
 	return l
 }
@@ -99,6 +101,10 @@ type Config struct {
 	Config []byte // given to outpost_init through cfg_read
 	Limits Limits
 	Log    *slog.Logger
+	// Capabilities: nil is not granted, and a module that imports one is
+	// refused at load.
+	KV      KVStore   // outpost_kv_v1
+	Publish Publisher // outpost_mqtt_v1; it checks the topic
 }
 
 // LoadError is why a module was refused at load. Nothing of it ran.
@@ -122,10 +128,11 @@ type Plugin struct {
 	hasInit  bool
 	hasIdle  bool
 
-	pool    pool
-	breaker breaker
-	logs    rateLimiter
-	stats   stats
+	pool      pool
+	breaker   breaker
+	logs      rateLimiter
+	publishes rateLimiter
+	stats     stats
 
 	mu     sync.RWMutex // held for reading by calls in progress; Close takes it
 	closed bool
@@ -193,6 +200,7 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	p.pool.init(lim.Instances, lim.Queue)
 	p.breaker.init(lim.BreakerAfter, lim.BreakerOpen)
 	p.logs.init(lim.LogPerSec)
+	p.publishes.init(lim.PublishPerSec)
 	// The first instance proves the module starts; it stays in the pool.
 	inst, err := p.newInstance(ctx)
 	if err != nil {

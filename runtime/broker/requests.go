@@ -97,3 +97,12 @@ func (b *Broker) Respond(r Response) error {
 	}
 	return nil
 }
+
+// PublishLocal publishes to local subscribers only, as the agent: it is
+// not stored or forwarded (the caller stores what must go upstream).
+func (b *Broker) PublishLocal(topic string, payload []byte, qos byte) error {
+	if err := b.srv.Publish(topic, payload, false, qos); err != nil {
+		return fmt.Errorf("broker: publish %q: %w", topic, err)
+	}
+	return nil
+}

@@ -1,0 +1,60 @@
+//go:build wasip1
+
+package guest
+
+import (
+	"unsafe"
+
+	"github.com/outpost-edge/outpost/abi"
+)
+
+// These imports appear in a module only if it calls the functions below: a
+// module that does not use the key/value store or publish does not need
+// those capabilities.
+
+//go:wasmimport outpost_kv_v1 kv_get
+func kvGet(kp unsafe.Pointer, kl uint32, buf unsafe.Pointer, limit uint32) int32
+
+//go:wasmimport outpost_kv_v1 kv_set
+func kvSet(kp unsafe.Pointer, kl uint32, vp unsafe.Pointer, vl uint32) int32
+
+//go:wasmimport outpost_kv_v1 kv_delete
+func kvDelete(kp unsafe.Pointer, kl uint32) int32
+
+//go:wasmimport outpost_mqtt_v1 publish
+func publishImport(tp unsafe.Pointer, tl uint32, pp unsafe.Pointer, pl uint32, qos uint32) int32
+
+func kvGetHost(key string) ([]byte, error) {
+	buf := make([]byte, 256)
+	for {
+		n := kvGet(ptr(key), uint32(len(key)), unsafe.Pointer(unsafe.SliceData(buf)), uint32(len(buf)))
+		if n < 0 {
+			return nil, abi.Errno(n)
+		}
+		if int(n) <= len(buf) {
+			return buf[:n], nil
+		}
+		buf = make([]byte, n)
+	}
+}
+
+func kvSetHost(key string, value []byte) error {
+	if rc := kvSet(ptr(key), uint32(len(key)), unsafe.Pointer(unsafe.SliceData(value)), uint32(len(value))); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}
+
+func kvDeleteHost(key string) error {
+	if rc := kvDelete(ptr(key), uint32(len(key))); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}
+
+func publishHost(topic string, payload []byte, qos int) error {
+	if rc := publishImport(ptr(topic), uint32(len(topic)), unsafe.Pointer(unsafe.SliceData(payload)), uint32(len(payload)), uint32(qos)); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}
