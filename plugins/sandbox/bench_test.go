@@ -1,0 +1,56 @@
+package sandbox
+
+import (
+	"context"
+	"testing"
+
+	"github.com/outpost-edge/outpost/abi"
+	"github.com/outpost-edge/outpost/internal/wasmtest"
+)
+
+// BenchmarkCall256 is a direct call (no broker) of an echo handler with a
+// 256-byte request, through the whole host path: metadata encoding, the
+// instance pool, the deadline, req_meta/req_payload/resp_write.
+func BenchmarkCall256(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		wasm func(testing.TB) []byte
+	}{
+		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }},
+		{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			p := load(b, engine(b), c.wasm(b), Config{Limits: Limits{Instances: 1}})
+			req := &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "echo", Flags: abi.FlagResponseExpected}, Payload: make([]byte, 256)}
+			b.ReportAllocs()
+			for b.Loop() {
+				if r := p.Call(context.Background(), req); r.Status != 200 {
+					b.Fatalf("status %d, %v", r.Status, r.Err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkLoadWarm is the load of a Go guest (compile from the cache,
+// checks, the first instance with _initialize) once the cache is warm.
+func BenchmarkLoadWarm(b *testing.B) {
+	wasm := wasmtest.BuildGo(b, "testdata/goguest")
+	e, err := NewEngine(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close(context.Background())
+	warm, err := e.Load(context.Background(), wasm, Config{Name: "warm"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	_ = warm.Close(context.Background())
+	for b.Loop() {
+		p, err := e.Load(context.Background(), wasm, Config{Name: "bench"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = p.Close(context.Background())
+	}
+}
