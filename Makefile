@@ -19,18 +19,34 @@ build: examples ## build the agent into bin/outpost, and the example handlers
 
 # Each examples/<name>/ builds into examples/<name>/build/: module.wasm and
 # manifest.yaml, the manifest.yaml.in with the module's sha256 filled in.
-EXAMPLES := examples/handler-go
-examples: ## build the example wasm handlers into examples/*/build
-	@for d in $(EXAMPLES); do \
+EXAMPLES_GO := examples/handler-go
+EXAMPLES_AS := examples/handler-as
+EXAMPLES    := $(EXAMPLES_GO) $(EXAMPLES_AS)
+ASC         := abi/guest-as/node_modules/.bin/asc
+
+$(ASC): abi/guest-as/package-lock.json
+	npm ci --prefix abi/guest-as --no-audit --no-fund
+	@touch $(ASC)
+
+examples: $(ASC) ## build the example wasm handlers (Go, AssemblyScript) into examples/*/build
+	@for d in $(EXAMPLES_GO); do \
 		mkdir -p $$d/build && \
-		(cd $$d && GOOS=wasip1 GOARCH=wasm $(GO) build -buildmode=c-shared -trimpath -o build/module.wasm .) && \
+		(cd $$d && GOOS=wasip1 GOARCH=wasm $(GO) build -buildmode=c-shared -trimpath -o build/module.wasm .) || exit 1; \
+	done
+	@for d in $(EXAMPLES_AS); do \
+		mkdir -p $$d/build && \
+		(cd $$d && $(CURDIR)/$(ASC) assembly/index.ts --config asconfig.json --outFile build/module.wasm) || exit 1; \
+	done
+	@for d in $(EXAMPLES); do \
 		sum=$$(sha256sum $$d/build/module.wasm | cut -d' ' -f1) && \
 		sed "s/@SHA256@/$$sum/" $$d/manifest.yaml.in > $$d/build/manifest.yaml && \
 		echo "built $$d/build (sha256 $$sum)" || exit 1; \
 	done
 
-run: build ## build, then run the agent on its embedded defaults with the example handlers (Ctrl-C stops it)
-	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(EXAMPLES)))
+# The AssemblyScript example serves the same names as the Go one; make run
+# installs the Go one (bin/outpost plugin install swaps them).
+run: build ## build, then run the agent on its embedded defaults with the Go example handler (Ctrl-C stops it)
+	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(EXAMPLES_GO)))
 
 deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when missing
 	@need=; \
@@ -46,7 +62,7 @@ deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when m
 		fi; \
 	fi
 
-test: deps ## install what the tests need, then run the whole suite (vet, race detector)
+test: deps $(ASC) ## install what the tests need, then run the whole suite (vet, race detector)
 	$(GO) vet ./...
 	$(GO) test $(TESTFLAGS) ./...
 

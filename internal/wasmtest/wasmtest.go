@@ -84,3 +84,55 @@ func RequireWabt(t testing.TB) {
 		t.Skip(msg)
 	}
 }
+
+// BuildAS builds the AssemblyScript module whose asconfig.json and
+// assembly/index.ts are in dir (relative to the test's directory) with the
+// compiler pinned in abi/guest-as (npm ci --prefix abi/guest-as, which make
+// test runs), and returns it. Without node or the compiler the test fails
+// when CI=true and skips otherwise.
+func BuildAS(t testing.TB, dir string) []byte {
+	t.Helper()
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if b, ok := built[abs]; ok {
+		return b
+	}
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	asc := filepath.Join(root, "abi", "guest-as", "node_modules", ".bin", "asc")
+	_, nodeErr := exec.LookPath("node")
+	if _, err := os.Stat(asc); err != nil || nodeErr != nil {
+		msg := "the AssemblyScript compiler is missing: run make test, or npm ci --prefix abi/guest-as (needs node and npm)"
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	out := filepath.Join(t.TempDir(), "module.wasm")
+	cmd := exec.Command(asc, "assembly/index.ts", "--config", "asconfig.json", "--outFile", out)
+	cmd.Dir = abs
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the AssemblyScript module in %s: %v\n%s", dir, err, msg)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built[abs] = b
+	return b
+}
+
+// moduleRoot is the directory of the main module's go.mod.
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out))), nil
+}

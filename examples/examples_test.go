@@ -1,4 +1,8 @@
-package main
+// Package examples tests the example handlers: each is built from source,
+// installed in a real agent with the manifest it ships, and called through
+// the agent's local broker with mosquitto_rr. The Go and the
+// AssemblyScript examples serve the same handlers and pass the same test.
+package examples
 
 import (
 	"context"
@@ -16,13 +20,19 @@ import (
 	"github.com/outpost-edge/outpost/runtime"
 )
 
-// TestExampleThroughTheAgent builds this example, installs it in a real
-// agent with the manifest it ships, and calls each handler with
-// mosquitto_rr through the agent's local broker.
-func TestExampleThroughTheAgent(t *testing.T) {
+func TestGoExample(t *testing.T) {
+	conformance(t, wasmtest.BuildGo(t, "handler-go"), "handler-go/manifest.yaml.in")
+}
+
+func TestAssemblyScriptExample(t *testing.T) {
+	conformance(t, wasmtest.BuildAS(t, "handler-as"), "handler-as/manifest.yaml.in")
+}
+
+// conformance installs a module with its manifest in a real agent and
+// calls each handler with mosquitto_rr through the agent's local broker.
+func conformance(t *testing.T, wasm []byte, manifestIn string) {
 	mosqtest.Require(t, "mosquitto_rr")
-	wasm := wasmtest.BuildGo(t, ".")
-	tmpl, err := os.ReadFile("manifest.yaml.in")
+	tmpl, err := os.ReadFile(manifestIn)
 	if err != nil {
 		t.Fatal(err)
 	}
