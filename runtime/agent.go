@@ -211,24 +211,28 @@ func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, q
 }
 
 // localRequest hands a request from the local broker to the dispatcher.
-func (a *Agent) localRequest(r broker.Request) {
+func (a *Agent) localRequest(r broker.Request) { a.dispatch.Local(toDispatch(r)) }
+
+// reply publishes a dispatcher's response on the local broker.
+func (a *Agent) reply(r dispatch.Reply) error { return a.broker.Respond(toBroker(r)) }
+
+func toDispatch(r broker.Request) dispatch.Request {
 	props := make([]abi.Property, len(r.UserProps))
 	for i, p := range r.UserProps {
 		props[i] = abi.Property{Key: p[0], Value: p[1]}
 	}
-	a.dispatch.Local(dispatch.Request{Topic: r.Topic, Payload: r.Payload, ContentType: r.ContentType,
+	return dispatch.Request{Topic: r.Topic, Payload: r.Payload, ContentType: r.ContentType,
 		ResponseTopic: r.ResponseTopic, Correlation: r.CorrelationData, Expiry: time.Duration(r.ExpirySeconds) * time.Second,
-		Props: props, QoS: r.QoS})
+		Props: props, QoS: r.QoS}
 }
 
-// reply publishes a dispatcher's response on the local broker.
-func (a *Agent) reply(r dispatch.Reply) error {
+func toBroker(r dispatch.Reply) broker.Response {
 	props := make([][2]string, len(r.Props))
 	for i, p := range r.Props {
 		props[i] = [2]string{p.Key, p.Value}
 	}
-	return a.broker.Respond(broker.Response{Topic: r.Topic, Payload: r.Payload, QoS: r.QoS, ContentType: r.ContentType,
-		CorrelationData: r.Correlation, UserProps: props})
+	return broker.Response{Topic: r.Topic, Payload: r.Payload, QoS: r.QoS, ContentType: r.ContentType,
+		CorrelationData: r.Correlation, UserProps: props}
 }
 
 func (a *Agent) closePlugins() {

@@ -1,0 +1,151 @@
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"log/slog"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/outpost-edge/outpost/internal/mqtttest"
+	"github.com/outpost-edge/outpost/internal/wasmtest"
+	"github.com/outpost-edge/outpost/plugins"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/broker"
+	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// nativeEcho is the echo handler of examples/handler-go written as plain
+// Go, the peer of the wasm one.
+type nativeEcho struct{}
+
+func (nativeEcho) Call(_ context.Context, req *sandbox.Request) *sandbox.Response {
+	return &sandbox.Response{Status: 200, Payload: req.Payload, ContentType: req.ContentType, Props: req.Props}
+}
+
+// wasmEcho is examples/handler-go in a registry.
+func wasmEcho(b *testing.B) dispatch.Caller {
+	wasm := wasmtest.BuildGo(b, "../examples/handler-go")
+	tmpl, err := os.ReadFile("../examples/handler-go/manifest.yaml.in")
+	if err != nil {
+		b.Fatal(err)
+	}
+	sum := sha256.Sum256(wasm)
+	e, err := sandbox.NewEngine("")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = e.Close(context.Background()) })
+	reg, err := plugins.Open(context.Background(), plugins.Options{Dir: b.TempDir(), Engine: e, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(reg.Close)
+	man := strings.ReplaceAll(string(tmpl), "@SHA256@", hex.EncodeToString(sum[:]))
+	if _, err := reg.Install(context.Background(), []byte(man), wasm, nil); err != nil {
+		b.Fatal(err)
+	}
+	return reg
+}
+
+// BenchmarkLocalRoundTrip is a local MQTT 5 request to outpost/methods/echo
+// with 256 bytes, through the broker and the dispatcher to the handler and
+// back, one at a time, with a wasm handler (the Go example) and the same
+// handler in native Go, in the same run. It reports p50 and p99.
+func BenchmarkLocalRoundTrip(b *testing.B) {
+	b.Run("wasm", func(b *testing.B) { roundTrip(b, wasmEcho(b), 1) })
+	b.Run("native", func(b *testing.B) { roundTrip(b, nativeEcho{}, 1) })
+}
+
+// BenchmarkLocalThroughput is BenchmarkLocalRoundTrip with 64 requests in
+// flight from one client: calls per second through the broker.
+func BenchmarkLocalThroughput(b *testing.B) {
+	b.Run("wasm", func(b *testing.B) { roundTrip(b, wasmEcho(b), 64) })
+	b.Run("native", func(b *testing.B) { roundTrip(b, nativeEcho{}, 64) })
+}
+
+func roundTrip(b *testing.B, caller dispatch.Caller, inFlight int) {
+	br, err := broker.New(broker.Options{
+		Listeners: []broker.Listener{{Address: "127.0.0.1:0"}},
+		Route:     func(string) (string, bool) { return "", false },
+		Store:     func(*storage.Message, func(uint64, error)) error { return nil },
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	d := dispatch.New(caller, func(r dispatch.Reply) error { return br.Respond(toBroker(r)) }, 256, nil)
+	if err := br.HandleRequests(dispatch.MethodsFilter, 1, func(r broker.Request) { d.Local(toDispatch(r)) }); err != nil {
+		b.Fatal(err)
+	}
+	if err := br.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = br.Close(); d.Close() }()
+
+	var mu sync.Mutex
+	sent := map[uint64]time.Time{}
+	var lat []time.Duration
+	done := make(chan struct{}, inFlight)
+	c, err := mqtttest.DialWith(br.Addrs()[0], "bench", func(cfg *paho.ClientConfig) {
+		cfg.OnPublishReceived = []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+			id := binary.BigEndian.Uint64(pr.Packet.Properties.CorrelationData)
+			mu.Lock()
+			lat = append(lat, time.Since(sent[id]))
+			delete(sent, id)
+			mu.Unlock()
+			done <- struct{}{}
+			return true, nil
+		}}
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Disconnect(&paho.Disconnect{})
+	ctx := context.Background()
+	if _, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "bench/replies", QoS: 0}}}); err != nil {
+		b.Fatal(err)
+	}
+	payload := make([]byte, 256)
+	send := func(i uint64) {
+		corr := binary.BigEndian.AppendUint64(nil, i)
+		mu.Lock()
+		sent[i] = time.Now()
+		mu.Unlock()
+		_, err := c.Publish(ctx, &paho.Publish{Topic: "outpost/methods/echo", Payload: payload,
+			Properties: &paho.PublishProperties{ResponseTopic: "bench/replies", CorrelationData: corr}})
+		if err != nil {
+			b.Error(err)
+		}
+	}
+	b.ResetTimer()
+	n := uint64(b.N)
+	var next uint64
+	for ; next < min(n, uint64(inFlight)); next++ {
+		send(next)
+	}
+	for range n {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			b.Fatalf("no response within 10s (%d sent)", next)
+		}
+		if next < n {
+			send(next)
+			next++
+		}
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "calls/s")
+}
