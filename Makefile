@@ -69,7 +69,7 @@ test: deps $(ASC) ## install what the tests need, then run the whole suite (vet,
 bench: build deps ## measure Outpost beside a Mosquitto bridge on the same workload, print one table
 	$(GO) test -run '^$$' -bench . -benchtime 20000x ./storage/ ./runtime/uplink/ ./runtime/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
 	$(GO) test -run '^$$' -bench 'Call256' -benchtime 20000x ./plugins/sandbox/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
-	$(GO) test -run '^$$' -bench 'LoadWarm' -benchtime 20x ./plugins/sandbox/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	$(GO) test -run '^$$' -bench 'LoadWarm|InstanceMemory' -benchtime 5x ./plugins/sandbox/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
 	$(GO) run ./internal/bench -agent $(BIN)
 
 lint: ## go vet, gofmt, and staticcheck when installed

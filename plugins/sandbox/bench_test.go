@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	goruntime "runtime"
 	"testing"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -52,5 +53,49 @@ func BenchmarkLoadWarm(b *testing.B) {
 			b.Fatal(err)
 		}
 		_ = p.Close(context.Background())
+	}
+}
+
+// BenchmarkInstanceMemory reports what one pooled instance of a guest
+// costs: its linear memory and the Go heap the host holds for it, over 8
+// instances made at once.
+func BenchmarkInstanceMemory(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		wasm func(testing.TB) []byte
+	}{
+		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }},
+		{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			const n = 8
+			var linear, heap float64
+			for b.Loop() {
+				p := load(b, engine(b), c.wasm(b), Config{Limits: Limits{Instances: n + 1}})
+				goruntime.GC()
+				var before, after goruntime.MemStats
+				goruntime.ReadMemStats(&before)
+				var insts []*instance
+				for range n {
+					inst, err := p.newInstance(context.Background())
+					if err != nil {
+						b.Fatal(err)
+					}
+					insts = append(insts, inst)
+				}
+				goruntime.GC()
+				goruntime.ReadMemStats(&after)
+				var lin int
+				for _, inst := range insts {
+					lin += len(inst.mem.buf)
+					_ = inst.mod.Close(context.Background())
+				}
+				linear = float64(lin) / n / (1 << 20)
+				heap = float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / n / (1 << 20)
+				_ = p.Close(context.Background())
+			}
+			b.ReportMetric(linear, "linear-MiB/instance")
+			b.ReportMetric(heap, "heap-MiB/instance")
+		})
 	}
 }
