@@ -18,6 +18,7 @@ func BenchmarkCall256(b *testing.B) {
 		wasm func(testing.TB) []byte
 	}{
 		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }},
+		{"assemblyscript", func(t testing.TB) []byte { return wasmtest.BuildAS(t, "../../examples/handler-as") }},
 		{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }},
 	} {
 		b.Run(c.name, func(b *testing.B) {

@@ -199,16 +199,22 @@ export function error(s: i32, msg: string): Response {
 
 type Handler = (r: Request) => Response;
 
-const handlers = new Map<string, Handler>();
+// One map per kind: no key to build per request.
+const commands = new Map<string, Handler>();
+const methods = new Map<string, Handler>();
+const dmActions = new Map<string, Handler>();
 
-function handlerKey(kind: u8, name: string): string {
-  return kind.toString() + ":" + name;
+function handlersOf(kind: u8): Map<string, Handler> | null {
+  if (kind == KIND_METHOD) return methods;
+  if (kind == KIND_COMMAND) return commands;
+  if (kind == KIND_DM_ACTION) return dmActions;
+  return null;
 }
 
 function register(kind: u8, name: string, h: Handler): void {
-  const k = handlerKey(kind, name);
-  if (handlers.has(k)) throw new Error("registered twice: " + name);
-  handlers.set(k, h);
+  const m = changetype<Map<string, Handler>>(handlersOf(kind));
+  if (m.has(name)) throw new Error("registered twice: " + name);
+  m.set(name, h);
 }
 
 export function method(name: string, h: Handler): void {
@@ -271,11 +277,16 @@ export function outpost_handle(metaLen: u32, payloadLen: u32): i32 {
   if (r == null) return send(error(400, "bad request metadata: " + decodeError));
   const req = changetype<Request>(r);
   req.payloadLen = payloadLen;
-  const k = handlerKey(req.kind, req.name);
-  if (!handlers.has(k)) {
+  const m = handlersOf(req.kind);
+  if (m == null || !m.has(req.name)) {
     return send(error(501, "no handler for " + kindName(req.kind) + ' "' + req.name + '"'));
   }
-  return send(handlers.get(k)(req));
+  return send(m.get(req.name)(req));
+}
+
+/** Between requests (called by the host when due): collect garbage. */
+export function outpost_idle(): void {
+  __collect();
 }
 
 export function outpost_init(cfgLen: u32): i32 {

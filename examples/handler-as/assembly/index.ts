@@ -5,7 +5,7 @@ import {
   Request, Response,
 } from "../../../abi/guest-as/assembly";
 
-export { outpost_abi_v1, outpost_handle, outpost_init } from "../../../abi/guest-as/assembly";
+export { outpost_abi_v1, outpost_handle, outpost_idle, outpost_init } from "../../../abi/guest-as/assembly";
 
 let served = 0;
 let minValue: f64 = 0;
