@@ -23,6 +23,18 @@ var (
 // are cached for the test binary's life.
 func BuildGo(t testing.TB, dir string) []byte {
 	t.Helper()
+	return build(t, dir, func(abs, out string) *exec.Cmd {
+		cmd := exec.Command("go", "build", "-buildmode=c-shared", "-trimpath", "-o", out, ".")
+		cmd.Dir = abs
+		cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm")
+		return cmd
+	})
+}
+
+// build runs the command cmd makes to build dir's module into out, once
+// per test binary, and returns the module.
+func build(t testing.TB, dir string, cmd func(abs, out string) *exec.Cmd) []byte {
+	t.Helper()
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -32,12 +44,9 @@ func BuildGo(t testing.TB, dir string) []byte {
 	if b, ok := built[abs]; ok {
 		return b
 	}
-	out := filepath.Join(t.TempDir(), "guest.wasm")
-	cmd := exec.Command("go", "build", "-buildmode=c-shared", "-trimpath", "-o", out, ".")
-	cmd.Dir = abs
-	cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm")
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the Go guest in %s: %v\n%s", dir, err, msg)
+	out := filepath.Join(t.TempDir(), "module.wasm")
+	if msg, err := cmd(abs, out).CombinedOutput(); err != nil {
+		t.Fatalf("building the module in %s: %v\n%s", dir, err, msg)
 	}
 	b, err := os.ReadFile(out)
 	if err != nil {
@@ -92,15 +101,6 @@ func RequireWabt(t testing.TB) {
 // when CI=true and skips otherwise.
 func BuildAS(t testing.TB, dir string) []byte {
 	t.Helper()
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if b, ok := built[abs]; ok {
-		return b
-	}
 	root, err := moduleRoot()
 	if err != nil {
 		t.Fatal(err)
@@ -114,18 +114,11 @@ func BuildAS(t testing.TB, dir string) []byte {
 		}
 		t.Skip(msg)
 	}
-	out := filepath.Join(t.TempDir(), "module.wasm")
-	cmd := exec.Command(asc, "assembly/index.ts", "--config", "asconfig.json", "--outFile", out)
-	cmd.Dir = abs
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the AssemblyScript module in %s: %v\n%s", dir, err, msg)
-	}
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	built[abs] = b
-	return b
+	return build(t, dir, func(abs, out string) *exec.Cmd {
+		cmd := exec.Command(asc, "assembly/index.ts", "--config", "asconfig.json", "--outFile", out)
+		cmd.Dir = abs
+		return cmd
+	})
 }
 
 // moduleRoot is the directory of the main module's go.mod.
