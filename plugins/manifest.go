@@ -33,15 +33,20 @@ import (
 //	handlers:
 //	  - {kind: method, name: getDiagnostics}
 //	capabilities: [kv]        # kv, publish
+//	concurrency: stateless    # or stateful: one instance, one call at a time
 //	publish_topics: []        # topic filters publish may use
 //	limits: {memory: 64MiB, timeout: 5s, instances: 2}
 //	config: {any: yaml}       # given to the module's outpost_init as JSON
 type Manifest struct {
-	Name          string         `yaml:"name"`
-	Version       string         `yaml:"version"`
-	SHA256        string         `yaml:"sha256"`
-	Handlers      []HandlerSpec  `yaml:"handlers"`
-	Capabilities  []string       `yaml:"capabilities"`
+	Name         string        `yaml:"name"`
+	Version      string        `yaml:"version"`
+	SHA256       string        `yaml:"sha256"`
+	Handlers     []HandlerSpec `yaml:"handlers"`
+	Capabilities []string      `yaml:"capabilities"`
+	// Concurrency is stateless (default: a pool of instances) or stateful
+	// (one instance, calls one at a time, so module state carries from
+	// call to call; it is still lost when the instance fails).
+	Concurrency   string         `yaml:"concurrency"`
 	PublishTopics []string       `yaml:"publish_topics"`
 	Limits        ManifestLimits `yaml:"limits"`
 	Config        map[string]any `yaml:"config"`
@@ -112,6 +117,12 @@ func ParseManifest(b []byte) (*Manifest, error) {
 		}
 		seen[h] = true
 	}
+	if m.Concurrency != "" && m.Concurrency != "stateless" && m.Concurrency != "stateful" {
+		bad("concurrency", "%q: want stateless or stateful", m.Concurrency)
+	}
+	if m.Concurrency == "stateful" && m.Limits.Instances > 1 {
+		bad("limits.instances", "%d with concurrency stateful, which has one instance", m.Limits.Instances)
+	}
 	for i, c := range m.Capabilities {
 		if c != CapKV && c != CapPublish {
 			bad(fmt.Sprintf("capabilities[%d]", i), "%q: want kv or publish", c)
@@ -169,13 +180,17 @@ func (m *Manifest) sandboxConfig() (sandbox.Config, error) {
 		}
 		cfg = b
 	}
+	instances := m.Limits.Instances
+	if m.Concurrency == "stateful" {
+		instances = 1
+	}
 	return sandbox.Config{
 		Name:   m.Name,
 		Config: cfg,
 		Limits: sandbox.Limits{
 			Memory:      uint64(m.Limits.Memory),
 			Timeout:     time.Duration(m.Limits.Timeout),
-			Instances:   m.Limits.Instances,
+			Instances:   instances,
 			MaxRequest:  int(m.Limits.MaxRequest),
 			MaxResponse: int(m.Limits.MaxResponse),
 		},

@@ -168,6 +168,7 @@ func TestInstallRefuses(t *testing.T) {
 		{"bad manifest", []byte("name: Echo!\nversion: 1\nsha256: xyz\nhandlers: [{kind: rpc, name: a/b}]\ncapabilities: [net]\n"), wat,
 			`name: "Echo!"`},
 		{"unknown field", []byte("name: echo\nversion: 1\nsha: 00\n"), wat, "field sha not found"},
+		{"concurrency", append(manifest("echo", "2", wat, "method:echo"), "concurrency: parallel\n"...), wat, `concurrency: "parallel"`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := r.Install(context.Background(), c.manifest, c.wasm, nil)

@@ -14,12 +14,12 @@ import (
 )
 
 // installGuest installs the sandbox's Go test guest as plugin "tools",
-// serving the methods echo and panic and the command fail.
+// serving the methods echo, panic and sleep and the command fail.
 func installGuest(t *testing.T, a *Agent) {
 	t.Helper()
 	wasm := wasmtest.BuildGo(t, "../plugins/sandbox/testdata/goguest")
 	sum := sha256.Sum256(wasm)
-	man := fmt.Sprintf("name: tools\nversion: 1.0.0\nsha256: %s\nhandlers:\n  - {kind: method, name: echo}\n  - {kind: method, name: panic}\n  - {kind: command, name: fail}\n",
+	man := fmt.Sprintf("name: tools\nversion: 1.0.0\nsha256: %s\nhandlers:\n  - {kind: method, name: echo}\n  - {kind: method, name: panic}\n  - {kind: command, name: fail}\n  - {kind: method, name: sleep}\n",
 		hex.EncodeToString(sum[:]))
 	if _, err := a.Plugins().Install(context.Background(), []byte(man), wasm, nil); err != nil {
 		t.Fatal(err)
@@ -61,6 +61,11 @@ func TestLocalRequestResponse(t *testing.T) {
 	out = rr("outpost/commands/fail", "because")
 	if !strings.Contains(out, "status:422") || !strings.Contains(out, "refused: because") {
 		t.Fatalf("command: %q", out)
+	}
+	// The request's Message Expiry is its deadline.
+	out = rr("outpost/methods/sleep", "10s", "-D", "publish", "message-expiry-interval", "1")
+	if !strings.Contains(out, "status:504") || !strings.Contains(out, "outpost-error:timeout") {
+		t.Fatalf("a handler past the request's expiry: %q", out)
 	}
 	if out := rr("outpost/methods/echo", "again"); !strings.HasPrefix(out, "again|") {
 		t.Fatalf("after the failures: %q", out)

@@ -88,6 +88,10 @@ func TestGoGuestRoundTrip(t *testing.T) {
 	if r.Err != nil || r.Status != 422 || !strings.Contains(string(r.Payload), "refused: no") {
 		t.Fatalf("fail: status %d, payload %q, err %v", r.Status, r.Payload, r.Err)
 	}
+	// No files, environment or network inside.
+	if r := p.Call(context.Background(), method("escape", "")); r.Status != 200 || string(r.Payload) != "contained" {
+		t.Fatalf("escape: status %d, %q", r.Status, r.Payload)
+	}
 	// An unknown name: the SDK answers 501.
 	r = p.Call(context.Background(), method("nope", ""))
 	if r.Status != 501 {

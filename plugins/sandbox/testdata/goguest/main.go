@@ -4,7 +4,10 @@ package main
 
 import (
 	"errors"
+	"net"
+	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi/guest"
@@ -43,6 +46,24 @@ func init() {
 	guest.Method("big", func(r *guest.Request) guest.Response {
 		n, _ := strconv.Atoi(string(r.Payload()))
 		return guest.Response{Status: 200, Body: make([]byte, n)}
+	})
+	// escape tries what the sandbox must not allow: files, the environment,
+	// the network. It answers 200 only if all of them fail.
+	guest.Method("escape", func(r *guest.Request) guest.Response {
+		if b, err := os.ReadFile("/etc/passwd"); err == nil {
+			return guest.Text(500, "read /etc/passwd: "+strconv.Itoa(len(b))+" bytes")
+		}
+		if err := os.WriteFile("/tmp/outpost-escape", []byte("x"), 0o600); err == nil {
+			return guest.Text(500, "wrote /tmp/outpost-escape")
+		}
+		if len(os.Environ()) > 0 {
+			return guest.Text(500, "environment: "+strings.Join(os.Environ(), " "))
+		}
+		if c, err := net.Dial("tcp", "127.0.0.1:1883"); err == nil {
+			c.Close()
+			return guest.Text(500, "dialed 127.0.0.1:1883")
+		}
+		return guest.Text(200, "contained")
 	})
 	guest.Method("log", func(r *guest.Request) guest.Response {
 		n, _ := strconv.Atoi(string(r.Payload()))
