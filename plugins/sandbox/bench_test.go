@@ -34,26 +34,39 @@ func BenchmarkCall256(b *testing.B) {
 	}
 }
 
-// BenchmarkLoadWarm is the load of a Go guest (compile from the cache,
-// checks, the first instance with _initialize) once the cache is warm.
+// BenchmarkLoadWarm is the load of a plugin (decoding and validating the
+// module, its compiled code from the cache, the checks, the first instance
+// with _initialize) once the cache is warm, as after a restart: the Go and
+// the AssemblyScript examples.
 func BenchmarkLoadWarm(b *testing.B) {
-	wasm := wasmtest.BuildGo(b, "testdata/goguest")
-	e, err := NewEngine(b.TempDir())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close(context.Background())
-	warm, err := e.Load(context.Background(), wasm, Config{Name: "warm"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	_ = warm.Close(context.Background())
-	for b.Loop() {
-		p, err := e.Load(context.Background(), wasm, Config{Name: "bench"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		_ = p.Close(context.Background())
+	for _, c := range []struct {
+		name string
+		wasm func(testing.TB) []byte
+	}{
+		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "../../examples/handler-go") }},
+		{"assemblyscript", func(t testing.TB) []byte { return wasmtest.BuildAS(t, "../../examples/handler-as") }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			wasm := c.wasm(b)
+			e, err := NewEngine(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer e.Close(context.Background())
+			warm, err := e.Load(context.Background(), wasm, Config{Name: "warm"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			_ = warm.Close(context.Background())
+			for b.Loop() {
+				p, err := e.Load(context.Background(), wasm, Config{Name: "bench"})
+				if err != nil {
+					b.Fatal(err)
+				}
+				_ = p.Close(context.Background())
+			}
+			b.ReportMetric(float64(len(wasm))/(1<<20), "module-MiB")
+		})
 	}
 }
 
