@@ -6,6 +6,7 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -111,7 +112,7 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: listener %q: %w", l.Address, err)
 		}
 		h.anonymous[id] = loopback || l.AllowAnonymous
-		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address}), srv: srv}
+		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address}), srv: srv, log: log}
 		if err := srv.AddListener(tcp); err != nil {
 			_ = srv.Close()
 			return nil, fmt.Errorf("broker: listen on %s: %w", l.Address, err)
@@ -169,6 +170,7 @@ func (b *Broker) Close() error {
 type batchedTCP struct {
 	*listeners.TCP
 	srv *mqtt.Server
+	log *slog.Logger
 }
 
 // Close stops the listener and disconnects its clients (DISCONNECT 0x8B,
@@ -187,8 +189,23 @@ func (l *batchedTCP) Close(listeners.CloseFn) {
 }
 
 // Serve wraps each accepted connection before mochi takes it.
+// A client that closes its socket without DISCONNECT (most command-line
+// clients do) ends with io.EOF; mochi would log that as a warning with no
+// message, for every such client. It is logged here at debug level, and
+// other errors with a message.
 func (l *batchedTCP) Serve(establish listeners.EstablishFn) {
-	l.TCP.Serve(func(id string, c net.Conn) error { return establish(id, batchconn.New(c)) })
+	l.TCP.Serve(func(id string, c net.Conn) error {
+		remote := c.RemoteAddr().String()
+		err := establish(id, batchconn.New(c))
+		switch {
+		case err == nil:
+		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
+			l.log.Debug("client connection closed", "remote", remote, "listener", id, "error", err)
+		default:
+			l.log.Warn("client connection ended with an error", "remote", remote, "listener", id, "error", err)
+		}
+		return nil
+	})
 }
 
 // ingestHook stores routed publishes before their acknowledgement reaches
