@@ -145,6 +145,18 @@ func ParseManifest(b []byte) (*Manifest, error) {
 	if m.Limits.Timeout < 0 || m.Limits.Instances < 0 || m.Limits.MaxRequest < 0 || m.Limits.MaxResponse < 0 || m.Limits.KVQuota < 0 {
 		bad("limits", "negative values are not allowed")
 	}
+	if time.Duration(m.Limits.Timeout) > 24*time.Hour {
+		bad("limits.timeout", "%v: at most 24h", time.Duration(m.Limits.Timeout))
+	}
+	if m.Limits.Instances > 64 {
+		bad("limits.instances", "%d: at most 64", m.Limits.Instances)
+	}
+	if m.Limits.MaxRequest > 64<<20 || m.Limits.MaxResponse > 64<<20 {
+		bad("limits", "max_request and max_response: at most 64MiB")
+	}
+	if m.Limits.KVQuota > 1<<30 {
+		bad("limits.kv_quota", "%d: at most 1GiB", m.Limits.KVQuota)
+	}
 	if len(errs) > 0 {
 		return nil, errors.New("manifest: " + strings.Join(errs, "; "))
 	}

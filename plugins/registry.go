@@ -62,7 +62,7 @@ type version struct {
 	m      *Manifest
 	p      *sandbox.Plugin
 	calls  sync.WaitGroup
-	signed bool
+	signed bool // its signature was verified against the trust keys
 }
 
 // Info describes an installed plugin.
@@ -86,6 +86,9 @@ func Open(ctx context.Context, opts Options) (*Registry, error) {
 		return nil, fmt.Errorf("plugins: %w", err)
 	}
 	r := &Registry{opts: opts, log: opts.Log.With("component", "plugins"), plugins: map[string]*version{}, claims: map[claim]string{}}
+	if err := recoverDirs(opts.Dir); err != nil {
+		return nil, fmt.Errorf("plugins: %w", err)
+	}
 	entries, err := os.ReadDir(opts.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("plugins: %w", err)
@@ -158,7 +161,7 @@ func (r *Registry) prepare(ctx context.Context, manifest, wasm, sig []byte) (*ve
 	if err != nil {
 		return nil, err
 	}
-	return &version{m: m, p: p, signed: len(sig) > 0}, nil
+	return &version{m: m, p: p, signed: len(r.opts.Trust) > 0}, nil
 }
 
 // grant gives the sandbox the capabilities the manifest asks for.
@@ -271,11 +274,13 @@ func (r *Registry) Install(ctx context.Context, manifest, wasm, sig []byte) (Inf
 	return v.info(), nil
 }
 
-// persist writes a plugin's files: the new version in a temporary
-// directory, renamed into place; the current one moves to previous/.
+// persist writes a plugin's files: the new version, with a copy of the
+// current one in previous/, in a temporary directory, synced and renamed
+// into place. A crash leaves the current version in place, or in
+// .{name}-old, which Open restores.
 func (r *Registry) persist(name string, manifest, wasm, sig []byte) error {
 	dir := filepath.Join(r.opts.Dir, name)
-	tmp, err := os.MkdirTemp(r.opts.Dir, "."+name+"-")
+	tmp, err := os.MkdirTemp(r.opts.Dir, "."+name+"-new-")
 	if err != nil {
 		return fmt.Errorf("plugins: %w", err)
 	}
@@ -290,26 +295,91 @@ func (r *Registry) persist(name string, manifest, wasm, sig []byte) error {
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, fileManifest)); err == nil {
-		// Keep the current version as previous/ (replacing an older one).
+		// Keep a copy of the current version as previous/.
 		prev := filepath.Join(tmp, dirPrevious)
 		if err := os.Mkdir(prev, 0o750); err != nil {
 			return fmt.Errorf("plugins: %w", err)
 		}
 		for _, f := range []string{fileManifest, fileModule, fileSig} {
-			if err := os.Rename(filepath.Join(dir, f), filepath.Join(prev, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			b, err := os.ReadFile(filepath.Join(dir, f))
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err == nil {
+				err = writeSync(filepath.Join(prev, f), b)
+			}
+			if err != nil {
 				return fmt.Errorf("plugins: %w", err)
 			}
 		}
+		if err := syncDir(prev); err != nil {
+			return err
+		}
 	}
-	old := filepath.Join(r.opts.Dir, "."+name+"-old")
-	_ = os.RemoveAll(old)
+	if err := syncDir(tmp); err != nil {
+		return err
+	}
+	old := oldDir(r.opts.Dir, name)
+	if err := os.RemoveAll(old); err != nil {
+		return fmt.Errorf("plugins: %w", err)
+	}
 	if err := os.Rename(dir, old); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("plugins: %w", err)
 	}
 	if err := os.Rename(tmp, dir); err != nil {
+		_ = os.Rename(old, dir)
 		return fmt.Errorf("plugins: %w", err)
 	}
-	_ = os.RemoveAll(old)
+	if err := syncDir(r.opts.Dir); err != nil {
+		return err
+	}
+	return os.RemoveAll(old)
+}
+
+// oldDir is where a plugin's version being replaced waits.
+func oldDir(root, name string) string { return filepath.Join(root, "."+name+"-old") }
+
+// recoverDirs finishes or undoes what a crash interrupted: a version being
+// replaced comes back if the new one did not land; unfinished new versions
+// are removed.
+func recoverDirs(root string) error {
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		n := e.Name()
+		switch {
+		case !e.IsDir() || n[0] != '.':
+		case strings.HasSuffix(n, "-old"):
+			name := strings.TrimSuffix(n[1:], "-old")
+			if _, err := os.Stat(filepath.Join(root, name)); errors.Is(err, os.ErrNotExist) {
+				if err := os.Rename(filepath.Join(root, n), filepath.Join(root, name)); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := os.RemoveAll(filepath.Join(root, n)); err != nil {
+				return err
+			}
+		case strings.Contains(n, "-new-"):
+			if err := os.RemoveAll(filepath.Join(root, n)); err != nil {
+				return err
+			}
+		}
+	}
+	return syncDir(root)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("plugins: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("plugins: sync %s: %w", dir, err)
+	}
 	return nil
 }
 
@@ -331,6 +401,9 @@ func writeSync(path string, b []byte) error {
 
 // Rollback reinstalls the version kept from before the last install.
 func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
+	if !nameRe.MatchString(name) {
+		return Info{}, fmt.Errorf("plugins: %q is not a plugin name", name)
+	}
 	prev := filepath.Join(r.opts.Dir, name, dirPrevious)
 	man, err := os.ReadFile(filepath.Join(prev, fileManifest))
 	if err != nil {
@@ -347,6 +420,9 @@ func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 // Remove stops serving a plugin and deletes its files. Calls already
 // running finish first.
 func (r *Registry) Remove(ctx context.Context, name string) error {
+	if !nameRe.MatchString(name) {
+		return fmt.Errorf("plugins: %q is not a plugin name", name)
+	}
 	r.installMu.Lock()
 	defer r.installMu.Unlock()
 	r.mu.Lock()

@@ -271,3 +271,46 @@ func TestOpenLoadsInstalled(t *testing.T) {
 		t.Fatalf("damaged c: status %d, %d plugins loaded", st, len(r.List()))
 	}
 }
+
+// TestOpenRecoversInterruptedInstall: a crash between moving the current
+// version aside and renaming the new one into place leaves .{name}-old,
+// which the next start restores; an unfinished new version is removed.
+func TestOpenRecoversInterruptedInstall(t *testing.T) {
+	dir := t.TempDir()
+	r, err := Open(context.Background(), Options{Dir: dir, Engine: engine(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wat := echoWat(t)
+	if _, err := r.Install(context.Background(), manifest("echo", "1", wat, "method:echo"), wat, []byte("not checked")); err != nil {
+		t.Fatal(err)
+	}
+	if l := r.List(); l[0].Signed {
+		t.Fatal("a plugin shows as signed with no trust keys to check the signature")
+	}
+	r.Close()
+	// The state a crash in the middle of an upgrade leaves.
+	if err := os.Rename(filepath.Join(dir, "echo"), oldDir(dir, "echo")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, ".echo-new-123"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	r = open(t, dir, nil)
+	if st := call(r, abi.KindMethod, "echo", "back").Status; st != 200 {
+		t.Fatalf("after recovery: status %d", st)
+	}
+	for _, leftover := range []string{".echo-old", ".echo-new-123"} {
+		if _, err := os.Stat(filepath.Join(dir, leftover)); !os.IsNotExist(err) {
+			t.Errorf("%s is still there: %v", leftover, err)
+		}
+	}
+	for _, bad := range []string{"../x", "a/b", ""} {
+		if _, err := r.Rollback(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "is not a plugin name") {
+			t.Errorf("rollback %q: %v", bad, err)
+		}
+		if err := r.Remove(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "is not a plugin name") {
+			t.Errorf("remove %q: %v", bad, err)
+		}
+	}
+}

@@ -182,7 +182,7 @@ func kvErr(err error) error {
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		return fmt.Errorf("%w: %w", sandbox.ErrNotFound, err)
-	case errors.Is(err, storage.ErrQuota):
+	case errors.Is(err, storage.ErrQuota), errors.Is(err, storage.ErrTooBig):
 		return fmt.Errorf("%w: %w", sandbox.ErrLimit, err)
 	case errors.Is(err, storage.ErrBadKV):
 		return fmt.Errorf("%w: %w", sandbox.ErrBadArg, err)
@@ -198,6 +198,9 @@ func (s kvStore) Delete(k []byte) error        { return kvErr(s.kv.Delete(k)) }
 // upstream when a route takes the topic, and delivered to local
 // subscribers.
 func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, qos byte) error {
+	if _, isRequest := requestTopics.Match(topic); isRequest {
+		return fmt.Errorf("%w: %q is a request topic", sandbox.ErrDenied, topic)
+	}
 	if route, ok := a.router.Match(topic); ok {
 		err := a.outbox.Append(&storage.Message{Route: route, Topic: topic, Payload: payload, QoS: qos})
 		if errors.Is(err, storage.ErrFull) {
@@ -209,6 +212,16 @@ func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, q
 	}
 	return a.broker.PublishLocal(topic, payload, qos)
 }
+
+// requestTopics matches the topics of local requests, which plugins may
+// not publish to.
+var requestTopics = func() *router.Router {
+	r, err := router.New([]router.Rule{{Route: "requests", Match: []string{dispatch.MethodsFilter, dispatch.CommandsFilter}}})
+	if err != nil {
+		panic(err)
+	}
+	return r
+}()
 
 // localRequest hands a request from the local broker to the dispatcher.
 func (a *Agent) localRequest(r broker.Request) { a.dispatch.Local(toDispatch(r)) }

@@ -92,7 +92,7 @@ handlers:
   - {kind: method, name: fill}
   - {kind: method, name: publish}
 capabilities: [kv, publish]
-publish_topics: ["plant/+/status"]
+publish_topics: ["plant/+/status", "outpost/#"]
 limits: {kv_quota: 1KiB}
 `, hex.EncodeToString(sum[:]))
 	start := func() (*Agent, func(topic, payload string) string) {
@@ -138,6 +138,9 @@ limits: {kv_quota: 1KiB}
 	}
 	if out := rr("outpost/methods/publish", "plant/line1/secret x"); !strings.HasPrefix(out, "status:403 ") {
 		t.Fatalf("a topic outside publish_topics: %q", out)
+	}
+	if out := rr("outpost/methods/publish", "outpost/methods/count x"); !strings.HasPrefix(out, "status:403 ") {
+		t.Fatalf("a request topic, even within publish_topics: %q", out)
 	}
 	if out := rr("outpost/methods/publish", "plant/+/status x"); !strings.HasPrefix(out, "status:403 ") {
 		t.Fatalf("a wildcard topic: %q", out)

@@ -15,7 +15,8 @@ const prefixKV = 'k'
 var (
 	ErrNotFound = errors.New("storage: kv: no such key")
 	ErrQuota    = errors.New("storage: kv: over the quota")
-	ErrBadKV    = errors.New("storage: kv: bad key or value")
+	ErrBadKV    = errors.New("storage: kv: bad key")
+	ErrTooBig   = errors.New("storage: kv: value too large")
 )
 
 // Bounds of a KV entry.
@@ -38,13 +39,27 @@ type KV struct {
 }
 
 // KV returns the namespace ns (a plugin name, at most 255 bytes) with a
-// quota in bytes (keys and values).
+// quota in bytes (keys and values). There is one KV per namespace: a later
+// call returns the same one with its quota set to quota, so two versions
+// of a plugin share one count.
 func (o *Outbox) KV(ns string, quota int64) (*KV, error) {
 	if ns == "" || len(ns) > 255 {
 		return nil, fmt.Errorf("storage: kv: namespace %q: want 1 to 255 bytes", ns)
 	}
-	p := append([]byte{prefixKV, byte(len(ns))}, ns...)
-	return &KV{o: o, prefix: p, quota: quota}, nil
+	o.kvMu.Lock()
+	defer o.kvMu.Unlock()
+	if o.kvs == nil {
+		o.kvs = map[string]*KV{}
+	}
+	kv := o.kvs[ns]
+	if kv == nil {
+		kv = &KV{o: o, prefix: append([]byte{prefixKV, byte(len(ns))}, ns...)}
+		o.kvs[ns] = kv
+	}
+	kv.mu.Lock()
+	kv.quota = quota
+	kv.mu.Unlock()
+	return kv, nil
 }
 
 func (kv *KV) key(k []byte) []byte { return append(append([]byte(nil), kv.prefix...), k...) }
@@ -89,7 +104,7 @@ func (kv *KV) Set(k, v []byte) error {
 		return err
 	}
 	if len(v) > MaxKVValue {
-		return fmt.Errorf("%w: a value of %d bytes (at most %d)", ErrBadKV, len(v), MaxKVValue)
+		return fmt.Errorf("%w: %d bytes (at most %d)", ErrTooBig, len(v), MaxKVValue)
 	}
 	return kv.write(k, func(txn *badger.Txn, old int64) (int64, error) {
 		n := int64(len(k) + len(v))

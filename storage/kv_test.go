@@ -51,6 +51,19 @@ func TestKV(t *testing.T) {
 	if st := ob.Stats(); st.Messages != 0 || st.Bytes != 0 {
 		t.Fatalf("the outbox counts kv entries: %+v", st)
 	}
+	// A second handle on a namespace (an upgrade of the plugin) shares its
+	// count, with the new quota.
+	a2, _ := ob.KV("plugin-a", 10)
+	if a2 != a {
+		t.Fatal("two KVs for one namespace")
+	}
+	if err := a2.Set([]byte("more"), []byte("x")); !errors.Is(err, ErrQuota) {
+		t.Fatalf("over the lowered quota: %v", err)
+	}
+	a2, _ = ob.KV("plugin-a", 100)
+	if err := a.Set([]byte("v"), make([]byte, MaxKVValue+1)); !errors.Is(err, ErrTooBig) {
+		t.Fatalf("a value over the maximum: %v", err)
+	}
 	if err := ob.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -158,6 +158,12 @@ type Outbox struct {
 	// or expired, which ones; a segment is deleted when all are. Guarded by
 	// mu. Lost on a restart: the segment's messages are sent again.
 	done map[segID]*segState
+	// retry holds segments all of whose messages are done but whose
+	// deletion failed. Guarded by delMu.
+	retry []segRef
+
+	kvMu sync.Mutex
+	kvs  map[string]*KV // plugin namespaces, one KV each
 
 	ackMu   sync.Mutex
 	acks    []Ref
@@ -695,8 +701,40 @@ func (o *Outbox) finishLocked(marks []mark, reason string) error {
 	if reason != "" && newly > 0 {
 		o.drop(reason, int64(newly))
 	}
-	_, err := o.deleteLocked(full, "")
-	return err
+	if _, err := o.deleteLocked(full, ""); err != nil {
+		// Their messages are all done: delete them later (retryDeletes).
+		o.retry = append(o.retry, full...)
+		return err
+	}
+	return nil
+}
+
+// retryDeletesLocked deletes the segments a failed deletion left, those
+// still stored. o.delMu must be held.
+func (o *Outbox) retryDeletesLocked() {
+	if len(o.retry) == 0 {
+		return
+	}
+	var stored []segRef
+	err := o.db.View(func(txn *badger.Txn) error {
+		for _, s := range o.retry {
+			_, err := txn.Get(s.seg.key())
+			if err == nil {
+				stored = append(stored, s)
+			} else if !errors.Is(err, badger.ErrKeyNotFound) {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		_, err = o.deleteLocked(stored, "")
+	}
+	if err != nil {
+		o.log.Error("deleting acknowledged messages failed again; will retry", "segments", len(o.retry), "error", err)
+		return
+	}
+	o.retry = nil
 }
 
 // committer writes the queued appends: everything waiting when it wakes
@@ -1062,6 +1100,7 @@ func (o *Outbox) pendingAcks() int {
 func (o *Outbox) flushAcks() {
 	o.delMu.Lock()
 	defer o.delMu.Unlock()
+	o.retryDeletesLocked()
 	o.ackMu.Lock()
 	refs := o.acks
 	o.acks = nil

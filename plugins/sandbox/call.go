@@ -115,6 +115,10 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 	if req.Deadline > 0 {
 		timeout = min(timeout, req.Deadline)
 	}
+	// ownDeadline: the deadline is the plugin's own timeout, not a shorter
+	// one the caller chose (nor the caller's context).
+	parentDL, parentHasDL := ctx.Deadline()
+	ownDeadline := timeout == p.lim.Timeout && (!parentHasDL || time.Until(parentDL) >= timeout)
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if !p.breaker.allow() {
@@ -125,10 +129,16 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 		p.breaker.release()
 		return refused
 	}
-	// The envelope carries the time actually left.
+	if ctx.Err() != nil {
+		// The deadline passed while a new instance started: it is healthy.
+		p.pool.put(inst)
+		p.breaker.release()
+		return hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed while an instance started"))
+	}
+	// The envelope carries the time actually left (at most what it can hold).
 	m := req.Meta
 	if dl, ok := ctx.Deadline(); ok {
-		m.Deadline = max(time.Until(dl).Truncate(time.Millisecond), time.Millisecond)
+		m.Deadline = min(max(time.Until(dl).Truncate(time.Millisecond), time.Millisecond), maxEnvelopeDeadline)
 	}
 	meta, merr := abi.AppendMeta(nil, &m)
 	if merr != nil {
@@ -143,10 +153,16 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 	err := inst.handle.CallWithStack(context.WithValue(ctx, callKey{}, c), inst.stack)
 	p.stats.running.Add(-1)
 	resp := p.outcome(ctx, inst, c, err)
-	if resp.Err != nil && resp.Status != abi.StatusInsufficientStorage {
-		p.breaker.failure()
-	} else {
+	var ce *CallError
+	switch {
+	case resp.Err == nil || resp.Status == abi.StatusInsufficientStorage:
 		p.breaker.success()
+	case errors.As(resp.Err, &ce) && ce.Kind == FailTimeout && !ownDeadline:
+		// A deadline the caller chose, or its cancellation, says nothing
+		// about the plugin's health.
+		p.breaker.release()
+	default:
+		p.breaker.failure()
 	}
 	if resp.Err != nil {
 		p.discard(inst)
@@ -155,6 +171,9 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 	}
 	return resp
 }
+
+// maxEnvelopeDeadline is the longest deadline the envelope can carry.
+const maxEnvelopeDeadline = (1<<32 - 1) * time.Millisecond
 
 // outcome turns the end of a call into a response.
 func (p *Plugin) outcome(ctx context.Context, inst *instance, c *call, err error) *Response {

@@ -79,13 +79,18 @@ func (p *Plugin) kvFuncs() []hostFn {
 func (p *Plugin) mqttFuncs() []hostFn {
 	return []hostFn{
 		{abi.FuncPublish, 5, 1, func(ctx context.Context, c *call, m api.Module, s []uint64) {
-			topic := string(read(c, m, abi.FuncPublish, i32(s[0]), i32(s[1])))
-			payload := append([]byte(nil), read(c, m, abi.FuncPublish, i32(s[2]), i32(s[3]))...)
+			t := read(c, m, abi.FuncPublish, i32(s[0]), i32(s[1]))
+			pl := read(c, m, abi.FuncPublish, i32(s[2]), i32(s[3]))
 			qos := i32(s[4])
-			if qos > 1 {
+			if qos > 1 || len(t) > abi.MaxString {
 				ret(s, int32(abi.ErrBadArg))
 				return
 			}
+			if len(pl) > p.lim.MaxPublish {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
+			topic, payload := string(t), append([]byte(nil), pl...)
 			if !p.publishes.allow() {
 				ret(s, int32(abi.ErrLimit))
 				return

@@ -26,6 +26,7 @@ type call struct {
 	resp        []byte
 	contentType string
 	props       []abi.Property
+	respBytes   int // payload, properties and content type, against MaxResponse
 
 	// What went wrong, if the guest broke the ABI or hit a limit. The first
 	// reason is kept.
@@ -149,10 +150,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 		}},
 		{abi.FuncRespWrite, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
 			b := read(c, m, abi.FuncRespWrite, i32(s[0]), i32(s[1]))
-			if len(c.resp)+len(b) > p.lim.MaxResponse {
-				if c.overLimit == "" {
-					c.overLimit = fmt.Sprintf("response payload over the %d-byte limit", p.lim.MaxResponse)
-				}
+			if !p.spend(c, len(b)) {
 				ret(s, int32(abi.ErrLimit))
 				return
 			}
@@ -162,6 +160,11 @@ func (p *Plugin) coreFuncs() []hostFn {
 		{abi.FuncRespSetProp, 4, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
 			k := read(c, m, abi.FuncRespSetProp, i32(s[0]), i32(s[1]))
 			v := read(c, m, abi.FuncRespSetProp, i32(s[2]), i32(s[3]))
+			if len(k) > abi.MaxString || len(v) > abi.MaxString {
+				// MQTT strings are at most 65,535 bytes.
+				ret(s, int32(abi.ErrBadArg))
+				return
+			}
 			if len(c.props) >= p.lim.MaxProps {
 				if c.overLimit == "" {
 					c.overLimit = fmt.Sprintf("more than %d response properties", p.lim.MaxProps)
@@ -169,11 +172,24 @@ func (p *Plugin) coreFuncs() []hostFn {
 				ret(s, int32(abi.ErrLimit))
 				return
 			}
+			if !p.spend(c, len(k)+len(v)) {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
 			c.props = append(c.props, abi.Property{Key: string(k), Value: string(v)})
 			ret(s, 0)
 		}},
 		{abi.FuncRespSetCType, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
-			c.contentType = string(read(c, m, abi.FuncRespSetCType, i32(s[0]), i32(s[1])))
+			b := read(c, m, abi.FuncRespSetCType, i32(s[0]), i32(s[1]))
+			if len(b) > abi.MaxString {
+				ret(s, int32(abi.ErrBadArg))
+				return
+			}
+			if !p.spend(c, len(b)-len(c.contentType)) {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
+			c.contentType = string(b)
 			ret(s, 0)
 		}},
 		{abi.FuncCfgRead, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
@@ -198,6 +214,19 @@ func (p *Plugin) coreFuncs() []hostFn {
 			ret(s, v)
 		}},
 	}
+}
+
+// spend counts n more response bytes, or records that the response is over
+// the limit and reports false.
+func (p *Plugin) spend(c *call, n int) bool {
+	if c.respBytes+n > p.lim.MaxResponse {
+		if c.overLimit == "" {
+			c.overLimit = fmt.Sprintf("response (payload, properties, content type) over the %d-byte limit", p.lim.MaxResponse)
+		}
+		return false
+	}
+	c.respBytes += n
+	return true
 }
 
 func slogLevel(l int) slog.Level {

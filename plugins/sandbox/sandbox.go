@@ -57,6 +57,7 @@ type Limits struct {
 	Queue         int           // calls waiting for an instance beyond those [64]
 	LogPerSec     int           // log lines per second, the excess dropped [20]
 	PublishPerSec int           // publishes per second [100]
+	MaxPublish    int           // bytes of a published payload [256 KiB]
 	// Breaker opens after this many consecutive failures (traps, timeouts,
 	// ABI violations) [5] and stays open for BreakerOpen [10 s], then lets
 	// one call through.
@@ -91,6 +92,7 @@ func (l Limits) withDefaults() Limits {
 	def(&l.Queue, 64)
 	def(&l.LogPerSec, 20)
 	def(&l.PublishPerSec, 100)
+	def(&l.MaxPublish, 256<<10)
 	def(&l.BreakerAfter, 5)
 	return l
 }

@@ -88,7 +88,7 @@ func TestGoGuestRoundTrip(t *testing.T) {
 	if r.Err != nil || r.Status != 422 || !strings.Contains(string(r.Payload), "refused: no") {
 		t.Fatalf("fail: status %d, payload %q, err %v", r.Status, r.Payload, r.Err)
 	}
-	// No files, environment or network inside.
+	// No files or environment inside.
 	if r := p.Call(context.Background(), method("escape", "")); r.Status != 200 || string(r.Payload) != "contained" {
 		t.Fatalf("escape: status %d, %q", r.Status, r.Payload)
 	}
@@ -156,7 +156,7 @@ func TestWatFixtures(t *testing.T) {
 		{"membomb", abi.StatusInsufficientStorage, FailLimit, "memory limit of 4194304 bytes"},
 		{"trap", abi.StatusInternal, FailTrap, "unreachable"},
 		{"recursion", abi.StatusInternal, FailTrap, "stack"},
-		{"bigresp", abi.StatusInsufficientStorage, FailLimit, "response payload over the 65536-byte limit"},
+		{"bigresp", abi.StatusInsufficientStorage, FailLimit, "over the 65536-byte limit"},
 		{"oob", abi.StatusInternal, FailABI, "resp_write: [65000, 65000+1000) is outside the guest's 65536-byte memory"},
 		{"badstatus", abi.StatusInternal, FailABI, "returned 42, not a status"},
 	} {
@@ -177,6 +177,15 @@ func TestWatFixtures(t *testing.T) {
 				t.Fatalf("the good plugin: status %d, payload %q, content type %q, err %v", r.Status, r.Payload, r.ContentType, r.Err)
 			}
 		})
+	}
+}
+
+// TestOversizedPropertyRefused: a response property longer than an MQTT
+// string can be is refused with E_BADARG, not copied.
+func TestOversizedPropertyRefused(t *testing.T) {
+	p := load(t, engine(t), wasmtest.Wat(t, "testdata/wat/bigprop.wat"), Config{})
+	if r := p.Call(context.Background(), method("m", "")); r.Status != 400 || len(r.Props) != 0 {
+		t.Fatalf("status %d, %d properties: want the guest's 400 after E_BADARG, and none set", r.Status, len(r.Props))
 	}
 }
 
@@ -360,4 +369,30 @@ func TestGoGuestMemoryFlat(t *testing.T) {
 		t.Fatalf("the guest's memory is %d MiB after 2,000 calls of 64 KiB", size>>20)
 	}
 	t.Logf("guest memory after 2,000 calls of 64 KiB: %.1f MiB", float64(size)/(1<<20))
+}
+
+// TestCallerDeadlinesDoNotOpenTheBreaker: requests whose own short
+// deadlines pass, while the plugin is slow but healthy, do not open its
+// breaker; the plugin's own timeout does.
+func TestCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{BreakerAfter: 2, Timeout: 300 * time.Millisecond}})
+	for range 3 {
+		req := method("sleep", "1s")
+		req.Deadline = 20 * time.Millisecond
+		if r := p.Call(context.Background(), req); r.Status != abi.StatusTimeout {
+			t.Fatalf("status %d, want 504", r.Status)
+		}
+	}
+	if p.Stats().BreakerOpen {
+		t.Fatal("the callers' deadlines opened the breaker")
+	}
+	if r := p.Call(context.Background(), method("echo", "ok")); r.Status != 200 {
+		t.Fatalf("echo: status %d, %v", r.Status, r.Err)
+	}
+	for range 2 {
+		p.Call(context.Background(), method("sleep", "1s")) // the plugin's own 300 ms timeout
+	}
+	if !p.Stats().BreakerOpen {
+		t.Fatal("two timeouts of the plugin's own deadline did not open the breaker")
+	}
 }

@@ -20,7 +20,6 @@ type Request struct {
 	CorrelationData []byte
 	ExpirySeconds   uint32 // MQTT 5 Message Expiry Interval; 0 = none
 	UserProps       [][2]string
-	ClientID        string
 }
 
 // Response is published on a request's response topic.
@@ -46,7 +45,7 @@ func (b *Broker) HandleRequests(filter string, id int, fn func(Request)) error {
 		return fmt.Errorf("broker: request filter: %w", err)
 	}
 	b.hook.requestFilters, b.hook.requests = filters, rt
-	err = b.srv.Subscribe(filter, id, func(cl *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+	err = b.srv.Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
 		p := &pk.Properties
 		r := Request{
 			Topic:           pk.TopicName,
@@ -56,7 +55,6 @@ func (b *Broker) HandleRequests(filter string, id int, fn func(Request)) error {
 			ResponseTopic:   p.ResponseTopic,
 			CorrelationData: append([]byte(nil), p.CorrelationData...),
 			ExpirySeconds:   p.MessageExpiryInterval,
-			ClientID:        cl.ID,
 		}
 		for _, u := range p.User {
 			r.UserProps = append(r.UserProps, [2]string{u.Key, u.Val})

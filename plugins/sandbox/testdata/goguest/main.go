@@ -4,7 +4,6 @@ package main
 
 import (
 	"errors"
-	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -47,8 +46,9 @@ func init() {
 		n, _ := strconv.Atoi(string(r.Payload()))
 		return guest.Response{Status: 200, Body: make([]byte, n)}
 	})
-	// escape tries what the sandbox must not allow: files, the environment,
-	// the network. It answers 200 only if all of them fail.
+	// escape tries what the sandbox must not allow: files and the
+	// environment. It answers 200 only if all of them fail. (Go on wasip1
+	// has no sockets at all, so the network is not tried here.)
 	guest.Method("escape", func(r *guest.Request) guest.Response {
 		if b, err := os.ReadFile("/etc/passwd"); err == nil {
 			return guest.Text(500, "read /etc/passwd: "+strconv.Itoa(len(b))+" bytes")
@@ -58,10 +58,6 @@ func init() {
 		}
 		if len(os.Environ()) > 0 {
 			return guest.Text(500, "environment: "+strings.Join(os.Environ(), " "))
-		}
-		if c, err := net.Dial("tcp", "127.0.0.1:1883"); err == nil {
-			c.Close()
-			return guest.Text(500, "dialed 127.0.0.1:1883")
 		}
 		return guest.Text(200, "contained")
 	})
