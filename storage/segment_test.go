@@ -2,6 +2,7 @@ package storage
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -270,4 +271,34 @@ func BenchmarkDrainAppendedTogether(b *testing.B) {
 	perCommit := float64(b.N) / float64(ob.commits.Load())
 	benchDrain(b, ob)
 	b.ReportMetric(perCommit, "msg/commit")
+}
+
+// TestFailedDeleteIsRetried: when deleting an acknowledged segment fails
+// (a full disk), the messages stay acknowledged and the segment is deleted
+// by a later flush.
+func TestFailedDeleteIsRetried(t *testing.T) {
+	ob := open(t, Options{})
+	seqs := appendSegment(t, ob, "r", 4)
+	_ = ob.Ack(Ref{"r", seqs[0]}) // a partial segment: state kept in memory
+	ob.flushAcks()
+	ob.delMu.Lock()
+	ob.failDeletes = func() error { return errors.New("disk full") }
+	ob.delMu.Unlock()
+	for _, s := range seqs[1:] {
+		_ = ob.Ack(Ref{"r", s})
+	}
+	ob.flushAcks() // completes the segment; its deletion fails
+	if st := ob.Stats(); st.Messages != 0 || entries(t, ob) != 1 {
+		t.Fatalf("after a failed delete: %d messages, %d entries; want 0 and the entry still stored", st.Messages, entries(t, ob))
+	}
+	if got := drain(t, ob, false); len(got) != 0 {
+		t.Fatalf("acknowledged messages read again: %v", seqsOf(got))
+	}
+	ob.delMu.Lock()
+	ob.failDeletes = nil
+	ob.delMu.Unlock()
+	ob.flushAcks()
+	if st := ob.Stats(); st.Messages != 0 || st.Bytes != 0 || entries(t, ob) != 0 {
+		t.Fatalf("after the retry: %d messages, %d bytes, %d entries", st.Messages, st.Bytes, entries(t, ob))
+	}
 }

@@ -161,6 +161,9 @@ type Outbox struct {
 	// retry holds segments all of whose messages are done but whose
 	// deletion failed. Guarded by delMu.
 	retry []segRef
+	// failDeletes, set by tests, makes deletions fail when it returns an
+	// error. Guarded by delMu.
+	failDeletes func() error
 
 	kvMu sync.Mutex
 	kvs  map[string]*KV // plugin namespaces, one KV each
@@ -609,6 +612,11 @@ func (o *Outbox) deleteLocked(segs []segRef, reason string) (int, error) {
 		chunk := segs[:min(len(segs), 1000)]
 		segs = segs[len(chunk):]
 		err := o.db.Update(func(txn *badger.Txn) error {
+			if o.failDeletes != nil {
+				if err := o.failDeletes(); err != nil {
+					return err
+				}
+			}
 			for _, s := range chunk {
 				if err := txn.Delete(s.seg.key()); err != nil {
 					return err
