@@ -32,10 +32,16 @@ func (nativeEcho) Call(_ context.Context, req *sandbox.Request) *sandbox.Respons
 	return &sandbox.Response{Status: 200, Payload: req.Payload, ContentType: req.ContentType, Props: req.Props}
 }
 
-// wasmEcho is examples/handler-go in a registry.
-func wasmEcho(b *testing.B) dispatch.Caller {
-	wasm := wasmtest.BuildGo(b, "../examples/handler-go")
-	tmpl, err := os.ReadFile("../examples/handler-go/manifest.yaml.in")
+// wasmEcho is an example handler (examples/handler-go or handler-as) in a
+// registry.
+func wasmEcho(b *testing.B, example string) dispatch.Caller {
+	var wasm []byte
+	if example == "handler-as" {
+		wasm = wasmtest.BuildAS(b, "../examples/handler-as")
+	} else {
+		wasm = wasmtest.BuildGo(b, "../examples/handler-go")
+	}
+	tmpl, err := os.ReadFile("../examples/" + example + "/manifest.yaml.in")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -59,17 +65,20 @@ func wasmEcho(b *testing.B) dispatch.Caller {
 
 // BenchmarkLocalRoundTrip is a local MQTT 5 request to outpost/methods/echo
 // with 256 bytes, through the broker and the dispatcher to the handler and
-// back, one at a time, with a wasm handler (the Go example) and the same
-// handler in native Go, in the same run. It reports p50 and p99.
+// back, one at a time, with a wasm handler (the Go and the AssemblyScript
+// examples) and the same handler in native Go, in the same run. It reports
+// p50 and p99.
 func BenchmarkLocalRoundTrip(b *testing.B) {
-	b.Run("wasm", func(b *testing.B) { roundTrip(b, wasmEcho(b), 1) })
+	b.Run("wasm-go", func(b *testing.B) { roundTrip(b, wasmEcho(b, "handler-go"), 1) })
+	b.Run("wasm-as", func(b *testing.B) { roundTrip(b, wasmEcho(b, "handler-as"), 1) })
 	b.Run("native", func(b *testing.B) { roundTrip(b, nativeEcho{}, 1) })
 }
 
 // BenchmarkLocalThroughput is BenchmarkLocalRoundTrip with 64 requests in
 // flight from one client: calls per second through the broker.
 func BenchmarkLocalThroughput(b *testing.B) {
-	b.Run("wasm", func(b *testing.B) { roundTrip(b, wasmEcho(b), 64) })
+	b.Run("wasm-go", func(b *testing.B) { roundTrip(b, wasmEcho(b, "handler-go"), 64) })
+	b.Run("wasm-as", func(b *testing.B) { roundTrip(b, wasmEcho(b, "handler-as"), 64) })
 	b.Run("native", func(b *testing.B) { roundTrip(b, nativeEcho{}, 64) })
 }
 
