@@ -21,13 +21,12 @@ const (
 
 // Exports a handler module provides.
 const (
-	ExportMemory   = "memory"
-	ExportMarker   = "outpost_abi_v1" // () -> (); never called
-	ExportInit     = "outpost_init"   // (cfg_len i32) -> i32; optional
-	ExportHandle   = "outpost_handle" // (meta_len i32, payload_len i32) -> i32
-	ExportIdle     = "outpost_idle"   // () -> (); optional
-	ExportReactor  = "_initialize"    // () -> (); WASI reactor start, when present
-	ExportDescribe = "outpost_describe"
+	ExportMemory  = "memory"
+	ExportMarker  = "outpost_abi_v1" // () -> (); never called
+	ExportInit    = "outpost_init"   // (cfg_len i32) -> i32; optional
+	ExportHandle  = "outpost_handle" // (meta_len i32, payload_len i32) -> i32
+	ExportIdle    = "outpost_idle"   // () -> (); optional
+	ExportReactor = "_initialize"    // () -> (); WASI reactor start, when present
 )
 
 // Functions of Module.
