@@ -169,6 +169,7 @@ func TestInstallRefuses(t *testing.T) {
 			`name: "Echo!"`},
 		{"unknown field", []byte("name: echo\nversion: 1\nsha: 00\n"), wat, "field sha not found"},
 		{"concurrency", append(manifest("echo", "2", wat, "method:echo"), "concurrency: parallel\n"...), wat, `concurrency: "parallel"`},
+		{"limits over the caps", append(manifest("echo", "2", wat, "method:echo"), "limits: {timeout: 48h, instances: 100}\n"...), wat, "limits.timeout: 48h0m0s: at most 24h"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := r.Install(context.Background(), c.manifest, c.wasm, nil)
