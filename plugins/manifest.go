@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -164,14 +165,7 @@ func ParseManifest(b []byte) (*Manifest, error) {
 }
 
 // Has reports whether the manifest asks for capability c.
-func (m *Manifest) Has(c string) bool {
-	for _, x := range m.Capabilities {
-		if x == c {
-			return true
-		}
-	}
-	return false
-}
+func (m *Manifest) Has(c string) bool { return slices.Contains(m.Capabilities, c) }
 
 // CheckModule checks that wasm is the module the manifest names.
 func (m *Manifest) CheckModule(wasm []byte) error {

@@ -344,9 +344,6 @@ func (a *Agent) Start() error {
 	return nil
 }
 
-// AdminSocket returns the admin API's socket, or "" when it is off.
-func (a *Agent) AdminSocket() string { return a.cfg.AdminSocket() }
-
 // BrokerAddrs returns the bound addresses of the local broker's listeners.
 func (a *Agent) BrokerAddrs() []string { return a.broker.Addrs() }
 

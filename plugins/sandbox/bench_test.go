@@ -9,18 +9,24 @@ import (
 	"github.com/outpost-edge/outpost/internal/wasmtest"
 )
 
+// guest is a module the benchmarks run, by the name of its sub-benchmark.
+type guest struct {
+	name string
+	wasm func(testing.TB) []byte
+}
+
+var (
+	goTestGuest = guest{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }}
+	goExample   = guest{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "../../examples/handler-go") }}
+	asExample   = guest{"assemblyscript", func(t testing.TB) []byte { return wasmtest.BuildAS(t, "../../examples/handler-as") }}
+	watEcho     = guest{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }}
+)
+
 // BenchmarkCall256 is a direct call (no broker) of an echo handler with a
 // 256-byte request, through the whole host path: metadata encoding, the
 // instance pool, the deadline, req_meta/req_payload/resp_write.
 func BenchmarkCall256(b *testing.B) {
-	for _, c := range []struct {
-		name string
-		wasm func(testing.TB) []byte
-	}{
-		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }},
-		{"assemblyscript", func(t testing.TB) []byte { return wasmtest.BuildAS(t, "../../examples/handler-as") }},
-		{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }},
-	} {
+	for _, c := range []guest{goTestGuest, asExample, watEcho} {
 		b.Run(c.name, func(b *testing.B) {
 			p := load(b, engine(b), c.wasm(b), Config{Limits: Limits{Instances: 1}})
 			req := &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "echo", Flags: abi.FlagResponseExpected}, Payload: make([]byte, 256)}
@@ -39,13 +45,7 @@ func BenchmarkCall256(b *testing.B) {
 // with _initialize) once the cache is warm, as after a restart: the Go and
 // the AssemblyScript examples.
 func BenchmarkLoadWarm(b *testing.B) {
-	for _, c := range []struct {
-		name string
-		wasm func(testing.TB) []byte
-	}{
-		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "../../examples/handler-go") }},
-		{"assemblyscript", func(t testing.TB) []byte { return wasmtest.BuildAS(t, "../../examples/handler-as") }},
-	} {
+	for _, c := range []guest{goExample, asExample} {
 		b.Run(c.name, func(b *testing.B) {
 			wasm := c.wasm(b)
 			e, err := NewEngine(b.TempDir())
@@ -74,13 +74,7 @@ func BenchmarkLoadWarm(b *testing.B) {
 // costs: its linear memory and the Go heap the host holds for it, over 8
 // instances made at once.
 func BenchmarkInstanceMemory(b *testing.B) {
-	for _, c := range []struct {
-		name string
-		wasm func(testing.TB) []byte
-	}{
-		{"go", func(t testing.TB) []byte { return wasmtest.BuildGo(t, "testdata/goguest") }},
-		{"wat", func(t testing.TB) []byte { return wasmtest.Wat(t, "testdata/wat/echo.wat") }},
-	} {
+	for _, c := range []guest{goTestGuest, watEcho} {
 		b.Run(c.name, func(b *testing.B) {
 			const n = 8
 			var linear, heap float64
