@@ -189,6 +189,55 @@ func TestOversizedPropertyRefused(t *testing.T) {
 	}
 }
 
+// TestOversizedContentTypeRefused: likewise for the content type.
+func TestOversizedContentTypeRefused(t *testing.T) {
+	p := load(t, engine(t), wasmtest.Wat(t, "testdata/wat/bigctype.wat"), Config{})
+	if r := p.Call(context.Background(), method("m", "")); r.Status != 400 || r.ContentType != "" {
+		t.Fatalf("status %d, content type of %d bytes: want the guest's 400 after E_BADARG, and none set", r.Status, len(r.ContentType))
+	}
+}
+
+// TestPublishPayloadCapped: a publish over the plugin's payload limit is
+// refused with E_LIMIT before it reaches the publisher.
+func TestPublishPayloadCapped(t *testing.T) {
+	var published []string
+	var mu sync.Mutex
+	pub := func(_ context.Context, topic string, payload []byte, _ byte) error {
+		mu.Lock()
+		defer mu.Unlock()
+		published = append(published, topic+" "+string(payload))
+		return nil
+	}
+	p := load(t, engine(t), wasmtest.BuildGo(t, "testdata/capguest"), Config{
+		Publish: pub, KV: mapKV{}, Limits: Limits{MaxPublish: 10}, // the guest imports kv too
+
+	})
+	if r := p.Call(context.Background(), method("publish", "plant/a 0123456789")); r.Status != 204 {
+		t.Fatalf("10 bytes: status %d, %s", r.Status, r.Payload)
+	}
+	if r := p.Call(context.Background(), method("publish", "plant/a 0123456789X")); r.Status != 500 || !strings.Contains(string(r.Payload), "limit exceeded") {
+		t.Fatalf("11 bytes: status %d, %s; want the guest's 500 after E_LIMIT", r.Status, r.Payload)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(published) != 1 || published[0] != "plant/a 0123456789" {
+		t.Fatalf("published %q", published)
+	}
+}
+
+// mapKV is a key/value namespace in memory, for modules that import the
+// capability in tests about something else.
+type mapKV map[string][]byte
+
+func (m mapKV) Get(k []byte) ([]byte, error) {
+	if v, ok := m[string(k)]; ok {
+		return v, nil
+	}
+	return nil, ErrNotFound
+}
+func (m mapKV) Set(k, v []byte) error { m[string(k)] = v; return nil }
+func (m mapKV) Delete(k []byte) error { delete(m, string(k)); return nil }
+
 // TestLoadRefuses: modules that cannot serve are refused at load, with the
 // export or import named, before any of their code runs.
 func TestLoadRefuses(t *testing.T) {
