@@ -52,6 +52,9 @@ type instance struct {
 	handle api.Function
 	idle   api.Function
 	stack  []uint64
+	cur    call     // the call in progress
+	ctx    *callCtx // what the calls run under
+	meta   []byte   // the envelope of the call in progress, reused
 	// For outpost_idle: calls since the last one, and the memory size then.
 	sinceIdle int
 	memAtIdle int
@@ -72,6 +75,7 @@ func (p *Plugin) newInstance(ctx context.Context) (*instance, error) {
 		return nil, fmt.Errorf("starting an instance: %w", err)
 	}
 	inst := &instance{mod: mod, mem: mem, handle: mod.ExportedFunction(abi.ExportHandle), stack: make([]uint64, 2)}
+	inst.ctx = newCallCtx(&inst.cur)
 	if p.hasIdle {
 		inst.idle = mod.ExportedFunction(abi.ExportIdle)
 	}
@@ -97,12 +101,12 @@ func (p *Plugin) newInstance(ctx context.Context) (*instance, error) {
 // ctx's, the request's and the plugin's timeout.
 func (p *Plugin) Call(ctx context.Context, req *Request) *Response {
 	start := time.Now()
-	resp := p.call(ctx, req)
+	resp := p.call(ctx, start, req)
 	p.stats.observe(time.Since(start), resp)
 	return resp
 }
 
-func (p *Plugin) call(ctx context.Context, req *Request) *Response {
+func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Response {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.closed {
@@ -111,60 +115,81 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 	if len(req.Payload) > p.lim.MaxRequest {
 		return hostResp(abi.StatusRequestTooLarge, FailRejected, fmt.Errorf("request payload of %d bytes is over the %d-byte limit", len(req.Payload), p.lim.MaxRequest))
 	}
+	if err := ctx.Err(); err != nil {
+		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("the caller gave up before the call: %w", err))
+	}
 	timeout := p.lim.Timeout
 	if req.Deadline > 0 {
 		timeout = min(timeout, req.Deadline)
 	}
+	deadline := now.Add(timeout)
 	// ownDeadline: the deadline is the plugin's own timeout, not a shorter
 	// one the caller chose (nor the caller's context).
-	parentDL, parentHasDL := ctx.Deadline()
-	ownDeadline := timeout == p.lim.Timeout && (!parentHasDL || time.Until(parentDL) >= timeout)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	ownDeadline := timeout == p.lim.Timeout
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline, ownDeadline = dl, false
+	}
 	if !p.breaker.allow() {
 		return hostResp(abi.StatusUnavailable, FailRejected, errors.New("breaker open after repeated failures"))
 	}
-	inst, refused := p.acquire(ctx)
+	inst, waited, refused := p.acquire(ctx, deadline)
 	if refused != nil {
 		p.breaker.release()
 		return refused
 	}
-	if ctx.Err() != nil {
-		// The deadline passed while a new instance started: it is healthy.
-		p.pool.put(inst)
-		p.breaker.release()
-		return hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed while an instance started"))
+	left := deadline.Sub(now)
+	if waited {
+		if left = time.Until(deadline); left <= 0 {
+			// The deadline passed while a new instance started: it is healthy.
+			p.pool.put(inst)
+			p.breaker.release()
+			return hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed while waiting for an instance"))
+		}
 	}
 	// The envelope carries the time actually left (at most what it can hold).
 	m := req.Meta
-	if dl, ok := ctx.Deadline(); ok {
-		m.Deadline = min(max(time.Until(dl).Truncate(time.Millisecond), time.Millisecond), maxEnvelopeDeadline)
-	}
-	meta, merr := abi.AppendMeta(nil, &m)
+	m.Deadline = min(max(left.Truncate(time.Millisecond), time.Millisecond), maxEnvelopeDeadline)
+	meta, merr := abi.AppendMeta(inst.meta[:0], &m)
 	if merr != nil {
 		p.pool.put(inst)
 		p.breaker.release()
 		return hostResp(abi.StatusBadRequest, FailRejected, merr)
 	}
-	c := &call{meta: meta, payload: req.Payload}
+	inst.meta = meta
+	c := &inst.cur
+	*c = call{meta: meta, payload: req.Payload, lastCT: c.lastCT}
 	inst.mem.refused = false
 	inst.stack[0], inst.stack[1] = api.EncodeU32(uint32(len(meta))), api.EncodeU32(uint32(len(req.Payload)))
+	// The call ends at the deadline or when the caller gives up, whichever
+	// is first: either makes inst.ctx done, and wazero ends the call.
+	inst.ctx.arm(deadline, left)
+	stopCancel := func() bool { return true }
+	if ctx.Done() != nil {
+		stopCancel = context.AfterFunc(ctx, func() { inst.ctx.end(ctx.Err()) })
+	}
 	p.stats.running.Add(1)
-	err := inst.handle.CallWithStack(context.WithValue(ctx, callKey{}, c), inst.stack)
+	err := inst.handle.CallWithStack(inst.ctx, inst.stack)
 	p.stats.running.Add(-1)
-	resp := p.outcome(ctx, inst, c, err)
-	var ce *CallError
+	reusable := stopCancel()
+	reusable = inst.ctx.disarm() && reusable
+	if ctx.Err() != nil {
+		ownDeadline = false // the caller gave up
+	}
+	resp := p.outcome(inst, c, err)
+	// The response must not hold the instance's buffers.
+	c.meta, c.payload = nil, nil
+	ce, _ := resp.Err.(*CallError)
 	switch {
 	case resp.Err == nil || resp.Status == abi.StatusInsufficientStorage:
 		p.breaker.success()
-	case errors.As(resp.Err, &ce) && ce.Kind == FailTimeout && !ownDeadline:
+	case ce != nil && ce.Kind == FailTimeout && !ownDeadline:
 		// A deadline the caller chose, or its cancellation, says nothing
 		// about the plugin's health.
 		p.breaker.release()
 	default:
 		p.breaker.failure()
 	}
-	if resp.Err != nil {
+	if resp.Err != nil || !reusable {
 		p.discard(inst)
 	} else {
 		p.reuse(inst)
@@ -176,7 +201,7 @@ func (p *Plugin) call(ctx context.Context, req *Request) *Response {
 const maxEnvelopeDeadline = (1<<32 - 1) * time.Millisecond
 
 // outcome turns the end of a call into a response.
-func (p *Plugin) outcome(ctx context.Context, inst *instance, c *call, err error) *Response {
+func (p *Plugin) outcome(inst *instance, c *call, err error) *Response {
 	switch {
 	case err == nil:
 		st := abi.Status(api.DecodeI32(inst.stack[0]))
@@ -193,8 +218,12 @@ func (p *Plugin) outcome(ctx context.Context, inst *instance, c *call, err error
 		// Out of memory shows as a trap (a Go guest throws) or a loop; the
 		// refused grow says why.
 		return hostResp(abi.StatusInsufficientStorage, FailLimit, fmt.Errorf("memory limit of %d bytes reached: %s", p.lim.Memory, firstLine(err)))
-	case isDeadline(ctx, err):
-		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("deadline passed: %s", firstLine(err)))
+	case isDeadline(inst.ctx, err):
+		why := "deadline passed"
+		if errors.Is(inst.ctx.Err(), context.Canceled) {
+			why = "the caller gave up"
+		}
+		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("%s: %s", why, firstLine(err)))
 	}
 	return hostResp(abi.StatusInternal, FailTrap, errors.New(firstLine(err)))
 }
@@ -236,24 +265,31 @@ func (e *CallError) Error() string { return "sandbox: " + e.Kind + ": " + e.Err.
 func (e *CallError) Unwrap() error { return e.Err }
 
 // acquire takes an idle instance, makes one if the pool has room, or waits
-// for one within ctx and the queue bound.
-func (p *Plugin) acquire(ctx context.Context) (*instance, *Response) {
+// for one until the deadline, within the queue bound. waited reports
+// whether it had to wait or start an instance: the time left must then be
+// measured again.
+func (p *Plugin) acquire(ctx context.Context, deadline time.Time) (inst *instance, waited bool, refused *Response) {
+	if inst := p.pool.tryGet(); inst != nil {
+		return inst, false, nil
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	inst, fresh, err := p.pool.get(ctx)
 	switch {
 	case errors.Is(err, errQueueFull):
-		return nil, hostResp(abi.StatusTooManyRequests, FailRejected, fmt.Errorf("%d calls already wait for an instance", p.lim.Queue))
+		return nil, true, hostResp(abi.StatusTooManyRequests, FailRejected, fmt.Errorf("%d calls already wait for an instance", p.lim.Queue))
 	case err != nil:
-		return nil, hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed waiting for an instance"))
+		return nil, true, hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed waiting for an instance"))
 	case !fresh:
-		return inst, nil
+		return inst, true, nil
 	}
 	inst, err = p.newInstance(context.WithoutCancel(ctx))
 	if err != nil {
 		p.pool.free()
 		p.log.Error("a new instance failed to start", "error", err)
-		return nil, hostResp(abi.StatusUnavailable, FailInstance, err)
+		return nil, true, hostResp(abi.StatusUnavailable, FailInstance, err)
 	}
-	return inst, nil
+	return inst, true, nil
 }
 
 // discard closes an instance after a failure and frees its slot.
@@ -307,13 +343,21 @@ func (q *pool) init(instances, queue int) {
 	q.queue = int32(queue)
 }
 
+// tryGet returns an idle instance, or nil.
+func (q *pool) tryGet() *instance {
+	select {
+	case inst := <-q.idle:
+		return inst
+	default:
+		return nil
+	}
+}
+
 // get returns an idle instance, or fresh = true when the caller may make a
 // new one (it holds a slot).
 func (q *pool) get(ctx context.Context) (inst *instance, fresh bool, err error) {
-	select {
-	case inst := <-q.idle:
+	if inst := q.tryGet(); inst != nil {
 		return inst, false, nil
-	default:
 	}
 	if q.waiting.Add(1) > q.queue {
 		q.waiting.Add(-1)
@@ -335,8 +379,10 @@ func (q *pool) put(inst *instance) { q.idle <- inst }
 func (q *pool) free() { <-q.slots }
 
 // breaker opens after a run of failures, answers 503 while open, and lets
-// one call through after the open period (half-open).
+// one call through after the open period (half-open). While nothing fails
+// it takes no lock.
 type breaker struct {
+	failing  atomic.Bool // failures > 0 or a probe: take the lock
 	mu       sync.Mutex
 	after    int
 	open     time.Duration
@@ -348,6 +394,9 @@ type breaker struct {
 func (b *breaker) init(after int, open time.Duration) { b.after, b.open = after, open }
 
 func (b *breaker) allow() bool {
+	if !b.failing.Load() {
+		return true
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.failures < b.after {
@@ -361,14 +410,19 @@ func (b *breaker) allow() bool {
 }
 
 func (b *breaker) success() {
+	if !b.failing.Load() {
+		return
+	}
 	b.mu.Lock()
 	b.failures, b.probing = 0, false
+	b.failing.Store(false)
 	b.mu.Unlock()
 }
 
 func (b *breaker) failure() {
 	b.mu.Lock()
 	b.failures++
+	b.failing.Store(true)
 	b.probing = false
 	if b.failures >= b.after {
 		b.openTill = time.Now().Add(b.open)
@@ -378,6 +432,9 @@ func (b *breaker) failure() {
 
 // release ends a probe that never reached the guest.
 func (b *breaker) release() {
+	if !b.failing.Load() {
+		return
+	}
 	b.mu.Lock()
 	b.probing = false
 	b.mu.Unlock()
@@ -410,8 +467,8 @@ type stats struct {
 func (s *stats) observe(d time.Duration, r *Response) {
 	s.calls.Add(1)
 	s.latency.Add(int64(d))
-	var ce *CallError
-	if errors.As(r.Err, &ce) {
+	// Err is only ever set by hostResp.
+	if ce, ok := r.Err.(*CallError); ok {
 		for i, k := range failKinds {
 			if k == ce.Kind {
 				s.failures[i].Add(1)

@@ -28,10 +28,23 @@ type call struct {
 	props       []abi.Property
 	respBytes   int // payload, properties and content type, against MaxResponse
 
+	// lastCT is the content type of the instance's previous response: a
+	// handler sets the same one again and again, and this saves making it.
+	lastCT string
+
 	// What went wrong, if the guest broke the ABI or hit a limit. The first
 	// reason is kept.
 	violation string
 	overLimit string
+}
+
+// internCT returns b as a string, the previous response's content type
+// when it is the same.
+func (c *call) internCT(b []byte) string {
+	if string(b) != c.lastCT {
+		c.lastCT = string(b)
+	}
+	return c.lastCT
 }
 
 type callKey struct{}
@@ -189,7 +202,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 				ret(s, int32(abi.ErrLimit))
 				return
 			}
-			c.contentType = string(b)
+			c.contentType = c.internCT(b)
 			ret(s, 0)
 		}},
 		{abi.FuncCfgRead, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {

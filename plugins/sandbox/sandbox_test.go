@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -443,5 +444,69 @@ func TestCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
 	}
 	if !p.Stats().BreakerOpen {
 		t.Fatal("two timeouts of the plugin's own deadline did not open the breaker")
+	}
+}
+
+// TestCallerCancellationEndsTheCall: a caller that gives up ends a call
+// stuck in the guest, as the deadline would, without counting against the
+// plugin; a caller whose context is already done is refused before the
+// guest runs.
+func TestCallerCancellationEndsTheCall(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{BreakerAfter: 1, Timeout: time.Minute}})
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	start := time.Now()
+	r := p.Call(ctx, method("loop", ""))
+	if r.Status != abi.StatusTimeout || prop(r, "outpost-error") != FailTimeout {
+		t.Fatalf("status %d (%s), want 504 timeout", r.Status, r.Payload)
+	}
+	d := time.Since(start)
+	t.Logf("the cancelled call ran %v", d)
+	if d > 30*time.Second {
+		t.Fatalf("the cancelled call ran %v", d)
+	}
+	if r := p.Call(ctx, method("echo", "x")); r.Status != abi.StatusTimeout || !strings.Contains(string(r.Payload), "gave up before the call") {
+		t.Fatalf("call with a done context: status %d, %s", r.Status, r.Payload)
+	}
+	if p.Stats().BreakerOpen {
+		t.Fatal("the caller's cancellation opened the breaker")
+	}
+	if r := p.Call(context.Background(), method("echo", "ok")); r.Status != 200 {
+		t.Fatalf("echo after the cancellation: status %d, %v", r.Status, r.Err)
+	}
+}
+
+// TestDeadlinesRacingCompletion: deadlines that pass about when calls
+// finish end some calls and not others, and every instance that serves
+// again is healthy: each call answers 200 or 504, never another status,
+// and the plugin serves normally afterwards.
+func TestDeadlinesRacingCompletion(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{Instances: 2, BreakerAfter: 1 << 20}})
+	var wg sync.WaitGroup
+	var ok, timedOut atomic.Int64
+	for g := range 2 {
+		wg.Go(func() {
+			for i := range 200 {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%50+g)*time.Microsecond*20)
+				r := p.Call(ctx, method("echo", "x"))
+				cancel()
+				switch r.Status {
+				case 200:
+					ok.Add(1)
+				case abi.StatusTimeout:
+					timedOut.Add(1)
+				default:
+					t.Errorf("status %d: %s", r.Status, r.Payload)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d answered, %d timed out", ok.Load(), timedOut.Load())
+	for range 10 {
+		if r := p.Call(context.Background(), method("echo", "ok")); r.Status != 200 || string(r.Payload) != "ok" {
+			t.Fatalf("echo afterwards: status %d, %s", r.Status, r.Payload)
+		}
 	}
 }
