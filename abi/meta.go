@@ -127,7 +127,14 @@ func appendString(dst []byte, what, s string) ([]byte, error) {
 // DecodeMeta decodes an envelope. Bytes after the fields of version 1 are
 // ignored (they are fields of a later version). It copies what it keeps:
 // the result does not alias b.
-func DecodeMeta(b []byte) (Meta, error) {
+func DecodeMeta(b []byte) (Meta, error) { return decodeMeta(b) }
+
+// DecodeMetaString is DecodeMeta for an envelope held in a string: the
+// strings of the result are substrings of s, so decoding allocates nothing
+// but the property slice. Guests use it to make one string per request.
+func DecodeMetaString(s string) (Meta, error) { return decodeMeta(s) }
+
+func decodeMeta[T string | []byte](b T) (Meta, error) {
 	var m Meta
 	if len(b) > MaxMetaSize {
 		return m, fmt.Errorf("%w: %d bytes, at most %d", ErrMetaTooBig, len(b), MaxMetaSize)
@@ -139,8 +146,8 @@ func DecodeMeta(b []byte) (Meta, error) {
 		return m, ErrMetaVersion
 	}
 	m.Kind = Kind(b[1])
-	m.Flags = Flags(binary.LittleEndian.Uint16(b[2:]))
-	m.Deadline = time.Duration(binary.LittleEndian.Uint32(b[4:])) * time.Millisecond
+	m.Flags = Flags(u16(b[2:]))
+	m.Deadline = time.Duration(uint32(b[4])|uint32(b[5])<<8|uint32(b[6])<<16|uint32(b[7])<<24) * time.Millisecond
 	r := b[headerSize:]
 	var ok bool
 	if m.Name, r, ok = readString(r); !ok {
@@ -155,7 +162,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	if len(r) < 2 {
 		return Meta{}, fmt.Errorf("%w: in the property count", ErrMetaShort)
 	}
-	n := int(binary.LittleEndian.Uint16(r))
+	n := int(u16(r))
 	r = r[2:]
 	if n > len(r)/4 { // each property takes at least 4 bytes
 		return Meta{}, fmt.Errorf("%w: %d properties in %d bytes", ErrMetaShort, n, len(r))
@@ -176,11 +183,15 @@ func DecodeMeta(b []byte) (Meta, error) {
 	return m, nil
 }
 
-func readString(b []byte) (string, []byte, bool) {
+func u16[T string | []byte](b T) uint16 { return uint16(b[0]) | uint16(b[1])<<8 }
+
+// readString reads a length-prefixed string: a copy when b is a []byte, a
+// substring when it is a string.
+func readString[T string | []byte](b T) (string, T, bool) {
 	if len(b) < 2 {
 		return "", b, false
 	}
-	n := int(binary.LittleEndian.Uint16(b))
+	n := int(u16(b))
 	if len(b) < 2+n {
 		return "", b, false
 	}

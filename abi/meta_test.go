@@ -78,6 +78,9 @@ func TestMetaVectors(t *testing.T) {
 				if _, err := DecodeMeta(b); err == nil || !strings.Contains(err.Error(), v.Error) {
 					t.Fatalf("decode: %v, want an error containing %q", err, v.Error)
 				}
+				if _, err := DecodeMetaString(string(b)); err == nil || !strings.Contains(err.Error(), v.Error) {
+					t.Fatalf("decode from a string: %v, want an error containing %q", err, v.Error)
+				}
 				return
 			}
 			want := v.meta()
@@ -103,6 +106,13 @@ func TestMetaVectors(t *testing.T) {
 			}
 			if !reflect.DeepEqual(got, want) {
 				t.Fatalf("decodes to %+v, want %+v", got, want)
+			}
+			got, err = DecodeMetaString(string(b))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("decodes from a string to %+v, want %+v", got, want)
 			}
 		})
 	}
@@ -203,8 +213,8 @@ func TestDecodeMetaDoesNotAlias(t *testing.T) {
 	}
 }
 
-// FuzzDecodeMeta: no input panics the decoder, and whatever it accepts
-// encodes and decodes back to the same metadata.
+// FuzzDecodeMeta: no input panics the decoder, both decoders agree, and
+// whatever they accept encodes and decodes back to the same metadata.
 func FuzzDecodeMeta(f *testing.F) {
 	for _, m := range []Meta{
 		{},
@@ -219,8 +229,15 @@ func FuzzDecodeMeta(f *testing.F) {
 	f.Add([]byte{1, 1, 0, 0, 0, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := DecodeMeta(b)
+		ms, errs := DecodeMetaString(string(b))
+		if (err == nil) != (errs == nil) || err != nil && err.Error() != errs.Error() {
+			t.Fatalf("DecodeMeta: %v, DecodeMetaString: %v", err, errs)
+		}
 		if err != nil {
 			return
+		}
+		if !reflect.DeepEqual(m, ms) {
+			t.Fatalf("DecodeMeta: %+v, DecodeMetaString: %+v", m, ms)
 		}
 		enc, err := AppendMeta(nil, &m)
 		if err != nil {

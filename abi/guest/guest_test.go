@@ -13,13 +13,13 @@ type captured struct{ resp Response }
 
 func (c *captured) send(r Response) abi.Status { c.resp = r; return r.Status }
 
-func encode(t *testing.T, m abi.Meta) []byte {
+func encode(t *testing.T, m abi.Meta) string {
 	t.Helper()
 	b, err := abi.AppendMeta(nil, &m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return b
+	return string(b)
 }
 
 // TestServeRoutes: a request goes to the handler registered for its kind
@@ -45,7 +45,7 @@ func TestServeRoutes(t *testing.T) {
 	if st := serve(encode(t, abi.Meta{Kind: abi.KindDMAction, Name: "getDiagnostics"}), 0, &c); st != 501 || !strings.Contains(string(c.resp.Body), `no handler for dm_action \"getDiagnostics\"`) {
 		t.Fatalf("unknown: status %d, body %s", st, c.resp.Body)
 	}
-	if st := serve([]byte{0, 1, 2}, 0, &c); st != 400 || !strings.Contains(string(c.resp.Body), "truncated") {
+	if st := serve("\x00\x01\x02", 0, &c); st != 400 || !strings.Contains(string(c.resp.Body), "truncated") {
 		t.Fatalf("bad metadata: status %d, body %s", st, c.resp.Body)
 	}
 }

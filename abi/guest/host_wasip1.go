@@ -36,7 +36,7 @@ func logEnabledImport(level uint32) int32
 //go:wasmexport outpost_abi_v1
 func abiMarker() {}
 
-// metaBuf is reused across requests; DecodeMeta copies what it keeps.
+// metaBuf is reused across requests; serve gets a string copy.
 var metaBuf = make([]byte, 512)
 
 //go:wasmexport outpost_handle
@@ -48,7 +48,7 @@ func outpostHandle(metaLen, payloadLen int32) int32 {
 	if n < 0 || int(n) > len(metaBuf) {
 		return int32(abi.StatusInternal)
 	}
-	return int32(serve(metaBuf[:n], int(payloadLen), hostWriter{}))
+	return int32(serve(string(metaBuf[:n]), int(payloadLen), hostWriter{}))
 }
 
 //go:wasmexport outpost_init
