@@ -48,14 +48,28 @@ export class Request {
   name: string = "";
   requestId: string = "";
   contentType: string = "";
-  props: Array<Property> = new Array<Property>();
   payloadLen: u32 = 0;
   private body: Uint8Array | null = null;
+  // Made on first use: most requests have no properties, and every
+  // allocation costs a request time in the guest's collector.
+  private _props: Array<Property> | null = null;
+
+  /** The request's properties, in order. */
+  get props(): Array<Property> {
+    let p = this._props;
+    if (p == null) {
+      p = new Array<Property>();
+      this._props = p;
+    }
+    return p;
+  }
 
   /** The value of the first property named key, or "". */
   prop(key: string): string {
-    for (let i = 0; i < this.props.length; i++) {
-      if (this.props[i].key == key) return this.props[i].value;
+    const p = this._props;
+    if (p == null) return "";
+    for (let i = 0; i < p.length; i++) {
+      if (p[i].key == key) return p[i].value;
     }
     return "";
   }
@@ -88,88 +102,127 @@ export class Request {
 /** Why the last decodeMeta returned null. */
 export let decodeError: string = "";
 
-function readU16(b: Uint8Array, off: i32): i32 {
-  return <i32>b[off] | (<i32>b[off + 1] << 8);
-}
-
 /** Decodes a metadata envelope (abi/ABI.md section 4), or returns null and sets decodeError. */
 export function decodeMeta(b: Uint8Array): Request | null {
-  if (b.length < 8) {
-    decodeError = "truncated";
-    return null;
-  }
-  if (b[0] == 0) {
-    decodeError = "version 0";
-    return null;
-  }
   const r = new Request();
-  r.kind = b[1];
-  r.flags = <u16>readU16(b, 2);
-  r.deadlineMs = <u32>b[4] | (<u32>b[5] << 8) | (<u32>b[6] << 16) | (<u32>b[7] << 24);
+  return decodeAt(r, b.dataStart, b.length, false) ? r : null;
+}
+
+/** UTF-8 bytes [ptr, ptr+n) as a string; "" without allocating when empty. */
+function str(ptr: usize, n: i32): string {
+  return n == 0 ? "" : String.UTF8.decodeUnsafe(ptr, n);
+}
+
+const FIELDS: StaticArray<string> = ["name", "request id", "content type"];
+
+/** The handler decodeAt found for the request when asked to match. */
+let matched: Registered | null = null;
+
+/**
+ * Decodes the envelope at [p, p+len) into r, or sets decodeError and
+ * returns false. With match set it looks the name up among the registered
+ * handlers, as bytes, and sets matched: a request for a registered name
+ * takes the registered string and decodes no name.
+ */
+function decodeAt(r: Request, p: usize, len: i32, match: bool): bool {
+  if (len < 8) {
+    decodeError = "truncated";
+    return false;
+  }
+  if (load<u8>(p) == 0) {
+    decodeError = "version 0";
+    return false;
+  }
+  r.kind = load<u8>(p, 1);
+  r.flags = load<u16>(p, 2);
+  r.deadlineMs = load<u32>(p, 4);
   let off = 8;
-  const fields = ["name", "request id", "content type"];
   for (let i = 0; i < 3; i++) {
-    if (off + 2 > b.length) {
-      decodeError = "truncated: in the " + fields[i];
-      return null;
+    if (off + 2 > len) {
+      decodeError = "truncated: in the " + FIELDS[i];
+      return false;
     }
-    const n = readU16(b, off);
+    const n = <i32>load<u16>(p + off);
     off += 2;
-    if (off + n > b.length) {
-      decodeError = "truncated: in the " + fields[i];
-      return null;
+    if (off + n > len) {
+      decodeError = "truncated: in the " + FIELDS[i];
+      return false;
     }
-    const s = String.UTF8.decodeUnsafe(b.dataStart + off, n);
+    if (i == 0) {
+      const h = match ? find(r.kind, p + off, n) : null;
+      matched = h;
+      r.name = h != null ? h.name : str(p + off, n);
+    } else if (i == 1) r.requestId = str(p + off, n);
+    else r.contentType = str(p + off, n);
     off += n;
-    if (i == 0) r.name = s;
-    else if (i == 1) r.requestId = s;
-    else r.contentType = s;
   }
-  if (off + 2 > b.length) {
+  if (off + 2 > len) {
     decodeError = "truncated: in the property count";
-    return null;
+    return false;
   }
-  const count = readU16(b, off);
+  const count = <i32>load<u16>(p + off);
   off += 2;
-  if (count > (b.length - off) / 4) {
+  if (count > (len - off) / 4) {
     decodeError = "truncated: " + count.toString() + " properties";
-    return null;
+    return false;
   }
   for (let i = 0; i < count; i++) {
-    let kv = new Array<string>(2);
+    let k = "";
     for (let j = 0; j < 2; j++) {
-      if (off + 2 > b.length) {
+      if (off + 2 > len) {
         decodeError = "truncated: in property " + i.toString();
-        return null;
+        return false;
       }
-      const n = readU16(b, off);
+      const n = <i32>load<u16>(p + off);
       off += 2;
-      if (off + n > b.length) {
+      if (off + n > len) {
         decodeError = "truncated: in property " + i.toString();
-        return null;
+        return false;
       }
-      kv[j] = String.UTF8.decodeUnsafe(b.dataStart + off, n);
+      if (j == 0) k = str(p + off, n);
+      else r.props.push(new Property(k, str(p + off, n)));
       off += n;
     }
-    r.props.push(new Property(kv[0], kv[1]));
   }
-  return r;
+  return true;
 }
 
 // ---- the response ----
 
+const EMPTY = new Uint8Array(0);
+
 export class Response {
+  private _props: Array<Property> | null;
+
   constructor(
     public status: i32,
-    public body: Uint8Array = new Uint8Array(0),
+    public body: Uint8Array = EMPTY,
     public contentType: string = "",
-    public props: Array<Property> = new Array<Property>(),
-  ) {}
+    props: Array<Property> | null = null,
+  ) {
+    this._props = props;
+  }
+
+  /** The response's properties, in order. */
+  get props(): Array<Property> {
+    let p = this._props;
+    if (p == null) {
+      p = new Array<Property>();
+      this._props = p;
+    }
+    return p;
+  }
 
   /** Adds a property. */
   with(key: string, value: string): Response {
     this.props.push(new Property(key, value));
     return this;
+  }
+
+  /** Whether the response has properties, without making the array. */
+  hasProps(): bool {
+    const p = this._props;
+    return p != null && p.length > 0;
   }
 }
 
@@ -199,22 +252,50 @@ export function error(s: i32, msg: string): Response {
 
 type Handler = (r: Request) => Response;
 
-// One map per kind: no key to build per request.
-const commands = new Map<string, Handler>();
-const methods = new Map<string, Handler>();
-const dmActions = new Map<string, Handler>();
+class Registered {
+  constructor(public kind: u8, public name: string, public bytes: ArrayBuffer, public h: Handler) {}
+}
 
-function handlersOf(kind: u8): Map<string, Handler> | null {
-  if (kind == KIND_METHOD) return methods;
-  if (kind == KIND_COMMAND) return commands;
-  if (kind == KIND_DM_ACTION) return dmActions;
+// The registered handlers. A module has a handful: a scan comparing bytes
+// costs a request less than decoding the name and hashing it.
+const registered = new Array<Registered>();
+
+/** Whether [a, a+n) and [b, b+n) hold the same bytes: a word at a time. */
+function bytesEqual(a: usize, b: usize, n: i32): bool {
+  while (n >= 8) {
+    if (load<u64>(a) != load<u64>(b)) return false;
+    a += 8;
+    b += 8;
+    n -= 8;
+  }
+  if (n >= 4) {
+    if (load<u32>(a) != load<u32>(b)) return false;
+    a += 4;
+    b += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    if (load<u16>(a) != load<u16>(b)) return false;
+    a += 2;
+    b += 2;
+    n -= 2;
+  }
+  return n == 0 || load<u8>(a) == load<u8>(b);
+}
+
+/** The handler for kind and the UTF-8 name at [p, p+n), or null. */
+function find(kind: u8, p: usize, n: i32): Registered | null {
+  for (let i = 0; i < registered.length; i++) {
+    const r = unchecked(registered[i]);
+    if (r.kind == kind && r.bytes.byteLength == n && bytesEqual(changetype<usize>(r.bytes), p, n)) return r;
+  }
   return null;
 }
 
 function register(kind: u8, name: string, h: Handler): void {
-  const m = changetype<Map<string, Handler>>(handlersOf(kind));
-  if (m.has(name)) throw new Error("registered twice: " + name);
-  m.set(name, h);
+  const b = String.UTF8.encode(name);
+  if (find(kind, changetype<usize>(b), b.byteLength) != null) throw new Error("registered twice: " + name);
+  registered.push(new Registered(kind, name, b, h));
 }
 
 export function method(name: string, h: Handler): void {
@@ -249,15 +330,26 @@ function kindName(k: u8): string {
   return "kind(" + k.toString() + ")";
 }
 
+// The last content type sent and its UTF-8 bytes: handlers send the same
+// one again and again.
+let lastCT = "";
+let lastCTBytes = new ArrayBuffer(0);
+
 function send(r: Response): i32 {
   if (r.contentType.length > 0) {
-    const ct = utf8(r.contentType);
-    resp_set_content_type(ct.dataStart, ct.length);
+    if (r.contentType != lastCT) {
+      lastCTBytes = String.UTF8.encode(r.contentType);
+      lastCT = r.contentType;
+    }
+    resp_set_content_type(changetype<usize>(lastCTBytes), lastCTBytes.byteLength);
   }
-  for (let i = 0; i < r.props.length; i++) {
-    const k = utf8(r.props[i].key);
-    const v = utf8(r.props[i].value);
-    if (resp_set_prop(k.dataStart, k.length, v.dataStart, v.length) < 0) break;
+  if (r.hasProps()) {
+    const props = r.props;
+    for (let i = 0; i < props.length; i++) {
+      const k = utf8(props[i].key);
+      const v = utf8(props[i].value);
+      if (resp_set_prop(k.dataStart, k.length, v.dataStart, v.length) < 0) break;
+    }
   }
   if (r.body.length > 0) resp_write(r.body.dataStart, r.body.length);
   return r.status;
@@ -273,15 +365,14 @@ export function outpost_handle(metaLen: u32, payloadLen: u32): i32 {
   if (metaLen > <u32>metaBuf.length) metaBuf = new Uint8Array(metaLen);
   const n = req_meta(metaBuf.dataStart, metaBuf.length);
   if (n < 0 || n > metaBuf.length) return 500;
-  const r = decodeMeta(metaBuf.subarray(0, n));
-  if (r == null) return send(error(400, "bad request metadata: " + decodeError));
-  const req = changetype<Request>(r);
+  const req = new Request();
+  if (!decodeAt(req, metaBuf.dataStart, n, true)) return send(error(400, "bad request metadata: " + decodeError));
   req.payloadLen = payloadLen;
-  const m = handlersOf(req.kind);
-  if (m == null || !m.has(req.name)) {
+  const h = matched;
+  if (h == null) {
     return send(error(501, "no handler for " + kindName(req.kind) + ' "' + req.name + '"'));
   }
-  return send(m.get(req.name)(req));
+  return send(h.h(req));
 }
 
 /** Between requests (called by the host when due): collect garbage. */
