@@ -26,7 +26,7 @@ var (
 // 256-byte request, through the whole host path: metadata encoding, the
 // instance pool, the deadline, req_meta/req_payload/resp_write.
 func BenchmarkCall256(b *testing.B) {
-	for _, c := range []guest{goTestGuest, asExample, watEcho} {
+	for _, c := range []guest{goExample, asExample, watEcho} {
 		b.Run(c.name, func(b *testing.B) {
 			p := load(b, engine(b), c.wasm(b), Config{Limits: Limits{Instances: 1}})
 			req := &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "echo", Flags: abi.FlagResponseExpected}, Payload: make([]byte, 256)}
