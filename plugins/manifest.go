@@ -76,6 +76,18 @@ const (
 	CapPublish = "publish"
 )
 
+// CapabilityOf is the capability a module must ask for to import from the
+// host module mod, or "" when mod is not a capability.
+func CapabilityOf(mod string) string {
+	switch mod {
+	case abi.ModuleKV:
+		return CapKV
+	case abi.ModuleMQTT:
+		return CapPublish
+	}
+	return ""
+}
+
 var (
 	nameRe    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 	kindNames = map[string]abi.Kind{"command": abi.KindCommand, "method": abi.KindMethod, "dm_action": abi.KindDMAction}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/plugins"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/admin"
 )
 
@@ -27,6 +28,8 @@ const pluginUsage = `Usage:
   outpost plugin install --manifest F --wasm F [--sig F]
   outpost plugin list                    installed plugins, with their calls and failures
   outpost plugin inspect NAME            one installed plugin, as JSON
+  outpost plugin inspect FILE.wasm       what a module exports, imports and asks for, without running it
+                                         or reaching the agent
   outpost plugin remove NAME             stop serving it and delete it
   outpost plugin rollback NAME           reinstall the version before the last install
   outpost invoke NAME [--payload P] [--kind method|command|dm_action] [--timeout 5s]
@@ -168,6 +171,9 @@ func cmdPlugin(args []string, stdout, stderr io.Writer) int {
 		if !ok {
 			return 2
 		}
+		if strings.HasSuffix(name, ".wasm") {
+			return inspectFile(name, stdout, stderr)
+		}
 		var info json.RawMessage
 		if err := c.do("GET", "/v1/plugins/"+name, nil, &info); err != nil {
 			return failed(err)
@@ -297,4 +303,39 @@ func reorder(args []string) []string {
 		pos = append(pos, a)
 	}
 	return append(flags, pos...)
+}
+
+// inspectFile prints what the module in path holds and asks for, offline.
+// It exits 1 when the agent would refuse the module.
+func inspectFile(path string, stdout, stderr io.Writer) int {
+	wasm, err := os.ReadFile(path)
+	if err != nil {
+		fmt.Fprintln(stderr, "outpost plugin inspect:", err)
+		return 1
+	}
+	e, err := sandbox.NewEngine("")
+	if err != nil {
+		fmt.Fprintln(stderr, "outpost plugin inspect:", err)
+		return 1
+	}
+	defer e.Close(context.Background())
+	info, err := e.Inspect(context.Background(), wasm)
+	if err != nil {
+		fmt.Fprintf(stderr, "outpost plugin inspect: %s: %v\n", path, err)
+		return 1
+	}
+	out := struct {
+		*sandbox.ModuleInfo
+		Manifest []string `json:"manifest_capabilities"` // what its manifest must ask for
+	}{ModuleInfo: info, Manifest: []string{}}
+	for _, mod := range info.Capabilities {
+		out.Manifest = append(out.Manifest, plugins.CapabilityOf(mod))
+	}
+	b, _ := json.MarshalIndent(out, "", "  ")
+	fmt.Fprintln(stdout, string(b))
+	if info.Problem != "" {
+		fmt.Fprintf(stderr, "outpost plugin inspect: %s would be refused: %s\n", path, info.Problem)
+		return 1
+	}
+	return 0
 }

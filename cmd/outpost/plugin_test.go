@@ -85,6 +85,15 @@ func TestPluginCLI(t *testing.T) {
 	expect(0, `"setpoint_limits":{"min":5,"max":80}`, "status 200", "invoke", "getDiagnostics")
 	expect(1, "95 is outside 5..80", "status 422", "invoke", "setpoint", "--kind", "command", "--payload", `{"value": 95}`)
 	expect(0, `"sha256": "`, "", "plugin", "inspect", "example-go")
+	// A module file is inspected offline: what its manifest must ask for,
+	// and why the agent would refuse it.
+	expect(0, `"manifest_capabilities": []`, "", "plugin", "inspect", filepath.Join(dir, "module.wasm"))
+	expect(1, `"exports": [`, "would be refused: does not export outpost_handle", "plugin", "inspect", "../../plugins/sandbox/testdata/wat/nohandle.wasm")
+	notWasm := filepath.Join(t.TempDir(), "manifest.wasm")
+	if err := os.WriteFile(notWasm, []byte("name: x\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	expect(1, "", "not a WebAssembly module", "plugin", "inspect", notWasm)
 
 	// A manifest that does not match the module is refused before it is sent.
 	bad := t.TempDir()
