@@ -27,16 +27,27 @@ var (
 // instance pool, the deadline, req_meta/req_payload/resp_write.
 func BenchmarkCall256(b *testing.B) {
 	for _, c := range []guest{goExample, asExample, watEcho} {
-		b.Run(c.name, func(b *testing.B) {
-			p := load(b, engine(b), c.wasm(b), Config{Limits: Limits{Instances: 1}})
-			req := &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "echo", Flags: abi.FlagResponseExpected}, Payload: make([]byte, 256)}
-			b.ReportAllocs()
-			for b.Loop() {
-				if r := p.Call(context.Background(), req); r.Status != 200 {
-					b.Fatalf("status %d, %v", r.Status, r.Err)
-				}
-			}
-		})
+		b.Run(c.name, func(b *testing.B) { call256(b, c, Config{Limits: Limits{Instances: 1}}) })
+	}
+}
+
+// BenchmarkCall256Unterminated is BenchmarkCall256 with the modules
+// compiled without wazero's termination checks (WithCloseOnContextDone):
+// what the checks cost, which the agent never runs without.
+func BenchmarkCall256Unterminated(b *testing.B) {
+	for _, c := range []guest{goExample, asExample, watEcho} {
+		b.Run(c.name, func(b *testing.B) { call256(b, c, Config{Limits: Limits{Instances: 1}, noTermination: true}) })
+	}
+}
+
+func call256(b *testing.B, c guest, cfg Config) {
+	p := load(b, engine(b), c.wasm(b), cfg)
+	req := &Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "echo", Flags: abi.FlagResponseExpected}, Payload: make([]byte, 256)}
+	b.ReportAllocs()
+	for b.Loop() {
+		if r := p.Call(context.Background(), req); r.Status != 200 {
+			b.Fatalf("status %d, %v", r.Status, r.Err)
+		}
 	}
 }
 

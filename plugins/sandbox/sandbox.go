@@ -107,6 +107,11 @@ type Config struct {
 	// refused at load.
 	KV      KVStore   // outpost_kv_v1
 	Publish Publisher // outpost_mqtt_v1; it checks the topic
+
+	// noTermination compiles the module without wazero's termination
+	// checks, so that nothing ends a call that does not return. Only the
+	// benchmarks set it, to measure what the checks cost.
+	noTermination bool
 }
 
 // LoadError is why a module was refused at load. Nothing of it ran.
@@ -165,7 +170,7 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	// refuse first.
 	rt := wazero.NewRuntimeWithConfig(ctx, wazero.NewRuntimeConfig().
 		WithCompilationCache(e.cache).
-		WithCloseOnContextDone(true))
+		WithCloseOnContextDone(!cfg.noTermination))
 	p := &Plugin{name: cfg.Name, cfg: cfg, lim: lim, log: log, rt: rt}
 	ok := false
 	defer func() {
