@@ -67,9 +67,14 @@ test: deps $(ASC) ## install what the tests need, then run the whole suite (vet,
 	$(GO) test $(TESTFLAGS) ./...
 
 bench: build deps ## measure Outpost beside a Mosquitto bridge on the same workload, print one table
-	$(GO) test -run '^$$' -bench . -benchtime 20000x ./storage/ ./runtime/uplink/ ./runtime/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
-	$(GO) test -run '^$$' -bench 'Call256' -benchtime 20000x ./plugins/sandbox/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
-	$(GO) test -run '^$$' -bench 'LoadWarm|InstanceMemory' -benchtime 5x ./plugins/sandbox/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	$(GO) test -run '^$$' -bench . -benchtime 20000x ./storage/ ./runtime/uplink/ 2>&1 | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	@mkdir -p bin
+	@{ $(GO) test -run '^$$' -bench . -benchtime 20000x ./runtime/ 2>&1; \
+	  $(GO) test -run '^$$' -bench 'Call256' -benchtime 20000x ./plugins/sandbox/ 2>&1; \
+	  $(GO) test -run '^$$' -bench 'LoadWarm|InstanceMemory' -benchtime 5x ./plugins/sandbox/ 2>&1; } | tee bin/bench-handlers.txt | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	@echo; echo "Handlers (from bin/bench-handlers.txt):"; echo
+	@$(GO) run ./internal/benchtable < bin/bench-handlers.txt 2>/dev/null
+	@echo
 	$(GO) run ./internal/bench -agent $(BIN)
 
 lint: ## go vet, gofmt, and staticcheck when installed
