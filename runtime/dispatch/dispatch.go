@@ -65,8 +65,18 @@ type Dispatcher struct {
 	reply  func(Reply) error
 	log    *slog.Logger
 	slots  chan struct{}
+	work   chan Request // to a worker waiting for one; unbuffered
+	quit   chan struct{}
+	idle   time.Duration // workerIdle; tests change it
 	wg     sync.WaitGroup
+	closed sync.Once
 }
+
+// workerIdle is how long a worker waits for another request before it
+// ends. Workers outlive their request because a new goroutine grows its
+// stack again for each response it publishes (mochi's path is deep):
+// about a fifth of the CPU under load (see docs/DECISIONS.md).
+const workerIdle = 5 * time.Second
 
 // New returns a dispatcher that calls caller and publishes replies with
 // reply, serving up to concurrent requests at once (beyond that they are
@@ -75,7 +85,8 @@ func New(caller Caller, reply func(Reply) error, concurrent int, log *slog.Logge
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent)}
+	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent),
+		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle}
 }
 
 // Local serves r in the background. It does not block.
@@ -87,12 +98,34 @@ func (d *Dispatcher) Local(r Request) {
 			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
 		return
 	}
+	select {
+	case d.work <- r: // an idle worker takes it
+		return
+	default:
+	}
 	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
-		defer func() { <-d.slots }()
+	go d.worker(r)
+}
+
+// worker serves r, then the requests handed to it, until it has waited
+// d.idle for one or the dispatcher closes. One starts only when none is
+// idle, so there are about as many as the most requests served at once.
+func (d *Dispatcher) worker(r Request) {
+	defer d.wg.Done()
+	idle := time.NewTimer(d.idle)
+	defer idle.Stop()
+	for {
 		d.serve(r)
-	}()
+		<-d.slots
+		idle.Reset(d.idle)
+		select {
+		case r = <-d.work:
+		case <-idle.C:
+			return
+		case <-d.quit:
+			return
+		}
+	}
 }
 
 func (d *Dispatcher) serve(r Request) {
@@ -152,5 +185,8 @@ func parseTopic(topic string) (abi.Kind, string, error) {
 	return kind, name, nil
 }
 
-// Close waits for the requests in progress.
-func (d *Dispatcher) Close() { d.wg.Wait() }
+// Close waits for the requests in progress and ends the workers.
+func (d *Dispatcher) Close() {
+	d.closed.Do(func() { close(d.quit) })
+	d.wg.Wait()
+}

@@ -2,9 +2,11 @@ package dispatch
 
 import (
 	"context"
+	goruntime "runtime"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
@@ -72,5 +74,45 @@ func TestBoundedAndReplies(t *testing.T) {
 	}
 	if r := byCorr[1]; r.Props[0] != (abi.Property{Key: StatusProperty, Value: "200"}) || string(r.Payload) != "first" || r.Topic != "r" {
 		t.Fatalf("served: %+v", r)
+	}
+}
+
+type echo struct{}
+
+func (echo) Call(_ context.Context, req *sandbox.Request) *sandbox.Response {
+	return &sandbox.Response{Status: 200, Payload: req.Payload}
+}
+
+// TestWorkersReusedAndEnded: requests are served by long-lived workers,
+// never more than the bound, and Close ends them.
+func TestWorkersReusedAndEnded(t *testing.T) {
+	replies := make(chan Reply, 1)
+	base := goruntime.NumGoroutine()
+	d := New(echo{}, func(r Reply) error { replies <- r; return nil }, 4, nil)
+	d.idle = time.Hour // only Close ends them
+	most := 0
+	for i := range 200 {
+		d.Local(Request{Topic: "outpost/methods/echo", ResponseTopic: "r", Payload: []byte{byte(i)}})
+		if r := <-replies; len(r.Payload) != 1 || r.Payload[0] != byte(i) {
+			t.Fatalf("request %d: reply %+v", i, r)
+		}
+		most = max(most, goruntime.NumGoroutine()-base)
+	}
+	if most > 4 {
+		t.Fatalf("%d goroutines for one request at a time, with a bound of 4", most)
+	}
+	closed := make(chan struct{})
+	go func() { d.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return: the idle workers did not end")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for goruntime.NumGoroutine() > base {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines left after Close, %d before New", goruntime.NumGoroutine(), base)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
