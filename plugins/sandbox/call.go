@@ -140,7 +140,8 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 	left := deadline.Sub(now)
 	if waited {
 		if left = time.Until(deadline); left <= 0 {
-			// The deadline passed while a new instance started: it is healthy.
+			// The deadline passed while the call waited for an instance or
+			// started one: the instance is healthy.
 			p.pool.put(inst)
 			p.breaker.release()
 			return hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed while waiting for an instance"))
@@ -176,7 +177,7 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 		ownDeadline = false // the caller gave up
 	}
 	resp := p.outcome(inst, c, err)
-	// The response must not hold the instance's buffers.
+	// The idle instance must not keep the request alive.
 	c.meta, c.payload = nil, nil
 	ce, _ := resp.Err.(*CallError)
 	switch {

@@ -43,7 +43,7 @@ func (e *Engine) Inspect(ctx context.Context, wasm []byte) (*ModuleInfo, error) 
 		WithCompilationCache(e.cache).
 		WithCloseOnContextDone(true))
 	defer rt.Close(context.Background())
-	compiled, err := rt.CompileModule(ctx, wasm)
+	compiled, err := compile(ctx, rt, wasm)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: inspect: invalid module: %w", err)
 	}
