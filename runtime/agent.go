@@ -122,7 +122,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if cfg.Uplink.URL != "" {
 		a.uplink, err = newUplink(cfg, a.outbox, log.With("component", "uplink"))
 		if err != nil {
-			a.closePlugins()
+			a.closePlugins(context.Background())
 			_ = a.broker.Close()
 			_ = a.outbox.Close()
 			return nil, fmt.Errorf("runtime: %w", err)
@@ -159,7 +159,7 @@ func (a *Agent) openPlugins() error {
 	a.dispatch = dispatch.New(a.plugins, a.reply, a.cfg.Plugins.MaxConcurrent, a.log.With("component", "dispatch"))
 	for i, f := range []string{dispatch.MethodsFilter, dispatch.CommandsFilter} {
 		if err := a.broker.HandleRequests(f, i+1, a.localRequest); err != nil {
-			a.closePlugins()
+			a.closePlugins(context.Background())
 			return err
 		}
 	}
@@ -198,7 +198,7 @@ func (s kvStore) Delete(k []byte) error        { return kvErr(s.kv.Delete(k)) }
 // upstream when a route takes the topic, and delivered to local
 // subscribers.
 func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, qos byte) error {
-	if _, isRequest := requestTopics.Match(topic); isRequest {
+	if a.broker.IsRequestTopic(topic) {
 		return fmt.Errorf("%w: %q is a request topic", sandbox.ErrDenied, topic)
 	}
 	if route, ok := a.router.Match(topic); ok {
@@ -212,16 +212,6 @@ func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, q
 	}
 	return a.broker.PublishLocal(topic, payload, qos)
 }
-
-// requestTopics matches the topics of local requests, which plugins may
-// not publish to.
-var requestTopics = func() *router.Router {
-	r, err := router.New([]router.Rule{{Route: "requests", Match: []string{dispatch.MethodsFilter, dispatch.CommandsFilter}}})
-	if err != nil {
-		panic(err)
-	}
-	return r
-}()
 
 // localRequest hands a request from the local broker to the dispatcher.
 func (a *Agent) localRequest(r broker.Request) { a.dispatch.Local(toDispatch(r)) }
@@ -248,9 +238,9 @@ func toBroker(r dispatch.Reply) broker.Response {
 		CorrelationData: r.Correlation, UserProps: props}
 }
 
-func (a *Agent) closePlugins() {
+func (a *Agent) closePlugins(ctx context.Context) {
 	if a.dispatch != nil {
-		a.dispatch.Close()
+		a.dispatch.Close(ctx)
 	}
 	if a.plugins != nil {
 		a.plugins.Close()
@@ -375,7 +365,7 @@ func (a *Agent) close(ctx context.Context) error {
 	if err := a.broker.Close(); err != nil {
 		errs = append(errs, err)
 	}
-	a.closePlugins()
+	a.closePlugins(ctx)
 	if a.uplink != nil {
 		if err := a.uplink.Close(ctx); err != nil {
 			errs = append(errs, err)

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"errors"
 	"fmt"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -67,11 +68,24 @@ func (b *Broker) HandleRequests(filter string, id int, fn func(Request)) error {
 	return nil
 }
 
+// ErrRequestTopic is returned for a response or a publish of the agent's
+// on a request topic: the agent publishes without ACLs and would serve it,
+// so a client could make the agent call a handler it chose.
+var ErrRequestTopic = errors.New("broker: a request topic")
+
+// IsRequestTopic reports whether topic matches a filter given to
+// HandleRequests.
+func (b *Broker) IsRequestTopic(topic string) bool { return b.hook.isRequest(topic) }
+
 // Respond publishes a response to local subscribers. Responses stay local:
-// they are not stored or forwarded.
+// they are not stored or forwarded. A response topic that is a request
+// topic is refused with ErrRequestTopic.
 func (b *Broker) Respond(r Response) error {
 	if !mqtt.IsValidFilter(r.Topic, true) {
 		return fmt.Errorf("broker: response topic %q is not a valid topic", r.Topic)
+	}
+	if b.hook.isRequest(r.Topic) {
+		return fmt.Errorf("%w: response topic %q", ErrRequestTopic, r.Topic)
 	}
 	pk := packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: r.QoS},
@@ -97,8 +111,12 @@ func (b *Broker) Respond(r Response) error {
 }
 
 // PublishLocal publishes to local subscribers only, as the agent: it is
-// not stored or forwarded (the caller stores what must go upstream).
+// not stored or forwarded (the caller stores what must go upstream). A
+// request topic is refused with ErrRequestTopic.
 func (b *Broker) PublishLocal(topic string, payload []byte, qos byte) error {
+	if b.hook.isRequest(topic) {
+		return fmt.Errorf("%w: %q", ErrRequestTopic, topic)
+	}
 	if err := b.srv.Publish(topic, payload, false, qos); err != nil {
 		return fmt.Errorf("broker: publish %q: %w", topic, err)
 	}
