@@ -59,17 +59,23 @@ type Reply struct {
 	QoS         byte
 }
 
-// Dispatcher serves local requests, at most a bounded number at once.
+// Dispatcher serves local requests, at most a bounded number at once. Its
+// methods are safe for concurrent use; Close it when done.
 type Dispatcher struct {
 	caller Caller
 	reply  func(Reply) error
 	log    *slog.Logger
 	slots  chan struct{}
-	work   chan Request // to a worker waiting for one; unbuffered
-	quit   chan struct{}
+	work   chan Request  // to a worker waiting for one; unbuffered
+	quit   chan struct{} // closed by Close
 	idle   time.Duration // workerIdle; tests change it
+	// ctx is what handlers are called with: Close cancels it when its own
+	// context ends before the calls in progress do.
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex // orders wg.Add after Close's check
+	closed bool
 	wg     sync.WaitGroup
-	closed sync.Once
 }
 
 // workerIdle is how long a worker waits for another request before it
@@ -85,8 +91,9 @@ func New(caller Caller, reply func(Reply) error, concurrent int, log *slog.Logge
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
 	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent),
-		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle}
+		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle, ctx: ctx, cancel: cancel}
 }
 
 // Local serves r in the background. It does not block.
@@ -103,7 +110,16 @@ func (d *Dispatcher) Local(r Request) {
 		return
 	default:
 	}
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		<-d.slots
+		d.respond(r, &sandbox.Response{Status: abi.StatusUnavailable, Payload: []byte("the agent is stopping"),
+			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
+		return
+	}
 	d.wg.Add(1)
+	d.mu.Unlock()
 	go d.worker(r)
 }
 
@@ -115,8 +131,11 @@ func (d *Dispatcher) worker(r Request) {
 	idle := time.NewTimer(d.idle)
 	defer idle.Stop()
 	for {
-		d.serve(r)
+		resp := d.call(r)
+		// The slot is free before the response leaves: a client that
+		// sends its next request on it must not find the bound reached.
 		<-d.slots
+		d.respond(r, resp)
 		idle.Reset(d.idle)
 		select {
 		case r = <-d.work:
@@ -128,28 +147,27 @@ func (d *Dispatcher) worker(r Request) {
 	}
 }
 
-func (d *Dispatcher) serve(r Request) {
+// call serves r: the handler's response, or the dispatcher's when r is not
+// a request it can serve.
+func (d *Dispatcher) call(r Request) *sandbox.Response {
 	kind, name, err := parseTopic(r.Topic)
 	if err != nil {
-		d.respond(r, &sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(err.Error()),
-			Props: []abi.Property{{Key: "outpost-error", Value: "bad_request"}}})
-		return
+		return &sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(err.Error()),
+			Props: []abi.Property{{Key: "outpost-error", Value: "bad_request"}}}
 	}
-	m := abi.Meta{Kind: kind, Name: name, Deadline: r.Expiry, ContentType: r.ContentType, Props: r.Props}
+	m := abi.Meta{Kind: kind, Name: name, Deadline: r.Expiry, ContentType: r.ContentType, Props: r.Props,
+		RequestID: string(r.Correlation)}
 	if r.ResponseTopic != "" {
 		m.Flags |= abi.FlagResponseExpected
 	}
-	if len(r.Correlation) > 0 {
-		m.RequestID = string(r.Correlation)
-	}
 	start := time.Now()
-	resp := d.caller.Call(context.Background(), &sandbox.Request{Meta: m, Payload: r.Payload})
+	resp := d.caller.Call(d.ctx, &sandbox.Request{Meta: m, Payload: r.Payload})
 	if resp.Err != nil {
 		d.log.Warn("local request failed", "kind", kind, "name", name, "status", int(resp.Status), "error", resp.Err, "took", time.Since(start))
 	} else {
 		d.log.Debug("local request served", "kind", kind, "name", name, "status", int(resp.Status), "took", time.Since(start))
 	}
-	d.respond(r, resp)
+	return resp
 }
 
 // respond publishes resp on r's response topic, if it has one.
@@ -185,8 +203,24 @@ func parseTopic(topic string) (abi.Kind, string, error) {
 	return kind, name, nil
 }
 
-// Close waits for the requests in progress and ends the workers.
-func (d *Dispatcher) Close() {
-	d.closed.Do(func() { close(d.quit) })
-	d.wg.Wait()
+// Close ends the workers and waits for the requests in progress; when ctx
+// ends first, it cancels their calls (the sandbox ends a call whose context
+// is cancelled) and waits for them to return. Requests that arrive after
+// Close are answered 503.
+func (d *Dispatcher) Close(ctx context.Context) {
+	d.mu.Lock()
+	if !d.closed {
+		d.closed = true
+		close(d.quit)
+	}
+	d.mu.Unlock()
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		d.cancel()
+		<-done
+	}
+	d.cancel()
 }

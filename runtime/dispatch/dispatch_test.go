@@ -5,6 +5,7 @@ import (
 	goruntime "runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,14 +56,13 @@ func TestBoundedAndReplies(t *testing.T) {
 	d.Local(Request{Topic: "outpost/methods/first", ResponseTopic: "r", Correlation: []byte{1}})
 	<-b.started
 	d.Local(Request{Topic: "outpost/methods/second", ResponseTopic: "r", Correlation: []byte{2}})
+	d.Local(Request{Topic: "outpost/commands/quiet"}) // no response topic: no reply, 429 or not
 	close(b.release)
-	d.Close()
-	d.Local(Request{Topic: "outpost/commands/quiet"}) // no response topic
-	<-b.started
-	d.Close()
+	d.Close(context.Background())
+	d.Local(Request{Topic: "outpost/methods/late", ResponseTopic: "r", Correlation: []byte{3}})
 	mu.Lock()
 	defer mu.Unlock()
-	if len(replies) != 2 {
+	if len(replies) != 3 {
 		t.Fatalf("%d replies: %+v", len(replies), replies)
 	}
 	byCorr := map[byte]Reply{}
@@ -74,6 +74,9 @@ func TestBoundedAndReplies(t *testing.T) {
 	}
 	if r := byCorr[1]; r.Props[0] != (abi.Property{Key: StatusProperty, Value: "200"}) || string(r.Payload) != "first" || r.Topic != "r" {
 		t.Fatalf("served: %+v", r)
+	}
+	if r := byCorr[3]; r.Props[0] != (abi.Property{Key: StatusProperty, Value: "503"}) {
+		t.Fatalf("after Close: %+v", r)
 	}
 }
 
@@ -102,7 +105,7 @@ func TestWorkersReusedAndEnded(t *testing.T) {
 		t.Fatalf("%d goroutines for one request at a time, with a bound of 4", most)
 	}
 	closed := make(chan struct{})
-	go func() { d.Close(); close(closed) }()
+	go func() { d.Close(context.Background()); close(closed) }()
 	select {
 	case <-closed:
 	case <-time.After(10 * time.Second):
@@ -112,6 +115,76 @@ func TestWorkersReusedAndEnded(t *testing.T) {
 	for goruntime.NumGoroutine() > base {
 		if time.Now().After(deadline) {
 			t.Fatalf("%d goroutines left after Close, %d before New", goruntime.NumGoroutine(), base)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestNo429WithinTheBound: a client that keeps exactly the bound in flight,
+// sending the next request as each response arrives, is never refused.
+func TestNo429WithinTheBound(t *testing.T) {
+	const bound = 4
+	replies := make(chan Reply, bound)
+	d := New(echo{}, func(r Reply) error { replies <- r; return nil }, bound, nil)
+	defer d.Close(context.Background())
+	send := func() { d.Local(Request{Topic: "outpost/methods/echo", ResponseTopic: "r", Payload: []byte("x")}) }
+	for range bound {
+		send()
+	}
+	for i := range 20000 {
+		r := <-replies
+		if st := r.Props[0].Value; st != "200" {
+			t.Fatalf("response %d: status %s with %d in flight, bound %d", i, st, bound, bound)
+		}
+		send()
+	}
+}
+
+type waitsForCancel struct{ cancelled atomic.Int32 }
+
+func (w *waitsForCancel) Call(ctx context.Context, _ *sandbox.Request) *sandbox.Response {
+	<-ctx.Done()
+	w.cancelled.Add(1)
+	return &sandbox.Response{Status: abi.StatusTimeout}
+}
+
+// TestCloseBoundedByItsContext: when Close's context ends before the calls
+// in progress, their context is cancelled and Close returns.
+func TestCloseBoundedByItsContext(t *testing.T) {
+	w := &waitsForCancel{}
+	d := New(w, func(Reply) error { return nil }, 4, nil)
+	for range 3 {
+		d.Local(Request{Topic: "outpost/methods/slow"})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	closed := make(chan struct{})
+	go func() { d.Close(ctx); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return after its context ended")
+	}
+	if n := w.cancelled.Load(); n != 3 {
+		t.Fatalf("%d of 3 calls saw their context cancelled", n)
+	}
+}
+
+// TestIdleWorkersEnd: a worker with nothing to do ends after the idle time.
+func TestIdleWorkersEnd(t *testing.T) {
+	replies := make(chan Reply, 1)
+	base := goruntime.NumGoroutine()
+	d := New(echo{}, func(r Reply) error { replies <- r; return nil }, 4, nil)
+	defer d.Close(context.Background())
+	d.idle = 20 * time.Millisecond
+	for range 10 {
+		d.Local(Request{Topic: "outpost/methods/echo", ResponseTopic: "r"})
+		<-replies
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for goruntime.NumGoroutine() > base {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines left after the idle time, %d before New", goruntime.NumGoroutine(), base)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
