@@ -62,6 +62,10 @@ func (e *Engine) Inspect(ctx context.Context, wasm []byte) (*ModuleInfo, error) 
 		info.MemoryPages = m.Min()
 	}
 	// The checks of Load, against a host that grants every capability.
+	if _, err := limitTables(wasm); err != nil {
+		info.Problem = err.Error()
+		return info, nil
+	}
 	p := &Plugin{rt: rt, compiled: compiled, cfg: Config{KV: noKV{}, Publish: func(context.Context, string, []byte, byte) error { return nil }}}
 	if err := p.checkExports(); err != nil {
 		info.Problem = err.Error()

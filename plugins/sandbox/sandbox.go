@@ -163,6 +163,10 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	if len(wasm) < 8 || string(wasm[:4]) != "\x00asm" {
 		return nil, refuse("not a WebAssembly module (no \\0asm header)")
 	}
+	wasm, err := limitTables(wasm)
+	if err != nil {
+		return nil, refuse("%v", err)
+	}
 	if lim.Memory < 65536 || lim.Memory > 1<<32 {
 		return nil, refuse("memory limit of %d bytes is not between one 64 KiB page and 4 GiB", lim.Memory)
 	}

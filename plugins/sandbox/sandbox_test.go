@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	goruntime "runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -259,6 +260,7 @@ func TestLoadRefuses(t *testing.T) {
 		{"command", wat("command"), "is a WASI command"},
 		{"init fails", wat("initfails"), "outpost_init returned 1"},
 		{"memory over the limit", wat("bigmemory"), "does not fit the 16777216-byte limit"},
+		{"table over the limit", wat("tabledecl"), "table 0 has at least 134217728 elements, at most 1048576 allowed"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p, err := e.Load(context.Background(), c.wasm(t), Config{Name: "bad"})
@@ -508,5 +510,64 @@ func TestDeadlinesRacingCompletion(t *testing.T) {
 		if r := p.Call(context.Background(), method("echo", "ok")); r.Status != 200 || string(r.Payload) != "ok" {
 			t.Fatalf("echo afterwards: status %d, %s", r.Status, r.Payload)
 		}
+	}
+}
+
+// TestTableGrowthBounded: a table without a declared maximum cannot grow
+// past MaxTableElements: the guest sees the grow fail, and the host's heap
+// does not take the 512 MiB it asked for.
+func TestTableGrowthBounded(t *testing.T) {
+	p := load(t, engine(t), wasmtest.Wat(t, "testdata/wat/tablegrow.wat"), Config{Limits: Limits{Instances: 1, Memory: 1 << 20}})
+	goruntime.GC()
+	var before, after goruntime.MemStats
+	goruntime.ReadMemStats(&before)
+	for range 3 {
+		if r := p.Call(context.Background(), method("m", "")); r.Status != 413 {
+			t.Fatalf("status %d (%s), want 413: the table grew by 2^26 elements", r.Status, r.Payload)
+		}
+	}
+	goruntime.ReadMemStats(&after)
+	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 64<<20 {
+		t.Fatalf("the host heap grew by %d MiB", grew>>20)
+	}
+}
+
+// TestLimitTables: every table gets a maximum of at most MaxTableElements,
+// whatever it declared, and the rest of the module is unchanged.
+func TestLimitTables(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		limits   []byte // flags, min[, max] of one funcref table
+		want     []byte
+		tooLarge bool
+	}{
+		{"no maximum", []byte{0, 5}, []byte{1, 5, 0x80, 0x80, 0x40}, false},
+		{"small maximum kept", []byte{1, 5, 9}, []byte{1, 5, 9}, false},
+		{"large maximum lowered", []byte{1, 5, 0xff, 0xff, 0xff, 0xff, 0x0f}, []byte{1, 5, 0x80, 0x80, 0x40}, false},
+		{"minimum over the cap", []byte{0, 0x81, 0x80, 0x40}, nil, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			mod := func(limits []byte) []byte {
+				body := append([]byte{1, 0x70}, limits...)
+				m := []byte("\x00asm\x01\x00\x00\x00")
+				m = append(m, 1, 4, 1, 0x60, 0, 0) // a type section, copied as it is
+				return append(append(m, 4, byte(len(body))), body...)
+			}
+			got, err := limitTables(mod(c.limits))
+			if c.tooLarge {
+				if !errors.Is(err, errTableTooLarge) {
+					t.Fatalf("err = %v, want errTableTooLarge", err)
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(got, mod(c.want)) {
+				t.Fatalf("got % x, %v\nwant % x", got, err, mod(c.want))
+			}
+		})
+	}
+	// Malformed input is left for the compiler to refuse.
+	bad := []byte("\x00asm\x01\x00\x00\x00\x04\x05\x01\x70\x02")
+	if got, err := limitTables(bad); err != nil || !bytes.Equal(got, bad) {
+		t.Fatalf("malformed: % x, %v", got, err)
 	}
 }
