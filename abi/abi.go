@@ -49,6 +49,12 @@ const (
 	FuncPublish  = "publish"   // (tptr, tlen, pptr, plen, qos i32) -> rc i32
 )
 
+// Key/value size limits (section 6.2).
+const (
+	MaxKVKey   = 256      // bytes; a longer or empty key is E_BADARG
+	MaxKVValue = 64 << 10 // bytes; a longer value is E_LIMIT
+)
+
 // Status is the outcome of a request, HTTP-like. A handler returns it from
 // outpost_handle; the host produces the ones marked "host".
 type Status int32

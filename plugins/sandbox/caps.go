@@ -61,9 +61,17 @@ func (p *Plugin) kvFuncs() []hostFn {
 			ret(s, int32(len(v)))
 		}},
 		{abi.FuncKVSet, 4, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
-			k := append([]byte(nil), read(c, m, abi.FuncKVSet, i32(s[0]), i32(s[1]))...)
-			v := append([]byte(nil), read(c, m, abi.FuncKVSet, i32(s[2]), i32(s[3]))...)
-			err := kv.Set(k, v)
+			k, v := read(c, m, abi.FuncKVSet, i32(s[0]), i32(s[1])), read(c, m, abi.FuncKVSet, i32(s[2]), i32(s[3]))
+			// The sizes are checked before anything is copied.
+			if len(k) == 0 || len(k) > abi.MaxKVKey {
+				ret(s, int32(abi.ErrBadArg))
+				return
+			}
+			if len(v) > abi.MaxKVValue {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
+			err := kv.Set(append([]byte(nil), k...), append([]byte(nil), v...))
 			p.logCapErr(abi.FuncKVSet, err)
 			ret(s, errno(err))
 		}},
@@ -90,11 +98,11 @@ func (p *Plugin) mqttFuncs() []hostFn {
 				ret(s, int32(abi.ErrLimit))
 				return
 			}
-			topic, payload := string(t), append([]byte(nil), pl...)
 			if !p.publishes.allow() {
 				ret(s, int32(abi.ErrLimit))
 				return
 			}
+			topic, payload := string(t), append([]byte(nil), pl...)
 			err := p.cfg.Publish(ctx, topic, payload, byte(qos))
 			p.logCapErr(abi.FuncPublish, err)
 			ret(s, errno(err))

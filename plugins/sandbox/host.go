@@ -217,7 +217,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 			if level > abi.LogError {
 				level = abi.LogError
 			}
-			p.guestLog(slogLevel(int(level)), string(msg))
+			p.guestLog(slogLevel(int(level)), msg)
 		}},
 		{abi.FuncLogEnabled, 1, 1, func(ctx context.Context, c *call, m api.Module, s []uint64) {
 			v := int32(0)
@@ -254,16 +254,19 @@ func slogLevel(l int) slog.Level {
 	return slog.LevelError
 }
 
-// guestLog logs for the guest, within the plugin's rate.
-func (p *Plugin) guestLog(level slog.Level, msg string) {
+// guestLog logs msg for the guest, within the plugin's rate, cut at
+// maxLogLine bytes. msg may be guest memory: it is copied only after the
+// checks, and only what is logged.
+func (p *Plugin) guestLog(level slog.Level, msg []byte) {
 	if !p.logs.allow() {
 		p.stats.logsDropped.Add(1)
 		return
 	}
+	s := string(msg[:min(len(msg), maxLogLine)])
 	if len(msg) > maxLogLine {
-		msg = msg[:maxLogLine] + "…"
+		s += "…"
 	}
-	p.log.Log(context.Background(), level, msg, "source", "guest")
+	p.log.Log(context.Background(), level, s, "source", "guest")
 }
 
 // logWriter sends the guest's stdout or stderr to its log, a line at a
@@ -285,14 +288,23 @@ func (w logWriter) Write(b []byte) (int, error) {
 	n := len(b)
 	for len(b) > 0 {
 		i := bytes.IndexByte(b, '\n')
+		seg := b
+		if i >= 0 {
+			seg = b[:i]
+		}
+		// The line never holds more than maxLogLine bytes: a longer one
+		// is logged in pieces.
+		room := maxLogLine - len(*w.line)
+		if len(seg) >= room {
+			*w.line = append(*w.line, seg[:room]...)
+			b = b[room:]
+			w.flushLocked()
+			continue
+		}
+		*w.line = append(*w.line, seg...)
 		if i < 0 {
-			*w.line = append(*w.line, b...)
-			if len(*w.line) >= maxLogLine {
-				w.flushLocked()
-			}
 			break
 		}
-		*w.line = append(*w.line, b[:i]...)
 		b = b[i+1:]
 		w.flushLocked()
 	}
@@ -301,7 +313,7 @@ func (w logWriter) Write(b []byte) (int, error) {
 
 func (w logWriter) flushLocked() {
 	if len(*w.line) > 0 {
-		w.p.guestLog(w.level, string(*w.line))
+		w.p.guestLog(w.level, *w.line)
 	}
 	*w.line = (*w.line)[:0]
 }

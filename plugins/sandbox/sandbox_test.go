@@ -571,3 +571,28 @@ func TestLimitTables(t *testing.T) {
 		t.Fatalf("malformed: % x, %v", got, err)
 	}
 }
+
+// TestLogWriterBoundsItsLine: a guest's stdout or stderr is logged a line
+// at a time, and a line longer than maxLogLine in pieces: the buffer never
+// holds more, however much the guest writes without a newline.
+func TestLogWriterBoundsItsLine(t *testing.T) {
+	var buf syncBuffer
+	p := &Plugin{log: slog.New(slog.NewTextHandler(&buf, nil))}
+	p.logs.init(1000)
+	w := newLogWriter(p, slog.LevelInfo)
+	_, _ = w.Write([]byte("first\nsec"))
+	_, _ = w.Write([]byte("ond\n"))
+	for range 10 {
+		_, _ = w.Write(bytes.Repeat([]byte("x"), 1000))
+		if len(*w.line) >= maxLogLine || cap(*w.line) > 2*maxLogLine {
+			t.Fatalf("line buffer at %d bytes (capacity %d)", len(*w.line), cap(*w.line))
+		}
+	}
+	out := buf.String()
+	if !strings.Contains(out, `msg=first`) || !strings.Contains(out, `msg=second`) {
+		t.Fatalf("lines not logged whole:\n%s", out)
+	}
+	if n := strings.Count(out, "msg="+strings.Repeat("x", maxLogLine)+" "); n != 9 {
+		t.Fatalf("%d pieces of %d bytes logged from 10,000 bytes, want 9:\n%.300s", n, maxLogLine, out)
+	}
+}
