@@ -129,12 +129,17 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline, ownDeadline = dl, false
 	}
-	if !p.breaker.allow() {
+	ok, probe := p.breaker.allow()
+	if !ok {
 		return hostResp(abi.StatusUnavailable, FailRejected, errors.New("breaker open after repeated failures"))
 	}
 	inst, waited, refused := p.acquire(ctx, deadline)
 	if refused != nil {
-		p.breaker.release()
+		if ce, _ := refused.Err.(*CallError); ce != nil && ce.Kind == FailInstance {
+			p.breaker.failure(probe) // the module does not start
+		} else {
+			p.breaker.release(probe)
+		}
 		return refused
 	}
 	left := deadline.Sub(now)
@@ -143,7 +148,7 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 			// The deadline passed while the call waited for an instance or
 			// started one: the instance is healthy.
 			p.pool.put(inst)
-			p.breaker.release()
+			p.breaker.release(probe)
 			return hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed while waiting for an instance"))
 		}
 	}
@@ -153,7 +158,7 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 	meta, merr := abi.AppendMeta(inst.meta[:0], &m)
 	if merr != nil {
 		p.pool.put(inst)
-		p.breaker.release()
+		p.breaker.release(probe)
 		return hostResp(abi.StatusBadRequest, FailRejected, merr)
 	}
 	inst.meta = meta
@@ -181,14 +186,15 @@ func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Respons
 	c.meta, c.payload = nil, nil
 	ce, _ := resp.Err.(*CallError)
 	switch {
-	case resp.Err == nil || resp.Status == abi.StatusInsufficientStorage:
-		p.breaker.success()
-	case ce != nil && ce.Kind == FailTimeout && !ownDeadline:
-		// A deadline the caller chose, or its cancellation, says nothing
-		// about the plugin's health.
-		p.breaker.release()
+	case resp.Err == nil:
+		p.breaker.success(probe)
+	case ce != nil && (ce.Kind == FailLimit || ce.Kind == FailTimeout && !ownDeadline):
+		// A request that needs more memory or a larger response than the
+		// limits allow, or a deadline the caller chose (or its
+		// cancellation), says nothing either way about the plugin's health.
+		p.breaker.release(probe)
 	default:
-		p.breaker.failure()
+		p.breaker.failure(probe)
 	}
 	if resp.Err != nil || !reusable {
 		p.discard(inst)
@@ -215,16 +221,16 @@ func (p *Plugin) outcome(inst *instance, c *call, err error) *Response {
 		return &Response{Status: st, Payload: c.resp, ContentType: c.contentType, Props: c.props}
 	case c.violation != "":
 		return hostResp(abi.StatusInternal, FailABI, errors.New(c.violation))
-	case inst.mem.refused:
-		// Out of memory shows as a trap (a Go guest throws) or a loop; the
-		// refused grow says why.
-		return hostResp(abi.StatusInsufficientStorage, FailLimit, fmt.Errorf("memory limit of %d bytes reached: %s", p.lim.Memory, firstLine(err)))
 	case isDeadline(inst.ctx, err):
 		why := "deadline passed"
 		if errors.Is(inst.ctx.Err(), context.Canceled) {
 			why = "the caller gave up"
 		}
 		return hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("%s: %s", why, firstLine(err)))
+	case inst.mem.refused:
+		// Out of memory shows as a trap (a Go guest throws); the refused
+		// grow says why.
+		return hostResp(abi.StatusInsufficientStorage, FailLimit, fmt.Errorf("memory limit of %d bytes reached: %s", p.lim.Memory, firstLine(err)))
 	}
 	return hostResp(abi.StatusInternal, FailTrap, errors.New(firstLine(err)))
 }
@@ -394,46 +400,56 @@ type breaker struct {
 
 func (b *breaker) init(after int, open time.Duration) { b.after, b.open = after, open }
 
-func (b *breaker) allow() bool {
+// allow reports whether a call may go on, and whether it is the one probe
+// of a half-open breaker: only the probe's outcome closes or reopens it.
+func (b *breaker) allow() (ok, probe bool) {
 	if !b.failing.Load() {
-		return true
+		return true, false
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.failures < b.after {
-		return true
+		return true, false
 	}
 	if time.Now().Before(b.openTill) || b.probing {
-		return false
+		return false, false
 	}
 	b.probing = true
-	return true
+	return true, true
 }
 
-func (b *breaker) success() {
+// success ends the run of failures.
+func (b *breaker) success(probe bool) {
 	if !b.failing.Load() {
 		return
 	}
 	b.mu.Lock()
-	b.failures, b.probing = 0, false
+	b.failures = 0
+	if probe {
+		b.probing = false
+	}
 	b.failing.Store(false)
 	b.mu.Unlock()
 }
 
-func (b *breaker) failure() {
+// failure counts one; the breaker opens, or opens again, at the bound.
+func (b *breaker) failure(probe bool) {
 	b.mu.Lock()
 	b.failures++
 	b.failing.Store(true)
-	b.probing = false
+	if probe {
+		b.probing = false
+	}
 	if b.failures >= b.after {
 		b.openTill = time.Now().Add(b.open)
 	}
 	b.mu.Unlock()
 }
 
-// release ends a probe that never reached the guest.
-func (b *breaker) release() {
-	if !b.failing.Load() {
+// release ends a call that says nothing about the plugin's health: a probe
+// that ends so leaves the breaker open for the next call to probe.
+func (b *breaker) release(probe bool) {
+	if !probe {
 		return
 	}
 	b.mu.Lock()

@@ -596,3 +596,32 @@ func TestLogWriterBoundsItsLine(t *testing.T) {
 		t.Fatalf("%d pieces of %d bytes logged from 10,000 bytes, want 9:\n%.300s", n, maxLogLine, out)
 	}
 }
+
+// TestBreakerClosesAfterASuccessfulProbe: once the open period is over, a
+// call that succeeds closes the breaker; a request over the memory or
+// response limits neither opens nor closes it.
+func TestBreakerClosesAfterASuccessfulProbe(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{BreakerAfter: 2, BreakerOpen: 100 * time.Millisecond, MaxResponse: 1 << 10}})
+	for range 2 {
+		if r := p.Call(context.Background(), method("panic", "")); r.Status != abi.StatusInternal {
+			t.Fatalf("status %d, want 500", r.Status)
+		}
+	}
+	if !p.Stats().BreakerOpen {
+		t.Fatal("two traps did not open the breaker")
+	}
+	waitFor(t, "the half-open probe to succeed", func() bool {
+		return p.Call(context.Background(), method("echo", "ok")).Status == 200
+	})
+	if p.Stats().BreakerOpen {
+		t.Fatal("a successful probe left the breaker open")
+	}
+	for range 5 {
+		if r := p.Call(context.Background(), method("big", "4096")); r.Status != abi.StatusInsufficientStorage {
+			t.Fatalf("a response over the limit: status %d, want 507", r.Status)
+		}
+	}
+	if p.Stats().BreakerOpen {
+		t.Fatal("responses over the limit opened the breaker")
+	}
+}
