@@ -25,23 +25,30 @@ const (
 	MaxKVValue = 64 << 10
 )
 
-// KV is one plugin's key/value namespace in the store, bounded by a quota
-// on the bytes of its keys and values. Writes are as durable as appends
-// (DurabilityProcess or DurabilityFsync). Safe for concurrent use.
+// KV is a handle on one plugin's key/value namespace in the store, bounded
+// by its quota on the bytes of the namespace's keys and values. Writes are
+// as durable as appends (DurabilityProcess or DurabilityFsync). Safe for
+// concurrent use.
 type KV struct {
+	*kvSpace
+	quota int64
+}
+
+// kvSpace is a namespace, shared by its handles: one count of its usage.
+type kvSpace struct {
 	o      *Outbox
 	prefix []byte
-	quota  int64
 
 	mu    sync.Mutex // serializes writes, so the usage stays exact
 	used  int64
 	ready bool
 }
 
-// KV returns the namespace ns (a plugin name, at most 255 bytes) with a
-// quota in bytes (keys and values). There is one KV per namespace: a later
-// call returns the same one with its quota set to quota, so two versions
-// of a plugin share one count.
+// KV returns a handle on the namespace ns (a plugin name, at most 255
+// bytes) with a quota in bytes (keys and values). Handles on one namespace
+// share its usage, so two versions of a plugin count the same bytes, each
+// against its own quota: a version that is refused leaves the serving
+// one's quota as it was.
 func (o *Outbox) KV(ns string, quota int64) (*KV, error) {
 	if ns == "" || len(ns) > 255 {
 		return nil, fmt.Errorf("storage: kv: namespace %q: want 1 to 255 bytes", ns)
@@ -49,17 +56,14 @@ func (o *Outbox) KV(ns string, quota int64) (*KV, error) {
 	o.kvMu.Lock()
 	defer o.kvMu.Unlock()
 	if o.kvs == nil {
-		o.kvs = map[string]*KV{}
+		o.kvs = map[string]*kvSpace{}
 	}
-	kv := o.kvs[ns]
-	if kv == nil {
-		kv = &KV{o: o, prefix: append([]byte{prefixKV, byte(len(ns))}, ns...)}
-		o.kvs[ns] = kv
+	sp := o.kvs[ns]
+	if sp == nil {
+		sp = &kvSpace{o: o, prefix: append([]byte{prefixKV, byte(len(ns))}, ns...)}
+		o.kvs[ns] = sp
 	}
-	kv.mu.Lock()
-	kv.quota = quota
-	kv.mu.Unlock()
-	return kv, nil
+	return &KV{kvSpace: sp, quota: quota}, nil
 }
 
 func (kv *KV) key(k []byte) []byte { return append(append([]byte(nil), kv.prefix...), k...) }

@@ -52,15 +52,21 @@ func TestKV(t *testing.T) {
 		t.Fatalf("the outbox counts kv entries: %+v", st)
 	}
 	// A second handle on a namespace (an upgrade of the plugin) shares its
-	// count, with the new quota.
+	// count, with its own quota; the first keeps its own.
+	usedA, _ := a.Used()
 	a2, _ := ob.KV("plugin-a", 10)
-	if a2 != a {
-		t.Fatal("two KVs for one namespace")
-	}
 	if err := a2.Set([]byte("more"), []byte("x")); !errors.Is(err, ErrQuota) {
-		t.Fatalf("over the lowered quota: %v", err)
+		t.Fatalf("over the second handle's quota: %v", err)
 	}
-	a2, _ = ob.KV("plugin-a", 100)
+	if used2, _ := a2.Used(); used2 != usedA {
+		t.Fatalf("the handles count %d and %d bytes", usedA, used2)
+	}
+	if err := a.Set([]byte("more"), []byte("x")); err != nil {
+		t.Fatalf("the first handle lost its quota to the second: %v", err)
+	}
+	if err := a.Delete([]byte("more")); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.Set([]byte("v"), make([]byte, MaxKVValue+1)); !errors.Is(err, ErrTooBig) {
 		t.Fatalf("a value over the maximum: %v", err)
 	}

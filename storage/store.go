@@ -166,7 +166,7 @@ type Outbox struct {
 	failDeletes func() error
 
 	kvMu sync.Mutex
-	kvs  map[string]*KV // plugin namespaces, one KV each
+	kvs  map[string]*kvSpace // plugin namespaces, shared by their KV handles
 
 	ackMu   sync.Mutex
 	acks    []Ref
