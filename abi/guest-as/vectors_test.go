@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"os"
 	"reflect"
 	"strings"
@@ -27,17 +28,7 @@ type vector struct {
 // TestDecoderVectors: the AssemblyScript SDK decodes every golden vector
 // of abi/testdata as the Go codec does, and refuses the invalid ones.
 func TestDecoderVectors(t *testing.T) {
-	wasm := wasmtest.BuildAS(t, "test")
-	e, err := sandbox.NewEngine("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close(context.Background())
-	p, err := e.Load(context.Background(), wasm, sandbox.Config{Name: "as-vectors"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close(context.Background())
+	p := loadTestModule(t)
 	b, err := os.ReadFile("../testdata/meta_vectors.json")
 	if err != nil {
 		t.Fatal(err)
@@ -76,5 +67,55 @@ func TestDecoderVectors(t *testing.T) {
 				t.Fatalf("decoded\n%v\nwant\n%v", got, want)
 			}
 		})
+	}
+}
+
+// loadTestModule builds and loads the SDK's test module (test/assembly).
+func loadTestModule(t *testing.T) *sandbox.Plugin {
+	t.Helper()
+	wasm := wasmtest.BuildAS(t, "test")
+	e, err := sandbox.NewEngine("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	p, err := e.Load(context.Background(), wasm, sandbox.Config{Name: "as-vectors", Limits: sandbox.Limits{MaxRequest: 1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close(context.Background()) })
+	return p
+}
+
+// TestDecoderRefusesOversize: an envelope over abi.MaxMetaSize is refused,
+// as the Go codec refuses it.
+func TestDecoderRefusesOversize(t *testing.T) {
+	p := loadTestModule(t)
+	m := abi.Meta{Kind: abi.KindMethod, Name: strings.Repeat("n", abi.MaxString), RequestID: "r"}
+	env, err := abi.AppendMeta(nil, &m)
+	if !errors.Is(err, abi.ErrMetaTooBig) {
+		t.Fatalf("the Go codec: %v", err)
+	}
+	// AppendMeta refuses to write it; the bytes are what it would write.
+	env = append([]byte{abi.MetaVersion, byte(abi.KindMethod), 0, 0, 0, 0, 0, 0, 0xff, 0xff}, []byte(m.Name)...)
+	env = append(env, 1, 0, 'r', 0, 0, 0, 0)
+	if _, err := abi.DecodeMeta(env); !errors.Is(err, abi.ErrMetaTooBig) {
+		t.Fatalf("the Go decoder: %v", err)
+	}
+	r := p.Call(context.Background(), &sandbox.Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "decode"}, Payload: env})
+	if r.Status != 400 || !strings.Contains(string(r.Payload), "over the size limit") {
+		t.Fatalf("status %d, %s", r.Status, r.Payload)
+	}
+}
+
+// TestWithCopies: Response.with leaves the response it is called on as it
+// was, as the Go SDK's With does.
+func TestWithCopies(t *testing.T) {
+	p := loadTestModule(t)
+	for i := range 3 {
+		r := p.Call(context.Background(), &sandbox.Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "shared"}})
+		if r.Status != 200 || len(r.Props) != 1 {
+			t.Fatalf("call %d: status %d, properties %v", i, r.Status, r.Props)
+		}
 	}
 }

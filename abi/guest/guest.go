@@ -58,6 +58,9 @@ func Command(name string, h Handler) { register(abi.KindCommand, name, h) }
 func DMAction(name string, h Handler) { register(abi.KindDMAction, name, h) }
 
 func register(k abi.Kind, name string, h Handler) {
+	if h == nil {
+		panic(fmt.Sprintf("guest: %s %q registered with a nil handler", k, name))
+	}
 	if lookup(k, name) != nil {
 		panic(fmt.Sprintf("guest: %s %q registered twice", k, name))
 	}

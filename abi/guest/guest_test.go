@@ -22,9 +22,28 @@ func encode(t *testing.T, m abi.Meta) string {
 	return string(b)
 }
 
+// isolate gives the test an empty set of handlers and puts the package's
+// back after it, so that tests can run twice in one process (-count).
+func isolate(t *testing.T) {
+	saved := handlers
+	handlers = nil
+	t.Cleanup(func() { handlers = saved })
+}
+
+func TestRegisterNilPanics(t *testing.T) {
+	isolate(t)
+	defer func() {
+		if r := recover(); r == nil || !strings.Contains(r.(string), `method "x" registered with a nil handler`) {
+			t.Fatalf("recovered %v", r)
+		}
+	}()
+	Method("x", nil)
+}
+
 // TestServeRoutes: a request goes to the handler registered for its kind
 // and name, with its metadata; unknown names get 501, bad metadata 400.
 func TestServeRoutes(t *testing.T) {
+	isolate(t)
 	Method("getDiagnostics", func(r *Request) Response {
 		return JSON(200, map[string]any{"name": r.Name, "prop": r.Prop("x"), "redelivered": r.Redelivered()})
 	})
@@ -51,6 +70,7 @@ func TestServeRoutes(t *testing.T) {
 }
 
 func TestRegisterTwicePanics(t *testing.T) {
+	isolate(t)
 	DMAction("twice", func(*Request) Response { return Status(200) })
 	defer func() {
 		if r := recover(); r == nil || !strings.Contains(r.(string), `dm_action "twice" registered twice`) {

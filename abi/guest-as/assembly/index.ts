@@ -115,6 +115,9 @@ function str(ptr: usize, n: i32): string {
 
 const FIELDS: StaticArray<string> = ["name", "request id", "content type"];
 
+/** The largest envelope (abi/ABI.md section 4). */
+const MAX_META_SIZE: i32 = 64 << 10;
+
 /** The handler decodeAt found for the request when asked to match. */
 let matched: Registered | null = null;
 
@@ -125,6 +128,10 @@ let matched: Registered | null = null;
  * takes the registered string and decodes no name.
  */
 function decodeAt(r: Request, p: usize, len: i32, match: bool): bool {
+  if (len > MAX_META_SIZE) {
+    decodeError = "over the size limit: " + len.toString() + " bytes, at most " + MAX_META_SIZE.toString();
+    return false;
+  }
   if (len < 8) {
     decodeError = "truncated";
     return false;
@@ -213,10 +220,15 @@ export class Response {
     return p;
   }
 
-  /** Adds a property. */
+  /**
+   * A copy of the response with a property added, as the Go SDK's With: a
+   * response kept and reused across requests does not collect properties.
+   */
   with(key: string, value: string): Response {
-    this.props.push(new Property(key, value));
-    return this;
+    const p = this._props;
+    const props = p == null ? new Array<Property>() : p.slice(0);
+    props.push(new Property(key, value));
+    return new Response(this.status, this.body, this.contentType, props);
   }
 
   /** Whether the response has properties, without making the array. */
@@ -294,7 +306,11 @@ function find(kind: u8, p: usize, n: i32): Registered | null {
 
 function register(kind: u8, name: string, h: Handler): void {
   const b = String.UTF8.encode(name);
-  if (find(kind, changetype<usize>(b), b.byteLength) != null) throw new Error("registered twice: " + name);
+  if (find(kind, changetype<usize>(b), b.byteLength) != null) {
+    // Without an abort import the throw is a bare trap: say why first.
+    log(4, kindName(kind) + ' "' + name + '" registered twice');
+    throw new Error("registered twice: " + name);
+  }
   registered.push(new Registered(kind, name, b, h));
 }
 

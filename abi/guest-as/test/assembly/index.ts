@@ -19,3 +19,9 @@ method("decode", (r: Request): Response => {
     ',"request_id":' + jsonString(m.requestId) + ',"content_type":' + jsonString(m.contentType) +
     ',"props":' + props + "}");
 });
+
+// A response kept across requests: "shared" answers it with one property
+// added, which must not pile up from one request to the next.
+const SHARED = new Response(200);
+
+method("shared", (r: Request): Response => SHARED.with("n", "1"));
