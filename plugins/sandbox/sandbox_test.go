@@ -625,3 +625,35 @@ func TestBreakerClosesAfterASuccessfulProbe(t *testing.T) {
 		t.Fatal("responses over the limit opened the breaker")
 	}
 }
+
+// TestLateDeadlineNeverEndsTheNextCall: a call whose deadline, or whose
+// caller's cancellation, fires about when it returns must not end the next
+// call on the same instance: after each such call, a call without a
+// deadline of its own answers 200.
+func TestLateDeadlineNeverEndsTheNextCall(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{Instances: 1, BreakerAfter: 1 << 20}})
+	var ended, answered int
+	for i := range 300 {
+		// The guest sleeps about as long as the deadline leaves it.
+		var r *Response
+		if i%2 == 0 { // the request's own deadline
+			req := method("sleep", "1ms")
+			req.Deadline = time.Millisecond
+			r = p.Call(context.Background(), req)
+		} else { // the caller cancels, from another goroutine
+			ctx, cancel := context.WithCancel(context.Background())
+			time.AfterFunc(time.Millisecond, cancel)
+			r = p.Call(ctx, method("sleep", "1ms"))
+			cancel()
+		}
+		if r.Status == 200 {
+			answered++
+		} else {
+			ended++
+		}
+		if r := p.Call(context.Background(), method("echo", "ok")); r.Status != 200 {
+			t.Fatalf("round %d: the next call got %d: %s", i, r.Status, r.Payload)
+		}
+	}
+	t.Logf("of the racing calls, %d answered and %d were ended", answered, ended)
+}
