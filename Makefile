@@ -72,8 +72,9 @@ bench: build deps ## measure Outpost beside a Mosquitto bridge on the same workl
 	@{ $(GO) test -run '^$$' -bench . -benchtime 20000x ./runtime/ 2>&1; \
 	  $(GO) test -run '^$$' -bench 'Call256' -benchtime 20000x ./plugins/sandbox/ 2>&1; \
 	  $(GO) test -run '^$$' -bench 'LoadWarm|InstanceMemory' -benchtime 5x ./plugins/sandbox/ 2>&1; } | tee bin/bench-handlers.txt | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
+	@if grep -q '^\(--- \)\?FAIL' bin/bench-handlers.txt; then echo "a handler benchmark failed: see bin/bench-handlers.txt"; exit 1; fi
 	@echo; echo "Handlers (from bin/bench-handlers.txt):"; echo
-	@$(GO) run ./internal/benchtable < bin/bench-handlers.txt 2>/dev/null
+	@$(GO) run ./internal/benchtable -quiet < bin/bench-handlers.txt
 	@echo
 	$(GO) run ./internal/bench -agent $(BIN)
 

@@ -267,13 +267,12 @@ Try, in another terminal:
   mosquitto_sub -h %s -p %s -t 'plant/#' -v                    # a local subscriber
   mosquitto_pub -h %s -p %s -q 1 -t plant/line1/temp -m 21.5   # stored, then forwarded
 `, addr, up, cfg.DeviceID, hs, host, port, host, port)
-	if len(handlers) > 0 {
-		name := strings.TrimPrefix(handlers[0], "method:")
+	if method := firstMethod(handlers); method != "" {
 		fmt.Fprintf(w, `  mosquitto_rr -h %s -p %s -t outpost/methods/%s -e replies/me -m '' -F '%%P %%p'
                                                      # call a wasm handler over MQTT 5
   bin/outpost invoke %s --socket %s     # the same through the admin API
   bin/outpost plugin list --socket %s
-`, host, port, name, name, cfg.AdminSocket(), cfg.AdminSocket())
+`, host, port, method, method, cfg.AdminSocket(), cfg.AdminSocket())
 	}
 	fmt.Fprintf(w, `Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for example
 forwarded to any MQTT 5 broker, under outpost/%s/..., with
@@ -364,4 +363,15 @@ func writeHeapProfile(path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// firstMethod is the name of the first method among handlers ("kind:name"),
+// or "" when none is a method: the hints call it with mosquitto_rr.
+func firstMethod(handlers []string) string {
+	for _, h := range handlers {
+		if name, ok := strings.CutPrefix(h, "method:"); ok {
+			return name
+		}
+	}
+	return ""
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/outpost-edge/outpost/internal/mosqtest"
 	"github.com/outpost-edge/outpost/internal/mqtttest"
+	"github.com/outpost-edge/outpost/runtime"
 )
 
 var binary string
@@ -262,5 +263,20 @@ func TestConfigValidateAndPrint(t *testing.T) {
 	}
 	if strings.Contains(string(out), "s3cret") || !strings.Contains(string(out), "durability: process") {
 		t.Fatalf("print leaked the password or lost the defaults:\n%s", out)
+	}
+}
+
+// TestHintsCallAMethod: the hints call the first method, and none when the
+// handlers are all commands.
+func TestHintsCallAMethod(t *testing.T) {
+	var b strings.Builder
+	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", []string{"command:setpoint", "method:echo"})
+	if !strings.Contains(b.String(), "-t outpost/methods/echo ") || strings.Contains(b.String(), "outpost/methods/command:") {
+		t.Fatalf("hints:\n%s", b.String())
+	}
+	b.Reset()
+	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", []string{"command:setpoint"})
+	if strings.Contains(b.String(), "mosquitto_rr") {
+		t.Fatalf("hints call a method where there is none:\n%s", b.String())
 	}
 }

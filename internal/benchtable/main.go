@@ -1,11 +1,12 @@
 // Command benchtable reads the output of the handler benchmarks (go test
 // -bench, on stdin) and prints them as one table: the wasm guests beside
 // the same handler in native Go, as make bench shows them. Lines that are
-// not benchmark results pass through to stderr.
+// not benchmark results pass through to stderr, unless -quiet.
 package main
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -103,7 +104,13 @@ func write(w io.Writer, r results) {
 }
 
 func main() {
-	r, err := parse(os.Stdin, os.Stderr)
+	quiet := flag.Bool("quiet", false, "do not pass the lines that are not results to stderr")
+	flag.Parse()
+	var other io.Writer = os.Stderr
+	if *quiet {
+		other = io.Discard
+	}
+	r, err := parse(os.Stdin, other)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "benchtable:", err)
 		os.Exit(1)

@@ -75,7 +75,14 @@ func Listen(path string, reg *plugins.Registry, log *slog.Logger) (*Server, erro
 		c.Close()
 		return nil, fmt.Errorf("admin: %s: another agent is listening there", path)
 	}
-	_ = os.Remove(path)
+	// Only a socket is replaced: a configured path that names a file of
+	// another kind is an operator's mistake, not ours to delete.
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("admin: %s exists and is not a socket: choose another admin.socket", path)
+		}
+		_ = os.Remove(path)
+	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("admin: %w", err)
