@@ -249,6 +249,11 @@ func (v *version) retire() {
 func (r *Registry) Install(ctx context.Context, manifest, wasm, sig []byte) (Info, error) {
 	r.installMu.Lock()
 	defer r.installMu.Unlock()
+	return r.install(ctx, manifest, wasm, sig)
+}
+
+// install is Install with installMu held.
+func (r *Registry) install(ctx context.Context, manifest, wasm, sig []byte) (Info, error) {
 	v, err := r.prepare(ctx, manifest, wasm, sig)
 	if err != nil {
 		return Info{}, err
@@ -330,18 +335,26 @@ func (r *Registry) persist(name string, manifest, wasm, sig []byte) error {
 		_ = os.Rename(old, dir)
 		return fmt.Errorf("plugins: %w", err)
 	}
+	// The new version is in place: from here the install has happened,
+	// whatever fails, and Open tidies what is left.
 	if err := syncDir(r.opts.Dir); err != nil {
-		return err
+		r.log.Warn("plugin installed, but syncing the plugin directory failed", "plugin", name, "error", err)
 	}
-	return os.RemoveAll(old)
+	if err := os.RemoveAll(old); err != nil {
+		r.log.Warn("plugin installed, but removing the replaced version failed", "plugin", name, "error", err)
+	}
+	return nil
 }
 
 // oldDir is where a plugin's version being replaced waits.
 func oldDir(root, name string) string { return filepath.Join(root, "."+name+"-old") }
 
+// delDir is where a removed plugin's files wait to be deleted.
+func delDir(root, name string) string { return filepath.Join(root, "."+name+"-del") }
+
 // recoverDirs finishes or undoes what a crash interrupted: a version being
 // replaced comes back if the new one did not land; unfinished new versions
-// are removed.
+// and removed plugins are deleted.
 func recoverDirs(root string) error {
 	entries, err := os.ReadDir(root)
 	if err != nil {
@@ -362,7 +375,7 @@ func recoverDirs(root string) error {
 			if err := os.RemoveAll(filepath.Join(root, n)); err != nil {
 				return err
 			}
-		case strings.Contains(n, "-new-"):
+		case strings.HasSuffix(n, "-del"), strings.Contains(n, "-new-"):
 			if err := os.RemoveAll(filepath.Join(root, n)); err != nil {
 				return err
 			}
@@ -404,6 +417,10 @@ func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 	if !nameRe.MatchString(name) {
 		return Info{}, fmt.Errorf("plugins: %q is not a plugin name", name)
 	}
+	// Read under the install lock, so that what is restored is the version
+	// before the last install, not one an install is writing.
+	r.installMu.Lock()
+	defer r.installMu.Unlock()
 	prev := filepath.Join(r.opts.Dir, name, dirPrevious)
 	man, err := os.ReadFile(filepath.Join(prev, fileManifest))
 	if err != nil {
@@ -413,8 +430,11 @@ func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 	if err != nil {
 		return Info{}, fmt.Errorf("plugins: %s: previous version: %w", name, err)
 	}
-	sig, _ := os.ReadFile(filepath.Join(prev, fileSig))
-	return r.Install(ctx, man, wasm, sig)
+	sig, err := os.ReadFile(filepath.Join(prev, fileSig))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return Info{}, fmt.Errorf("plugins: %s: previous version: %w", name, err)
+	}
+	return r.install(ctx, man, wasm, sig)
 }
 
 // Remove stops serving a plugin and deletes its files. Calls already
@@ -437,8 +457,20 @@ func (r *Registry) Remove(ctx context.Context, name string) error {
 	delete(r.plugins, name)
 	r.mu.Unlock()
 	v.retire()
-	if err := os.RemoveAll(filepath.Join(r.opts.Dir, name)); err != nil {
+	// Renamed away first, so that a crash never leaves half a plugin
+	// where Open would load it.
+	del := delDir(r.opts.Dir, name)
+	if err := os.RemoveAll(del); err != nil {
 		return fmt.Errorf("plugins: %s: %w", name, err)
+	}
+	if err := os.Rename(filepath.Join(r.opts.Dir, name), del); err != nil {
+		return fmt.Errorf("plugins: %s: %w", name, err)
+	}
+	if err := syncDir(r.opts.Dir); err != nil {
+		return fmt.Errorf("plugins: %s: %w", name, err)
+	}
+	if err := os.RemoveAll(del); err != nil {
+		r.log.Warn("plugin removed, but deleting its files failed", "plugin", name, "error", err)
 	}
 	r.log.Info("plugin removed", "plugin", name)
 	return nil

@@ -297,11 +297,22 @@ func TestOpenRecoversInterruptedInstall(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(dir, ".echo-new-123"), 0o750); err != nil {
 		t.Fatal(err)
 	}
+	// And the state a crash in the middle of a remove leaves: half of a
+	// plugin's files, renamed away.
+	if err := os.MkdirAll(delDir(dir, "gone"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(delDir(dir, "gone"), fileManifest), []byte("name: gone\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r = open(t, dir, nil)
 	if st := call(r, abi.KindMethod, "echo", "back").Status; st != 200 {
 		t.Fatalf("after recovery: status %d", st)
 	}
-	for _, leftover := range []string{".echo-old", ".echo-new-123"} {
+	if l := r.List(); len(l) != 1 {
+		t.Fatalf("after recovery: %d plugins, want 1: %+v", len(l), l)
+	}
+	for _, leftover := range []string{".echo-old", ".echo-new-123", ".gone-del"} {
 		if _, err := os.Stat(filepath.Join(dir, leftover)); !os.IsNotExist(err) {
 			t.Errorf("%s is still there: %v", leftover, err)
 		}
