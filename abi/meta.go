@@ -103,12 +103,16 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	}
 	dst = binary.LittleEndian.AppendUint16(dst, uint16(len(m.Props)))
 	for i, p := range m.Props {
-		if dst, err = appendString(dst, fmt.Sprintf("property %d key", i), p.Key); err != nil {
-			return dst[:start], err
+		// The names of what is too long are made only on error: this runs
+		// for every property of every call.
+		if len(p.Key) > MaxString {
+			return dst[:start], fmt.Errorf("abi: meta: property %d key is %d bytes, at most %d", i, len(p.Key), MaxString)
 		}
-		if dst, err = appendString(dst, fmt.Sprintf("property %d value", i), p.Value); err != nil {
-			return dst[:start], err
+		if len(p.Value) > MaxString {
+			return dst[:start], fmt.Errorf("abi: meta: property %d value is %d bytes, at most %d", i, len(p.Value), MaxString)
 		}
+		dst, _ = appendString(dst, "", p.Key)
+		dst, _ = appendString(dst, "", p.Value)
 	}
 	if len(dst)-start > MaxMetaSize {
 		return dst[:start], fmt.Errorf("%w: %d bytes, at most %d", ErrMetaTooBig, len(dst)-start, MaxMetaSize)

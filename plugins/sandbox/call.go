@@ -107,6 +107,9 @@ func (p *Plugin) Call(ctx context.Context, req *Request) *Response {
 }
 
 func (p *Plugin) call(ctx context.Context, now time.Time, req *Request) *Response {
+	if p.closing.Load() {
+		return hostResp(abi.StatusUnavailable, FailRejected, errors.New("plugin is closed"))
+	}
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.closed {

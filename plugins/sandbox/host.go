@@ -21,7 +21,6 @@ import (
 type call struct {
 	meta    []byte
 	payload []byte
-	cfg     []byte // for outpost_init
 
 	resp        []byte
 	contentType string
@@ -130,7 +129,7 @@ func (p *Plugin) hostModule(ctx context.Context, name string, fns []hostFn) erro
 		fn := f.fn
 		b.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(func(ctx context.Context, m api.Module, s []uint64) {
 			c := callOf(ctx)
-			if c == nil { // called from _initialize: no request
+			if c == nil { // every call into a guest carries one; never panic for lack of it
 				c = &call{}
 			}
 			fn(ctx, c, m, s)

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetratelabs/wazero"
@@ -126,7 +127,6 @@ func (e *LoadError) Error() string { return fmt.Sprintf("sandbox: plugin %s: %s"
 // Plugin is a loaded module with its instances. Its methods are safe for
 // concurrent use.
 type Plugin struct {
-	name     string
 	cfg      Config
 	lim      Limits
 	log      *slog.Logger
@@ -142,9 +142,10 @@ type Plugin struct {
 	publishes rateLimiter
 	stats     stats
 
-	mu     sync.RWMutex // held for reading by calls in progress; Close takes it
-	closed bool
-	wg     sync.WaitGroup // instances being idled in the background
+	mu      sync.RWMutex // held for reading by calls in progress; Close takes it
+	closed  bool
+	closing atomic.Bool    // Close has begun: new calls are refused without waiting for mu
+	wg      sync.WaitGroup // instances being idled in the background
 }
 
 // Load compiles and checks a module, then creates its first instance (which
@@ -176,7 +177,7 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	rt := wazero.NewRuntimeWithConfig(ctx, wazero.NewRuntimeConfig().
 		WithCompilationCache(e.cache).
 		WithCloseOnContextDone(!cfg.noTermination))
-	p := &Plugin{name: cfg.Name, cfg: cfg, lim: lim, log: log, rt: rt}
+	p := &Plugin{cfg: cfg, lim: lim, log: log, rt: rt}
 	ok := false
 	defer func() {
 		if !ok {
@@ -325,15 +326,28 @@ func (p *Plugin) sleep(ns int64) {
 	time.Sleep(min(time.Duration(ns), p.lim.SleepSlice))
 }
 
-// Close waits for the calls in progress and releases every instance.
+// Close refuses new calls at once (503), waits for the calls in progress
+// and frees the plugin. When ctx ends first it returns ctx's error; the
+// plugin is then freed as soon as the last call in progress ends.
 func (p *Plugin) Close(ctx context.Context) error {
-	p.mu.Lock()
-	if p.closed {
+	p.closing.Store(true)
+	done := make(chan error, 1)
+	go func() {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			done <- nil
+			return
+		}
+		p.closed = true
 		p.mu.Unlock()
-		return nil
+		p.wg.Wait()
+		done <- p.rt.Close(context.Background())
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("sandbox: plugin %s: calls still in progress: %w", p.cfg.Name, ctx.Err())
 	}
-	p.closed = true
-	p.mu.Unlock()
-	p.wg.Wait()
-	return p.rt.Close(ctx)
 }

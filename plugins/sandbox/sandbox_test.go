@@ -657,3 +657,34 @@ func TestLateDeadlineNeverEndsTheNextCall(t *testing.T) {
 	}
 	t.Logf("of the racing calls, %d answered and %d were ended", answered, ended)
 }
+
+// TestCloseBoundedByItsContext: Close refuses new calls at once, and
+// returns when its context ends even if a call is still in the guest.
+func TestCloseBoundedByItsContext(t *testing.T) {
+	e, err := NewEngine("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close(context.Background())
+	p, err := e.Load(context.Background(), goGuest(t), Config{Name: "closing", Limits: Limits{Timeout: 2 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	looping := make(chan *Response, 1)
+	go func() { looping <- p.Call(context.Background(), method("loop", "")) }()
+	waitFor(t, "the call to be in the guest", func() bool { return p.Stats().Running == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := p.Close(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close with a call in the guest: %v", err)
+	}
+	if r := p.Call(context.Background(), method("echo", "x")); r.Status != abi.StatusUnavailable {
+		t.Fatalf("a call after Close: status %d", r.Status)
+	}
+	if r := <-looping; r.Status != abi.StatusTimeout {
+		t.Fatalf("the call in progress: status %d", r.Status)
+	}
+	if err := p.Close(context.Background()); err != nil {
+		t.Fatalf("Close again: %v", err)
+	}
+}
