@@ -45,6 +45,7 @@ type Registry struct {
 	log  *slog.Logger
 
 	installMu sync.Mutex // serializes install and remove
+	closed    bool       // by Close; under installMu
 
 	mu      sync.RWMutex
 	plugins map[string]*version
@@ -230,15 +231,23 @@ func (r *Registry) swap(v *version) error {
 	r.plugins[v.m.Name] = v
 	r.mu.Unlock()
 	if old != nil {
-		go old.retire()
+		go old.retire(context.Background())
 	}
 	return nil
 }
 
 // retire closes a replaced version after the calls holding it.
-func (v *version) retire() {
-	v.calls.Wait()
-	_ = v.p.Close(context.Background())
+func (v *version) retire(ctx context.Context) {
+	done := make(chan struct{})
+	go func() {
+		v.calls.Wait()
+		_ = v.p.Close(context.Background())
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done(): // it closes when its last call ends
+	}
 }
 
 // Install checks a plugin (manifest, module, signature when trust keys are
@@ -254,6 +263,9 @@ func (r *Registry) Install(ctx context.Context, manifest, wasm, sig []byte) (Inf
 
 // install is Install with installMu held.
 func (r *Registry) install(ctx context.Context, manifest, wasm, sig []byte) (Info, error) {
+	if r.closed {
+		return Info{}, errors.New("plugins: the registry is closed")
+	}
 	v, err := r.prepare(ctx, manifest, wasm, sig)
 	if err != nil {
 		return Info{}, err
@@ -456,7 +468,7 @@ func (r *Registry) Remove(ctx context.Context, name string) error {
 	}
 	delete(r.plugins, name)
 	r.mu.Unlock()
-	v.retire()
+	v.retire(ctx)
 	// Renamed away first, so that a crash never leaves half a plugin
 	// where Open would load it.
 	del := delDir(r.opts.Dir, name)
@@ -517,13 +529,18 @@ func (v *version) info() Info {
 		Capabilities: v.m.Capabilities, Signed: v.signed, Stats: v.p.Stats()}
 }
 
-// Close closes every plugin after the calls in progress.
-func (r *Registry) Close() {
+// Close closes every plugin after the calls in progress, or when ctx ends
+// leaves the rest to close as their last calls end. Installs after Close
+// are refused.
+func (r *Registry) Close(ctx context.Context) {
+	r.installMu.Lock()
+	r.closed = true
+	r.installMu.Unlock()
 	r.mu.Lock()
 	vs := r.plugins
 	r.plugins, r.claims = map[string]*version{}, map[claim]string{}
 	r.mu.Unlock()
 	for _, v := range vs {
-		v.retire()
+		v.retire(ctx)
 	}
 }

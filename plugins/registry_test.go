@@ -41,7 +41,7 @@ func open(t *testing.T, dir string, trust TrustKeys) *Registry {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(r.Close)
+	t.Cleanup(func() { r.Close(context.Background()) })
 	return r
 }
 
@@ -257,7 +257,7 @@ func TestOpenLoadsInstalled(t *testing.T) {
 	if _, err := r.Install(context.Background(), manifest("c", "1", wat, "method:c"), wat, nil); err != nil {
 		t.Fatal(err)
 	}
-	r.Close()
+	r.Close(context.Background())
 	if err := os.WriteFile(filepath.Join(dir, "c", fileModule), []byte("\x00asm damaged"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -289,7 +289,7 @@ func TestOpenRecoversInterruptedInstall(t *testing.T) {
 	if l := r.List(); l[0].Signed {
 		t.Fatal("a plugin shows as signed with no trust keys to check the signature")
 	}
-	r.Close()
+	r.Close(context.Background())
 	// The state a crash in the middle of an upgrade leaves.
 	if err := os.Rename(filepath.Join(dir, "echo"), oldDir(dir, "echo")); err != nil {
 		t.Fatal(err)
@@ -324,5 +324,19 @@ func TestOpenRecoversInterruptedInstall(t *testing.T) {
 		if err := r.Remove(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "is not a plugin name") {
 			t.Errorf("remove %q: %v", bad, err)
 		}
+	}
+}
+
+// TestInstallAfterCloseRefused: once closed, the registry takes no plugin
+// that it would never close.
+func TestInstallAfterCloseRefused(t *testing.T) {
+	r, err := Open(context.Background(), Options{Dir: t.TempDir(), Engine: engine(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close(context.Background())
+	wat := echoWat(t)
+	if _, err := r.Install(context.Background(), manifest("echo", "1", wat, "method:echo"), wat, nil); err == nil || !strings.Contains(err.Error(), "registry is closed") {
+		t.Fatalf("install after Close: %v", err)
 	}
 }

@@ -243,7 +243,7 @@ func (a *Agent) closePlugins(ctx context.Context) {
 		a.dispatch.Close(ctx)
 	}
 	if a.plugins != nil {
-		a.plugins.Close()
+		a.plugins.Close(ctx)
 	}
 	if a.engine != nil {
 		_ = a.engine.Close(context.Background())

@@ -53,7 +53,7 @@ func wasmEcho(b *testing.B, example string) dispatch.Caller {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(reg.Close)
+	b.Cleanup(func() { reg.Close(context.Background()) })
 	man := strings.ReplaceAll(string(tmpl), "@SHA256@", hex.EncodeToString(sum[:]))
 	if _, err := reg.Install(context.Background(), []byte(man), wasm, nil); err != nil {
 		b.Fatal(err)
