@@ -203,6 +203,15 @@ func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
 	return nil
 }
 
+// Errors of the registry, for callers to tell apart (the admin API's
+// statuses).
+var (
+	ErrBadName      = errors.New("not a plugin name")
+	ErrNotInstalled = errors.New("not installed")
+	ErrNoPrevious   = errors.New("no previous version to roll back to")
+	ErrClaimed      = errors.New("a name already served")
+)
+
 // DefaultKVQuota is a plugin's key/value quota when its manifest sets none.
 const DefaultKVQuota = 1 << 20
 
@@ -216,7 +225,7 @@ func (r *Registry) swap(v *version) error {
 		if owner, ok := r.claims[c]; ok && owner != v.m.Name {
 			r.mu.Unlock()
 			_ = v.p.Close(context.Background())
-			return fmt.Errorf("plugins: %s: %s %q is already served by plugin %s", v.m.Name, h.Kind, h.Name, owner)
+			return fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", v.m.Name, ErrClaimed, h.Kind, h.Name, owner)
 		}
 	}
 	old := r.plugins[v.m.Name]
@@ -276,7 +285,7 @@ func (r *Registry) install(ctx context.Context, manifest, wasm, sig []byte) (Inf
 		if owner, ok := r.claims[claim{kindNames[h.Kind], h.Name}]; ok && owner != v.m.Name {
 			r.mu.RUnlock()
 			_ = v.p.Close(ctx)
-			return Info{}, fmt.Errorf("plugins: %s: %s %q is already served by plugin %s", v.m.Name, h.Kind, h.Name, owner)
+			return Info{}, fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", v.m.Name, ErrClaimed, h.Kind, h.Name, owner)
 		}
 	}
 	r.mu.RUnlock()
@@ -427,7 +436,7 @@ func writeSync(path string, b []byte) error {
 // Rollback reinstalls the version kept from before the last install.
 func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 	if !nameRe.MatchString(name) {
-		return Info{}, fmt.Errorf("plugins: %q is not a plugin name", name)
+		return Info{}, fmt.Errorf("plugins: %q is %w", name, ErrBadName)
 	}
 	// Read under the install lock, so that what is restored is the version
 	// before the last install, not one an install is writing.
@@ -436,7 +445,7 @@ func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 	prev := filepath.Join(r.opts.Dir, name, dirPrevious)
 	man, err := os.ReadFile(filepath.Join(prev, fileManifest))
 	if err != nil {
-		return Info{}, fmt.Errorf("plugins: %s: no previous version to roll back to", name)
+		return Info{}, fmt.Errorf("plugins: %s: %w", name, ErrNoPrevious)
 	}
 	wasm, err := os.ReadFile(filepath.Join(prev, fileModule))
 	if err != nil {
@@ -453,7 +462,7 @@ func (r *Registry) Rollback(ctx context.Context, name string) (Info, error) {
 // running finish first.
 func (r *Registry) Remove(ctx context.Context, name string) error {
 	if !nameRe.MatchString(name) {
-		return fmt.Errorf("plugins: %q is not a plugin name", name)
+		return fmt.Errorf("plugins: %q is %w", name, ErrBadName)
 	}
 	r.installMu.Lock()
 	defer r.installMu.Unlock()
@@ -461,7 +470,7 @@ func (r *Registry) Remove(ctx context.Context, name string) error {
 	v := r.plugins[name]
 	if v == nil {
 		r.mu.Unlock()
-		return fmt.Errorf("plugins: %s is not installed", name)
+		return fmt.Errorf("plugins: %s is %w", name, ErrNotInstalled)
 	}
 	for _, h := range v.m.Handlers {
 		delete(r.claims, claim{kindNames[h.Kind], h.Name})

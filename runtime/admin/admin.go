@@ -21,7 +21,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -154,7 +153,7 @@ func (s *Server) install(w http.ResponseWriter, r *http.Request) {
 	}
 	info, err := s.reg.Install(r.Context(), []byte(req.Manifest), req.Wasm, []byte(req.Signature))
 	if err != nil {
-		fail(w, 422, err)
+		fail(w, status(err, 422), err)
 		return
 	}
 	reply(w, 200, info)
@@ -162,11 +161,7 @@ func (s *Server) install(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) remove(w http.ResponseWriter, r *http.Request) {
 	if err := s.reg.Remove(r.Context(), r.PathValue("name")); err != nil {
-		status := 500
-		if strings.Contains(err.Error(), "not installed") {
-			status = 404
-		}
-		fail(w, status, err)
+		fail(w, status(err, 500), err)
 		return
 	}
 	reply(w, 200, map[string]string{"removed": r.PathValue("name")})
@@ -175,10 +170,23 @@ func (s *Server) remove(w http.ResponseWriter, r *http.Request) {
 func (s *Server) rollback(w http.ResponseWriter, r *http.Request) {
 	info, err := s.reg.Rollback(r.Context(), r.PathValue("name"))
 	if err != nil {
-		fail(w, 422, err)
+		fail(w, status(err, 422), err)
 		return
 	}
 	reply(w, 200, info)
+}
+
+// status is the HTTP status of a registry error, or otherwise.
+func status(err error, otherwise int) int {
+	switch {
+	case errors.Is(err, plugins.ErrBadName):
+		return 400
+	case errors.Is(err, plugins.ErrNotInstalled), errors.Is(err, plugins.ErrNoPrevious):
+		return 404
+	case errors.Is(err, plugins.ErrClaimed):
+		return 409
+	}
+	return otherwise
 }
 
 var kinds = map[string]abi.Kind{"": abi.KindMethod, "method": abi.KindMethod, "command": abi.KindCommand, "dm_action": abi.KindDMAction}

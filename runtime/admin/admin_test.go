@@ -3,10 +3,15 @@ package admin
 import (
 	"context"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/outpost-edge/outpost/plugins"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
 )
 
 // TestListenSocketMode: the socket is made for its owner only (0600), and a
@@ -36,5 +41,50 @@ func TestListenSocketMode(t *testing.T) {
 	}
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
 		t.Fatalf("the file at the path was changed: %q, %v", b, err)
+	}
+}
+
+// TestStatuses: the API answers a bad name 400, a plugin that is not
+// installed or has no previous version 404.
+func TestStatuses(t *testing.T) {
+	e, err := sandbox.NewEngine("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close(context.Background())
+	reg, err := plugins.Open(context.Background(), plugins.Options{Dir: t.TempDir(), Engine: e})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close(context.Background())
+	path := filepath.Join(t.TempDir(), "admin.sock")
+	s, err := Listen(path, reg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}}
+	for _, tc := range []struct {
+		method, path string
+		want         int
+	}{
+		{"DELETE", "/v1/plugins/Bad", 400},
+		{"DELETE", "/v1/plugins/absent", 404},
+		{"POST", "/v1/plugins/absent/rollback", 404},
+		{"POST", "/v1/plugins/Bad/rollback", 400},
+		{"GET", "/v1/plugins/absent", 404},
+	} {
+		req, _ := http.NewRequest(tc.method, "http://outpost"+tc.path, nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s %s: %d, want %d", tc.method, tc.path, resp.StatusCode, tc.want)
+		}
 	}
 }
