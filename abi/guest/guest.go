@@ -13,9 +13,9 @@
 //
 //	GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared -o handler.wasm .
 //
-// The SDK exports outpost_handle, outpost_init and outpost_idle; the last
-// lets the Go runtime collect between requests, off the request path, so the
-// module's memory stays flat.
+// The SDK exports outpost_abi_v1, outpost_handle, outpost_init and
+// outpost_idle; the last lets the Go runtime collect between requests, off
+// the request path, so the module's memory stays flat.
 package guest
 
 import (
@@ -114,6 +114,9 @@ func (r *Request) Read(p []byte) (int, error) {
 	if r.read >= r.payloadLen {
 		return 0, io.EOF
 	}
+	if len(p) == 0 {
+		return 0, nil
+	}
 	n := readPayload(p, r.read)
 	if n == 0 {
 		return 0, io.EOF
@@ -183,7 +186,13 @@ func serve(meta string, payloadLen int, w responseWriter) abi.Status {
 		return w.send(Error(501, fmt.Errorf("no handler for %s %q", m.Kind, m.Name)))
 	}
 	r := &Request{Meta: m, payloadLen: payloadLen}
-	return w.send(h(r))
+	resp := h(r)
+	if !resp.Status.Valid() {
+		// The host would discard the instance for it; say why instead.
+		logf(abi.LogError, "%s %q returned status %d", m.Kind, m.Name, resp.Status)
+		resp = Error(500, fmt.Errorf("the handler returned status %d, not a status", resp.Status))
+	}
+	return w.send(resp)
 }
 
 // responseWriter sends a response to the host.

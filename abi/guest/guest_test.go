@@ -94,3 +94,14 @@ func TestResponses(t *testing.T) {
 		t.Fatalf("With shares properties: %v %v", x.Props, y.Props)
 	}
 }
+
+// TestInvalidStatusBecomes500: a handler that returns no valid status gets
+// a 500 that says so, not a response the host would refuse.
+func TestInvalidStatusBecomes500(t *testing.T) {
+	isolate(t)
+	Method("zero", func(*Request) Response { return Response{} })
+	var c captured
+	if st := serve(encode(t, abi.Meta{Kind: abi.KindMethod, Name: "zero"}), 0, &c); st != 500 || !strings.Contains(string(c.resp.Body), "returned status 0") {
+		t.Fatalf("status %d, body %s", st, c.resp.Body)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -14,8 +15,9 @@ import (
 // Light is an MQTT 5 client for load generators: mochi's packet codec on a
 // plain connection, no session state, QoS 0 only. A paho client allocates
 // about 8 KiB to read each packet; on a 2-core machine that load generator
-// takes CPU from the broker it measures. Publish and Read may be called
-// from different goroutines.
+// takes CPU from the broker it measures. Publish may be called while
+// another goroutine is in ReadPublish; Subscribe reads too, so it must not
+// run while ReadPublish does.
 type Light struct {
 	conn net.Conn
 	r    *bufio.Reader
@@ -23,12 +25,15 @@ type Light struct {
 	wbuf bytes.Buffer
 }
 
-// DialLight connects to addr as id and waits for the CONNACK.
+// DialLight connects to addr as id and waits for the CONNACK, for at most
+// 10 s.
 func DialLight(addr, id string) (*Light, error) {
-	conn, err := net.Dial("tcp", addr)
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return nil, err
 	}
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	defer conn.SetDeadline(time.Time{})
 	l := &Light{conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
 	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
 		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: id}}

@@ -289,7 +289,11 @@ func (p *Plugin) acquire(ctx context.Context, deadline time.Time) (inst *instanc
 	case errors.Is(err, errQueueFull):
 		return nil, true, hostResp(abi.StatusTooManyRequests, FailRejected, fmt.Errorf("%d calls already wait for an instance", p.lim.Queue))
 	case err != nil:
-		return nil, true, hostResp(abi.StatusTimeout, FailTimeout, errors.New("deadline passed waiting for an instance"))
+		why := "deadline passed"
+		if errors.Is(err, context.Canceled) {
+			why = "the caller gave up"
+		}
+		return nil, true, hostResp(abi.StatusTimeout, FailTimeout, fmt.Errorf("%s waiting for an instance", why))
 	case !fresh:
 		return inst, true, nil
 	}

@@ -10,8 +10,10 @@ import (
 // the call to the host functions, and it is done when the current call's
 // deadline passes or its caller's context ends, which is when wazero ends
 // the call. There is one per instance, armed again for each call, so that
-// a call allocates no context, timer or channel. Once done it stays done:
-// the instance it belongs to is discarded.
+// a call makes no timeout context, timer or channel of ours (wazero still
+// starts a goroutine per call, and a cancellable caller's context costs a
+// context.AfterFunc). Once done it stays done: the instance it belongs to is
+// discarded.
 type callCtx struct {
 	c     *call
 	timer *time.Timer   // fires at the deadline of the call in progress

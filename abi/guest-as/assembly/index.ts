@@ -4,7 +4,7 @@
 // file and re-exports the ABI's entry points:
 //
 //   import { method, Request, Response, text } from "../../../abi/guest-as/assembly";
-//   export { outpost_abi_v1, outpost_handle, outpost_init } from "../../../abi/guest-as/assembly";
+//   export { outpost_abi_v1, outpost_handle, outpost_idle, outpost_init } from "../../../abi/guest-as/assembly";
 //   method("hello", (r: Request): Response => text(200, "hello " + r.payloadString()));
 //
 // Build it as a reactor without an abort import (asconfig.json):
@@ -430,7 +430,10 @@ export function jsonNumber(v: f64): string {
 
 /**
  * The number under key in a flat JSON object, or NaN when the text is not
- * such an object or the key is missing or not a number.
+ * such an object or the key is missing or not a number. It searches the
+ * text, it does not parse it: a nested object, or a string value that holds
+ * `"key"`, can mislead it. Use a JSON library for untrusted input where that
+ * matters.
  */
 export function jsonNumberField(s: string, key: string): f64 {
   const t = s.trim();
