@@ -119,3 +119,14 @@ func TestWithCopies(t *testing.T) {
 		}
 	}
 }
+
+// TestRequestIDIsBytes: a request id that is not UTF-8 (MQTT correlation
+// data is binary) reaches the handler byte for byte.
+func TestRequestIDIsBytes(t *testing.T) {
+	p := loadTestModule(t)
+	id := "\xff\x00A\x80\xc3"
+	r := p.Call(context.Background(), &sandbox.Request{Meta: abi.Meta{Kind: abi.KindMethod, Name: "rid", RequestID: id}})
+	if r.Status != 200 || string(r.Payload) != id {
+		t.Fatalf("status %d, request id % x, want % x", r.Status, r.Payload, id)
+	}
+}

@@ -36,6 +36,9 @@ export const KIND_DM_ACTION: u8 = 3;
 export const FLAG_RESPONSE_EXPECTED: u16 = 1;
 export const FLAG_REDELIVERY: u16 = 2;
 
+/** An empty array, shared: nothing can be written into it. */
+const EMPTY = new Uint8Array(0);
+
 export class Property {
   constructor(public key: string, public value: string) {}
 }
@@ -46,7 +49,11 @@ export class Request {
   /** Milliseconds left to answer; 0 = none given. */
   deadlineMs: u32 = 0;
   name: string = "";
-  requestId: string = "";
+  /**
+   * The request's id on its transport (correlation data, a $rid), opaque
+   * bytes: MQTT correlation data need not be text.
+   */
+  requestId: Uint8Array = EMPTY;
   contentType: string = "";
   payloadLen: u32 = 0;
   private body: Uint8Array | null = null;
@@ -108,6 +115,14 @@ export function decodeMeta(b: Uint8Array): Request | null {
   return decodeAt(r, b.dataStart, b.length, false) ? r : null;
 }
 
+/** A copy of [ptr, ptr+n); the shared empty array when n is 0. */
+function bytes(ptr: usize, n: i32): Uint8Array {
+  if (n == 0) return EMPTY;
+  const b = new Uint8Array(n);
+  memory.copy(b.dataStart, ptr, n);
+  return b;
+}
+
 /** UTF-8 bytes [ptr, ptr+n) as a string; "" without allocating when empty. */
 function str(ptr: usize, n: i32): string {
   return n == 0 ? "" : String.UTF8.decodeUnsafe(ptr, n);
@@ -159,7 +174,7 @@ function decodeAt(r: Request, p: usize, len: i32, match: bool): bool {
       const h = match ? find(r.kind, p + off, n) : null;
       matched = h;
       r.name = h != null ? h.name : str(p + off, n);
-    } else if (i == 1) r.requestId = str(p + off, n);
+    } else if (i == 1) r.requestId = bytes(p + off, n);
     else r.contentType = str(p + off, n);
     off += n;
   }
@@ -195,8 +210,6 @@ function decodeAt(r: Request, p: usize, len: i32, match: bool): bool {
 }
 
 // ---- the response ----
-
-const EMPTY = new Uint8Array(0);
 
 export class Response {
   private _props: Array<Property> | null;

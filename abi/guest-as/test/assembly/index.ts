@@ -16,7 +16,7 @@ method("decode", (r: Request): Response => {
   props += "]";
   return json(200, '{"kind":' + m.kind.toString() + ',"flags":' + m.flags.toString() +
     ',"deadline_ms":' + m.deadlineMs.toString() + ',"name":' + jsonString(m.name) +
-    ',"request_id":' + jsonString(m.requestId) + ',"content_type":' + jsonString(m.contentType) +
+    ',"request_id":' + jsonString(String.UTF8.decodeUnsafe(m.requestId.dataStart, m.requestId.length)) + ',"content_type":' + jsonString(m.contentType) +
     ',"props":' + props + "}");
 });
 
@@ -25,3 +25,6 @@ method("decode", (r: Request): Response => {
 const SHARED = new Response(200);
 
 method("shared", (r: Request): Response => SHARED.with("n", "1"));
+
+// "rid" answers the request's id, as bytes.
+method("rid", (r: Request): Response => new Response(200, r.requestId));
