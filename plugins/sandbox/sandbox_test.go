@@ -160,6 +160,8 @@ func TestWatFixtures(t *testing.T) {
 		{"recursion", abi.StatusInternal, FailTrap, "stack"},
 		{"bigresp", abi.StatusInsufficientStorage, FailLimit, "over the 65536-byte limit"},
 		{"oob", abi.StatusInternal, FailABI, "resp_write: [65000, 65000+1000) is outside the guest's 65536-byte memory"},
+		{"oobpayload", abi.StatusInternal, FailABI, "req_payload: [70000, 70000+1) is outside the guest's 65536-byte memory"},
+		{"reused", abi.StatusInternal, FailTrap, "unreachable"}, // 299 if the instance served again
 		{"badstatus", abi.StatusInternal, FailABI, "returned 42, not a status"},
 	} {
 		t.Run(c.fixture, func(t *testing.T) {
