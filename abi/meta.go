@@ -34,6 +34,17 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
+// ParseKind is the Kind named s ("command", "method", "dm_action"), as
+// Kind.String writes it.
+func ParseKind(s string) (Kind, bool) {
+	for _, k := range []Kind{KindCommand, KindMethod, KindDMAction} {
+		if k.String() == s {
+			return k, true
+		}
+	}
+	return 0, false
+}
+
 // Flags qualify a request.
 type Flags uint16
 

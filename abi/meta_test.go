@@ -252,3 +252,14 @@ func FuzzDecodeMeta(f *testing.F) {
 		}
 	})
 }
+
+func TestParseKind(t *testing.T) {
+	for _, k := range []Kind{KindCommand, KindMethod, KindDMAction} {
+		if got, ok := ParseKind(k.String()); !ok || got != k {
+			t.Errorf("ParseKind(%q) = %v, %v", k.String(), got, ok)
+		}
+	}
+	if _, ok := ParseKind("kind(9)"); ok {
+		t.Error("ParseKind accepted an unknown kind")
+	}
+}

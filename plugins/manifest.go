@@ -60,6 +60,13 @@ type HandlerSpec struct {
 	Name string `yaml:"name" json:"name"`
 }
 
+// claim is what h claims in the registry. The manifest was checked, so
+// its kind parses.
+func (h HandlerSpec) claim() claim {
+	k, _ := abi.ParseKind(h.Kind)
+	return claim{k, h.Name}
+}
+
 // ManifestLimits are the limits a plugin asks for; zero takes the default.
 type ManifestLimits struct {
 	Memory      units.ByteSize `yaml:"memory"`
@@ -88,10 +95,7 @@ func CapabilityOf(mod string) string {
 	return ""
 }
 
-var (
-	nameRe    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
-	kindNames = map[string]abi.Kind{"command": abi.KindCommand, "method": abi.KindMethod, "dm_action": abi.KindDMAction}
-)
+var nameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 
 // ParseManifest parses and checks a manifest. Errors name the field and
 // what is allowed.
@@ -119,7 +123,7 @@ func ParseManifest(b []byte) (*Manifest, error) {
 	}
 	seen := map[HandlerSpec]bool{}
 	for i, h := range m.Handlers {
-		if _, ok := kindNames[h.Kind]; !ok {
+		if _, ok := abi.ParseKind(h.Kind); !ok {
 			bad(fmt.Sprintf("handlers[%d].kind", i), "%q: want command, method or dm_action", h.Kind)
 		}
 		if h.Name == "" || len(h.Name) > 256 || strings.ContainsAny(h.Name, "+#/\x00") {

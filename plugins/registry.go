@@ -215,27 +215,35 @@ var (
 // DefaultKVQuota is a plugin's key/value quota when its manifest sets none.
 const DefaultKVQuota = 1 << 20
 
+// conflict is the error when another plugin serves a name m claims. r.mu
+// must be held.
+func (r *Registry) conflict(m *Manifest) error {
+	for _, h := range m.Handlers {
+		if owner, ok := r.claims[h.claim()]; ok && owner != m.Name {
+			return fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", m.Name, ErrClaimed, h.Kind, h.Name, owner)
+		}
+	}
+	return nil
+}
+
 // swap makes v the serving version of its plugin, if its claims conflict
 // with no other plugin, and closes the version it replaces once the calls
 // holding it finish.
 func (r *Registry) swap(v *version) error {
 	r.mu.Lock()
-	for _, h := range v.m.Handlers {
-		c := claim{kindNames[h.Kind], h.Name}
-		if owner, ok := r.claims[c]; ok && owner != v.m.Name {
-			r.mu.Unlock()
-			_ = v.p.Close(context.Background())
-			return fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", v.m.Name, ErrClaimed, h.Kind, h.Name, owner)
-		}
+	if err := r.conflict(v.m); err != nil {
+		r.mu.Unlock()
+		_ = v.p.Close(context.Background())
+		return err
 	}
 	old := r.plugins[v.m.Name]
 	if old != nil {
 		for _, h := range old.m.Handlers {
-			delete(r.claims, claim{kindNames[h.Kind], h.Name})
+			delete(r.claims, h.claim())
 		}
 	}
 	for _, h := range v.m.Handlers {
-		r.claims[claim{kindNames[h.Kind], h.Name}] = v.m.Name
+		r.claims[h.claim()] = v.m.Name
 	}
 	r.plugins[v.m.Name] = v
 	r.mu.Unlock()
@@ -279,16 +287,14 @@ func (r *Registry) install(ctx context.Context, manifest, wasm, sig []byte) (Inf
 	if err != nil {
 		return Info{}, err
 	}
-	// Claims are checked before anything is written.
+	// Claims are checked before anything is written, and again in swap.
 	r.mu.RLock()
-	for _, h := range v.m.Handlers {
-		if owner, ok := r.claims[claim{kindNames[h.Kind], h.Name}]; ok && owner != v.m.Name {
-			r.mu.RUnlock()
-			_ = v.p.Close(ctx)
-			return Info{}, fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", v.m.Name, ErrClaimed, h.Kind, h.Name, owner)
-		}
-	}
+	err = r.conflict(v.m)
 	r.mu.RUnlock()
+	if err != nil {
+		_ = v.p.Close(ctx)
+		return Info{}, err
+	}
 	if err := r.persist(v.m.Name, manifest, wasm, sig); err != nil {
 		_ = v.p.Close(ctx)
 		return Info{}, err
@@ -473,7 +479,7 @@ func (r *Registry) Remove(ctx context.Context, name string) error {
 		return fmt.Errorf("plugins: %s is %w", name, ErrNotInstalled)
 	}
 	for _, h := range v.m.Handlers {
-		delete(r.claims, claim{kindNames[h.Kind], h.Name})
+		delete(r.claims, h.claim())
 	}
 	delete(r.plugins, name)
 	r.mu.Unlock()

@@ -189,15 +189,16 @@ func status(err error, otherwise int) int {
 	return otherwise
 }
 
-var kinds = map[string]abi.Kind{"": abi.KindMethod, "method": abi.KindMethod, "command": abi.KindCommand, "dm_action": abi.KindDMAction}
-
 func (s *Server) invoke(w http.ResponseWriter, r *http.Request) {
 	var req InvokeRequest
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		fail(w, 400, fmt.Errorf("request body: %w", err))
 		return
 	}
-	kind, ok := kinds[req.Kind]
+	kind, ok := abi.KindMethod, true
+	if req.Kind != "" {
+		kind, ok = abi.ParseKind(req.Kind)
+	}
 	if !ok || req.Name == "" {
 		fail(w, 400, fmt.Errorf("want a name and a kind of method, command or dm_action (got %q %q)", req.Kind, req.Name))
 		return
