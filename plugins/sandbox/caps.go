@@ -9,7 +9,9 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 )
 
-// KVStore is the key/value namespace a plugin granted "kv" uses.
+// KVStore is the key/value namespace a plugin granted "kv" uses. Several
+// instances call it at once. Set and Delete get copies they may keep; the
+// slice Get returns is copied into the guest.
 type KVStore interface {
 	Get(key []byte) ([]byte, error)
 	Set(key, value []byte) error
@@ -25,7 +27,8 @@ var (
 	ErrBadArg   = errors.New("bad argument")   // E_BADARG
 )
 
-// Publisher publishes for a plugin granted "publish".
+// Publisher publishes for a plugin granted "publish". Its ctx is the
+// call's, valid only until the call returns; topic and payload are copies.
 type Publisher func(ctx context.Context, topic string, payload []byte, qos byte) error
 
 func errno(err error) int32 {

@@ -25,8 +25,8 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 )
 
-// Engine holds what plugins share: the compilation cache. Close it after
-// every plugin loaded with it.
+// Engine holds what plugins share: the compilation cache. It is safe for
+// concurrent use. Close it after every plugin loaded with it.
 type Engine struct {
 	cache wazero.CompilationCache
 }
@@ -150,7 +150,7 @@ type Plugin struct {
 
 // Load compiles and checks a module, then creates its first instance (which
 // runs _initialize and outpost_init), so that a module that cannot serve is
-// refused here, not on its first request.
+// refused here, not on its first request. The caller closes the Plugin.
 func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, error) {
 	lim := cfg.Limits.withDefaults()
 	log := cfg.Log
