@@ -253,18 +253,18 @@ func (r *Registry) swap(v *version) error {
 	return nil
 }
 
-// retire closes a replaced version after the calls holding it.
+// retire closes a version after the calls holding it, or, when ctx ends
+// first, ends those calls (they answer 504) and then closes it.
 func (v *version) retire(ctx context.Context) {
 	done := make(chan struct{})
-	go func() {
-		v.calls.Wait()
-		_ = v.p.Close(context.Background())
-		close(done)
-	}()
+	go func() { v.calls.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-ctx.Done(): // it closes when its last call ends
+	case <-ctx.Done():
+		v.p.Abort()
+		<-done
 	}
+	_ = v.p.Close(context.Background())
 }
 
 // Install checks a plugin (manifest, module, signature when trust keys are
@@ -544,9 +544,9 @@ func (v *version) info() Info {
 		Capabilities: v.m.Capabilities, Signed: v.signed, Stats: v.p.Stats()}
 }
 
-// Close closes every plugin after the calls in progress, or when ctx ends
-// leaves the rest to close as their last calls end. Installs after Close
-// are refused.
+// Close closes every plugin after the calls in progress; when ctx ends
+// first, it ends those calls (they answer 504). Installs after Close are
+// refused.
 func (r *Registry) Close(ctx context.Context) {
 	r.installMu.Lock()
 	r.closed = true

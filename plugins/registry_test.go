@@ -340,3 +340,36 @@ func TestInstallAfterCloseRefused(t *testing.T) {
 		t.Fatalf("install after Close: %v", err)
 	}
 }
+
+// TestCloseEndsCallsWhenItsContextEnds: Close with a context that ends
+// ends a call stuck in a guest (504) instead of waiting for its deadline.
+func TestCloseEndsCallsWhenItsContextEnds(t *testing.T) {
+	r, err := Open(context.Background(), Options{Dir: t.TempDir(), Engine: engine(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop := wasmtest.Wat(t, "sandbox/testdata/wat/loop.wat")
+	man := string(manifest("loop", "1", loop, "method:loop")) + "limits:\n  timeout: 1h\n"
+	if _, err := r.Install(context.Background(), []byte(man), loop, nil); err != nil {
+		t.Fatal(err)
+	}
+	looping := make(chan *sandbox.Response, 1)
+	go func() { looping <- call(r, abi.KindMethod, "loop", "") }()
+	for deadline := time.Now().Add(30 * time.Second); r.List()[0].Stats.Running != 1; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the call never reached the guest")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	closed := make(chan struct{})
+	go func() { r.Close(ctx); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	if resp := <-looping; resp.Status != abi.StatusTimeout {
+		t.Fatalf("the call in progress: status %d", resp.Status)
+	}
+}

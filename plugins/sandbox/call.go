@@ -93,6 +93,9 @@ func (p *Plugin) newInstance(ctx context.Context) (*instance, error) {
 			return nil, fmt.Errorf("%s returned %d: the instance refused to start", abi.ExportInit, rc)
 		}
 	}
+	p.liveMu.Lock()
+	p.live[inst] = struct{}{}
+	p.liveMu.Unlock()
 	return inst, nil
 }
 
@@ -306,8 +309,22 @@ func (p *Plugin) acquire(ctx context.Context, deadline time.Time) (inst *instanc
 	return inst, true, nil
 }
 
+// Abort ends every call in progress, as if each caller had given up: they
+// answer 504. It is for shutdowns that cannot wait for the deadlines; the
+// plugin serves no further call well after it, so Close it.
+func (p *Plugin) Abort() {
+	p.liveMu.Lock()
+	defer p.liveMu.Unlock()
+	for inst := range p.live {
+		inst.ctx.end(context.Canceled)
+	}
+}
+
 // discard closes an instance after a failure and frees its slot.
 func (p *Plugin) discard(inst *instance) {
+	p.liveMu.Lock()
+	delete(p.live, inst)
+	p.liveMu.Unlock()
 	_ = inst.mod.Close(context.Background())
 	p.pool.free()
 }

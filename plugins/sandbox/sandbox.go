@@ -142,6 +142,9 @@ type Plugin struct {
 	publishes rateLimiter
 	stats     stats
 
+	liveMu sync.Mutex
+	live   map[*instance]struct{} // every instance not discarded, for Abort
+
 	mu      sync.RWMutex // held for reading by calls in progress; Close takes it
 	closed  bool
 	closing atomic.Bool    // Close has begun: new calls are refused without waiting for mu
@@ -177,7 +180,7 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	rt := wazero.NewRuntimeWithConfig(ctx, wazero.NewRuntimeConfig().
 		WithCompilationCache(e.cache).
 		WithCloseOnContextDone(!cfg.noTermination))
-	p := &Plugin{cfg: cfg, lim: lim, log: log, rt: rt}
+	p := &Plugin{cfg: cfg, lim: lim, log: log, rt: rt, live: map[*instance]struct{}{}}
 	ok := false
 	defer func() {
 		if !ok {

@@ -690,3 +690,21 @@ func TestCloseBoundedByItsContext(t *testing.T) {
 		t.Fatalf("Close again: %v", err)
 	}
 }
+
+// TestAbortEndsCallsInProgress: Abort ends a call stuck in the guest at
+// once, as a caller giving up would, without waiting for the deadline.
+func TestAbortEndsCallsInProgress(t *testing.T) {
+	p := load(t, engine(t), goGuest(t), Config{Limits: Limits{Timeout: time.Minute}})
+	looping := make(chan *Response, 1)
+	go func() { looping <- p.Call(context.Background(), method("loop", "")) }()
+	waitFor(t, "the call to be in the guest", func() bool { return p.Stats().Running == 1 })
+	p.Abort()
+	select {
+	case r := <-looping:
+		if r.Status != abi.StatusTimeout || !strings.Contains(string(r.Payload), "the caller gave up") {
+			t.Fatalf("status %d: %s", r.Status, r.Payload)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Abort did not end the call")
+	}
+}

@@ -69,11 +69,7 @@ type Dispatcher struct {
 	work   chan Request  // to a worker waiting for one; unbuffered
 	quit   chan struct{} // closed by Close
 	idle   time.Duration // workerIdle; tests change it
-	// ctx is what handlers are called with: Close cancels it when its own
-	// context ends before the calls in progress do.
-	ctx    context.Context
-	cancel context.CancelFunc
-	mu     sync.Mutex // orders wg.Add after Close's check
+	mu     sync.Mutex    // orders wg.Add after Close's check
 	closed bool
 	wg     sync.WaitGroup
 }
@@ -91,9 +87,8 @@ func New(caller Caller, reply func(Reply) error, concurrent int, log *slog.Logge
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent),
-		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle, ctx: ctx, cancel: cancel}
+		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle}
 }
 
 // Local serves r in the background. It does not block.
@@ -161,7 +156,10 @@ func (d *Dispatcher) call(r Request) *sandbox.Response {
 		m.Flags |= abi.FlagResponseExpected
 	}
 	start := time.Now()
-	resp := d.caller.Call(d.ctx, &sandbox.Request{Meta: m, Payload: r.Payload})
+	// Not a cancellable context: the sandbox would register each call with
+	// it, which costs every call; a shutdown ends calls through the
+	// registry (plugins.Registry.Close) instead.
+	resp := d.caller.Call(context.Background(), &sandbox.Request{Meta: m, Payload: r.Payload})
 	if resp.Err != nil {
 		d.log.Warn("local request failed", "kind", kind, "name", name, "status", int(resp.Status), "error", resp.Err, "took", time.Since(start))
 	} else {
@@ -203,10 +201,10 @@ func parseTopic(topic string) (abi.Kind, string, error) {
 	return kind, name, nil
 }
 
-// Close ends the workers and waits for the requests in progress; when ctx
-// ends first, it cancels their calls (the sandbox ends a call whose context
-// is cancelled) and waits for them to return. Requests that arrive after
-// Close are answered 503.
+// Close ends the workers and waits for the requests in progress, or until
+// ctx ends: the calls then still running end when the caller's shutdown
+// ends them (plugins.Registry.Close). Requests that arrive after Close are
+// answered 503.
 func (d *Dispatcher) Close(ctx context.Context) {
 	d.mu.Lock()
 	if !d.closed {
@@ -219,8 +217,5 @@ func (d *Dispatcher) Close(ctx context.Context) {
 	select {
 	case <-done:
 	case <-ctx.Done():
-		d.cancel()
-		<-done
 	}
-	d.cancel()
 }
