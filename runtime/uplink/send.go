@@ -41,6 +41,8 @@ type link struct {
 	pub   packets.Publish
 	props packets.Properties
 	one   byte // the payload format indicator's value
+	// userProps is reused by Options.UserProps.
+	userProps []Property
 
 	// out gathers the encoded packets of a batch for one Write (flush);
 	// qos0 are the QoS 0 messages in it, deleted from the outbox once
@@ -193,6 +195,10 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		u.log.Warn("the upstream does not support retained messages: forwarding them without the retain flag",
 			"message_id", p.id, "route", p.ref.Route)
 	}
+	if u.opts.MaxPayload > 0 && len(m.Payload) > u.opts.MaxPayload {
+		return u.drop(p, gen, "message larger than the upstream accepts: dropped",
+			"payload_bytes", len(m.Payload), "max_payload", u.opts.MaxPayload)
+	}
 	pub := u.packet(l, m, &p)
 	scratch.Reset()
 	if _, err := pub.WriteTo(scratch); err != nil {
@@ -201,13 +207,8 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 	if l.maxPacket > 0 && scratch.Len() > int(l.maxPacket) {
 		// It can never be sent to this server, and it would block its route:
 		// drop it, loudly, as the server would refuse it.
-		u.rejected.Add(1)
-		u.log.Error("message larger than the upstream's maximum packet size: dropped",
-			"message_id", p.id, "route", p.ref.Route, "packet_bytes", scratch.Len(), "max_packet_size", l.maxPacket)
-		if err := u.opts.Source.Ack(p.ref); err != nil {
-			u.log.Error("outbox ack failed", "message_id", p.id, "error", err)
-		}
-		return !u.advance(p.ref, gen), nil
+		return u.drop(p, gen, "message larger than the upstream's maximum packet size: dropped",
+			"packet_bytes", scratch.Len(), "max_packet_size", l.maxPacket)
 	}
 
 	u.mu.Lock()
@@ -247,6 +248,17 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		}
 	}
 	return !advanced, nil
+}
+
+// drop removes p from the outbox, loudly, as a message the upstream would
+// refuse: it can never be sent, and it would block its route.
+func (u *Uplink) drop(p pending, gen uint64, msg string, args ...any) (again bool, err error) {
+	u.rejected.Add(1)
+	u.log.Error(msg, append([]any{"message_id", p.id, "route", p.ref.Route}, args...)...)
+	if err := u.opts.Source.Ack(p.ref); err != nil {
+		u.log.Error("outbox ack failed", "message_id", p.id, "error", err)
+	}
+	return !u.advance(p.ref, gen), nil
 }
 
 // roomLocked waits, with u.mu held (and released meanwhile), until the
@@ -312,10 +324,11 @@ func (u *Uplink) advanceLocked(r storage.Ref, gen uint64) bool {
 func (u *Uplink) packet(l *link, m *storage.Message, p *pending) *packets.Publish {
 	props := &l.props
 	*props = packets.Properties{
-		ContentType:     m.ContentType,
-		ResponseTopic:   m.ResponseTopic,
-		CorrelationData: m.CorrelationData,
-		User:            props.User[:0],
+		ContentType: m.ContentType,
+		User:        props.User[:0],
+	}
+	if !u.opts.NoRequestProps {
+		props.ResponseTopic, props.CorrelationData = m.ResponseTopic, m.CorrelationData
 	}
 	if m.PayloadUTF8 {
 		l.one = 1
@@ -326,15 +339,22 @@ func (u *Uplink) packet(l *link, m *storage.Message, p *pending) *packets.Publis
 		secs := uint32(max((left+time.Second-1)/time.Second, 1))
 		props.MessageExpiry = &secs
 	}
-	for _, up := range m.UserProps {
-		props.User = append(props.User, packets.User{Key: up.Key, Value: up.Value})
+	if u.opts.UserProps != nil {
+		l.userProps = u.opts.UserProps(l.userProps[:0], m, p.id)
+		for _, up := range l.userProps {
+			props.User = append(props.User, packets.User{Key: up.Key, Value: up.Value})
+		}
+	} else {
+		for _, up := range m.UserProps {
+			props.User = append(props.User, packets.User{Key: up.Key, Value: up.Value})
+		}
+		props.User = append(props.User, packets.User{Key: MessageIDProperty, Value: p.id})
 	}
-	props.User = append(props.User, packets.User{Key: MessageIDProperty, Value: p.id})
 	l.pub = packets.Publish{
 		Topic:      u.opts.Topic(m),
 		Payload:    m.Payload,
 		QoS:        p.qos,
-		Retain:     m.Retain && l.retain,
+		Retain:     m.Retain && l.retain && !u.opts.NoRetain,
 		Properties: props,
 	}
 	return &l.pub

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"sync"
 
 	"github.com/eclipse/paho.golang/packets"
 	paholog "github.com/eclipse/paho.golang/paho/log"
@@ -21,6 +22,10 @@ var _ session.SessionManager = (*sessionWrapper)(nil)
 type sessionWrapper struct {
 	u     *Uplink
 	inner *state.State
+
+	mu      sync.Mutex
+	w       io.Writer           // the connection paho writes to
+	replies map[uint16]ackReply // chosen PUBACKs of received messages, by packet identifier
 }
 
 func newSession(u *Uplink) *sessionWrapper {
@@ -31,6 +36,9 @@ func newSession(u *Uplink) *sessionWrapper {
 }
 
 func (s *sessionWrapper) ConAckReceived(w io.Writer, cp *packets.Connect, ca *packets.Connack) error {
+	s.mu.Lock()
+	s.w, s.replies = w, nil
+	s.mu.Unlock()
 	s.u.mu.Lock()
 	s.u.lostLocked() // in case ConnectionLost was not called for the previous connection
 	s.u.mu.Unlock()
@@ -39,6 +47,9 @@ func (s *sessionWrapper) ConAckReceived(w io.Writer, cp *packets.Connect, ca *pa
 
 func (s *sessionWrapper) ConnectionLost(dp *packets.Disconnect) error {
 	err := s.inner.ConnectionLost(dp)
+	s.mu.Lock()
+	s.w, s.replies = nil, nil
+	s.mu.Unlock()
 	s.u.mu.Lock()
 	s.u.lostLocked()
 	s.u.mu.Unlock()
@@ -66,7 +77,6 @@ func (s *sessionWrapper) PacketReceived(cp *packets.ControlPacket, ch chan<- *pa
 	return s.inner.PacketReceived(cp, ch)
 }
 
-func (s *sessionWrapper) Ack(pb *packets.Publish) error   { return s.inner.Ack(pb) }
 func (s *sessionWrapper) Close() error                    { return s.inner.Close() }
 func (s *sessionWrapper) SetErrorLogger(l paholog.Logger) { s.inner.SetErrorLogger(l) }
 func (s *sessionWrapper) SetDebugLogger(l paholog.Logger) { s.inner.SetDebugLogger(l) }

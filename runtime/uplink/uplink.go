@@ -73,7 +73,39 @@ type Options struct {
 
 	Source Source
 	// Topic maps a stored message to its upstream topic.
-	Topic  func(m *storage.Message) string
+	Topic func(m *storage.Message) string
+	// UserProps appends the upstream user properties of a stored message,
+	// whose message id is id, to dst. nil = the message's own properties,
+	// then MessageIDProperty.
+	UserProps func(dst []Property, m *storage.Message, id string) []Property
+	// NoRequestProps leaves a stored message's Response Topic and
+	// Correlation Data out of its upstream PUBLISH (a hub that reads
+	// Correlation Data as a request's).
+	NoRequestProps bool
+	// NoRetain clears the retain flag upstream even when the server
+	// accepts it (a hub that does not authorize retained messages).
+	NoRetain bool
+	// MaxPayload, when positive, is the largest payload the upstream
+	// accepts: a larger message is dropped (counted as rejected), since
+	// sending it would cost the connection.
+	MaxPayload int
+
+	// Credentials, when set, builds the credentials of each CONNECT; it
+	// overrides Username and Password.
+	Credentials func() (Credentials, error)
+	// Subscriptions are made on every connection, in one SUBSCRIBE.
+	Subscriptions []Subscription
+	// OnMessage receives each PUBLISH from the upstream, one at a time in
+	// the order they arrive. It must not block: it hands the message on
+	// and acknowledges it (Inbound.Ack) when it is done. nil = acknowledge
+	// and drop.
+	OnMessage func(*Inbound)
+	// OnConnect is called once each connection is up and subscribed.
+	OnConnect func()
+	// OnServerDisconnect is called with the reason code and user
+	// properties of a DISCONNECT from the upstream.
+	OnServerDisconnect func(reason byte, props []Property)
+
 	Logger *slog.Logger // nil = discard
 }
 
@@ -90,6 +122,8 @@ type Stats struct {
 	// (no matching subscribers): delivered, and dropped there.
 	NoSubscribers int64
 	Stalls        int64 // connections cut because acknowledgements stopped
+	Received      int64 // PUBLISHes received from the upstream
+	SentDirect    int64 // QoS 0 publishes sent with Send (responses, requests)
 	InFlight      int   // messages sent and not yet acknowledged
 	LastError     string
 }
@@ -125,7 +159,7 @@ type Uplink struct {
 
 	connected                                                       atomic.Bool
 	connects, forwarded, resent, rejected, refused, skipped, stalls atomic.Int64
-	noSubscribers                                                   atomic.Int64
+	noSubscribers, received, sentDirect                             atomic.Int64
 	lastNoSubWarn                                                   atomic.Int64 // unix nanos
 	lastErr                                                         atomic.Value // string
 }
@@ -210,12 +244,25 @@ func (u *Uplink) Start() error {
 		OnConnectError:                u.onConnectError,
 		ConnectUsername:               o.Username,
 		ConnectPassword:               o.Password,
+		ConnectPacketBuilder:          u.connectPacket,
 		ClientConfig: paho.ClientConfig{
-			ClientID: o.ClientID,
-			Session:  u.sess,
+			ClientID:                   o.ClientID,
+			Session:                    u.sess,
+			OnPublishReceived:          []func(paho.PublishReceived) (bool, error){u.onPublish},
+			EnableManualAcknowledgment: true,
+			SendAcksInterval:           ackInterval,
 			OnServerDisconnect: func(d *paho.Disconnect) {
 				u.setErr(fmt.Errorf("server disconnected: reason 0x%02x %s", d.ReasonCode, reasonString(d.Properties)))
 				u.log.Warn("upstream sent DISCONNECT", "reason_code", d.ReasonCode, "reason", reasonString(d.Properties))
+				if u.opts.OnServerDisconnect != nil {
+					var props []Property
+					if d.Properties != nil {
+						for _, p := range d.Properties.User {
+							props = append(props, Property{Key: p.Key, Value: p.Value})
+						}
+					}
+					u.opts.OnServerDisconnect(d.ReasonCode, props)
+				}
 			},
 			OnClientError: func(err error) {
 				u.setErr(err)
@@ -235,6 +282,10 @@ func (u *Uplink) Start() error {
 	u.log.Info("uplink started", "url", o.URL.Redacted(), "client_id", o.ClientID)
 	return nil
 }
+
+// ackInterval is how often paho sends the acknowledgements that are ready
+// (in order) of received messages.
+const ackInterval = 5 * time.Millisecond
 
 func reasonString(p *paho.DisconnectProperties) string {
 	if p == nil {
@@ -302,6 +353,8 @@ func (u *Uplink) Stats() Stats {
 		Skipped:       u.skipped.Load(),
 		NoSubscribers: u.noSubscribers.Load(),
 		Stalls:        u.stalls.Load(),
+		Received:      u.received.Load(),
+		SentDirect:    u.sentDirect.Load(),
 		InFlight:      inflight,
 		LastError:     u.lastErr.Load().(string),
 	}
@@ -375,7 +428,7 @@ func (u *Uplink) cut() {
 	}
 }
 
-func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
+func (u *Uplink) onUp(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 	n := u.connects.Add(1)
 	u.connected.Store(true)
 	u.lastErr.Store("")
@@ -414,8 +467,12 @@ func (u *Uplink) onUp(_ *autopaho.ConnectionManager, ca *paho.Connack) {
 	l.ctx, l.cancel = context.WithCancel(u.ctx)
 	u.link = l
 	u.wakeLocked()
+	epoch := u.epoch
 	u.mu.Unlock()
 	go u.run(l)
+	if cm != nil {
+		go u.subscribe(cm, epoch)
+	}
 }
 
 func (u *Uplink) onDown() bool {
