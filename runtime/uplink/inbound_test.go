@@ -185,6 +185,6 @@ func ptr[T any](v T) *T { return &v }
 type nopSource struct{}
 
 func (nopSource) Next(storage.Cursor, int) ([]storage.Message, error) { return nil, nil }
-func (nopSource) Ack(...storage.Ref) error                           { return nil }
-func (nopSource) Notify() <-chan struct{}                            { return nil }
-func (nopSource) MessageID(uint64) string                            { return "" }
+func (nopSource) Ack(...storage.Ref) error                            { return nil }
+func (nopSource) Notify() <-chan struct{}                             { return nil }
+func (nopSource) MessageID(uint64) string                             { return "" }
