@@ -1,7 +1,8 @@
-// Package dispatch turns requests from local clients into calls of the
-// plugin that serves them, and their results into responses: MQTT 5
-// request/response on the local broker, which works whether or not the
-// uplink is connected.
+// Package dispatch turns requests into calls of the plugin that serves
+// them, and their results into responses, with a bound on the requests
+// served at once. Requests come from the hub (through a dialect, Serve) and
+// from local clients: MQTT 5 request/response on the local broker, which
+// works whether or not the uplink is connected (Local).
 //
 // A local client publishes to outpost/methods/{name} (or
 // outpost/commands/{name}) with a Response Topic and Correlation Data; the
@@ -59,14 +60,28 @@ type Reply struct {
 	QoS         byte
 }
 
-// Dispatcher serves local requests, at most a bounded number at once. Its
+// Call is a request from any transport: the metadata and payload a handler
+// receives.
+type Call struct {
+	Meta    abi.Meta
+	Payload []byte
+}
+
+// job is one request waiting for, or held by, a worker.
+type job struct {
+	call Call
+	bad  *sandbox.Response // the answer when the request is not one a handler can serve
+	done func(*sandbox.Response)
+}
+
+// Dispatcher serves requests, at most a bounded number at once. Its
 // methods are safe for concurrent use; Close it when done.
 type Dispatcher struct {
 	caller Caller
 	reply  func(Reply) error
 	log    *slog.Logger
 	slots  chan struct{}
-	work   chan Request  // to a worker waiting for one; unbuffered
+	work   chan job      // to a worker waiting for one; unbuffered
 	quit   chan struct{} // closed by Close
 	idle   time.Duration // workerIdle; tests change it
 	mu     sync.Mutex    // orders wg.Add after Close's check
@@ -80,28 +95,53 @@ type Dispatcher struct {
 // about a fifth of the CPU under load (see docs/DECISIONS.md).
 const workerIdle = 5 * time.Second
 
-// New returns a dispatcher that calls caller and publishes replies with
-// reply, serving up to concurrent requests at once (beyond that they are
-// answered 429).
+// New returns a dispatcher that calls caller and publishes local replies
+// with reply, serving up to concurrent requests at once (beyond that they
+// are answered 429).
 func New(caller Caller, reply func(Reply) error, concurrent int, log *slog.Logger) *Dispatcher {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent),
-		work: make(chan Request), quit: make(chan struct{}), idle: workerIdle}
+		work: make(chan job), quit: make(chan struct{}), idle: workerIdle}
 }
 
-// Local serves r in the background. It does not block.
+// Local serves a local request in the background and publishes the
+// response on its response topic. It does not block.
 func (d *Dispatcher) Local(r Request) {
+	j := job{done: func(resp *sandbox.Response) { d.respond(r, resp) }}
+	kind, name, err := parseTopic(r.Topic)
+	if err != nil {
+		j.bad = &sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(err.Error()),
+			Props: []abi.Property{{Key: "outpost-error", Value: "bad_request"}}}
+	}
+	j.call.Meta = abi.Meta{Kind: kind, Name: name, Deadline: r.Expiry, ContentType: r.ContentType, Props: r.Props,
+		RequestID: string(r.Correlation)}
+	if r.ResponseTopic != "" {
+		j.call.Meta.Flags |= abi.FlagResponseExpected
+	}
+	j.call.Payload = r.Payload
+	d.start(j)
+}
+
+// Serve serves c in the background and gives the response to done, on
+// another goroutine. It does not block, except that beyond the bound done
+// gets 429, and after Close 503, on the caller's goroutine.
+func (d *Dispatcher) Serve(c Call, done func(*sandbox.Response)) {
+	d.start(job{call: c, done: done})
+}
+
+// start hands j to an idle worker or a new one.
+func (d *Dispatcher) start(j job) {
 	select {
 	case d.slots <- struct{}{}:
 	default:
-		d.respond(r, &sandbox.Response{Status: abi.StatusTooManyRequests, Payload: []byte("too many requests in progress"),
+		j.done(&sandbox.Response{Status: abi.StatusTooManyRequests, Payload: []byte("too many requests in progress"),
 			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
 		return
 	}
 	select {
-	case d.work <- r: // an idle worker takes it
+	case d.work <- j: // an idle worker takes it
 		return
 	default:
 	}
@@ -109,31 +149,34 @@ func (d *Dispatcher) Local(r Request) {
 	if d.closed {
 		d.mu.Unlock()
 		<-d.slots
-		d.respond(r, &sandbox.Response{Status: abi.StatusUnavailable, Payload: []byte("the agent is stopping"),
+		j.done(&sandbox.Response{Status: abi.StatusUnavailable, Payload: []byte("the agent is stopping"),
 			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
 		return
 	}
 	d.wg.Add(1)
 	d.mu.Unlock()
-	go d.worker(r)
+	go d.worker(j)
 }
 
-// worker serves r, then the requests handed to it, until it has waited
-// d.idle for one or the dispatcher closes. One starts only when none is
-// idle, so there are about as many as the most requests served at once.
-func (d *Dispatcher) worker(r Request) {
+// worker serves j, then the jobs handed to it, until it has waited d.idle
+// for one or the dispatcher closes. One starts only when none is idle, so
+// there are about as many as the most requests served at once.
+func (d *Dispatcher) worker(j job) {
 	defer d.wg.Done()
 	idle := time.NewTimer(d.idle)
 	defer idle.Stop()
 	for {
-		resp := d.call(r)
+		resp := j.bad
+		if resp == nil {
+			resp = d.call(j.call)
+		}
 		// The slot is free before the response leaves: a client that
 		// sends its next request on it must not find the bound reached.
 		<-d.slots
-		d.respond(r, resp)
+		j.done(resp)
 		idle.Reset(d.idle)
 		select {
-		case r = <-d.work:
+		case j = <-d.work:
 		case <-idle.C:
 			return
 		case <-d.quit:
@@ -142,28 +185,18 @@ func (d *Dispatcher) worker(r Request) {
 	}
 }
 
-// call serves r: the handler's response, or the dispatcher's when r is not
-// a request it can serve.
-func (d *Dispatcher) call(r Request) *sandbox.Response {
-	kind, name, err := parseTopic(r.Topic)
-	if err != nil {
-		return &sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(err.Error()),
-			Props: []abi.Property{{Key: "outpost-error", Value: "bad_request"}}}
-	}
-	m := abi.Meta{Kind: kind, Name: name, Deadline: r.Expiry, ContentType: r.ContentType, Props: r.Props,
-		RequestID: string(r.Correlation)}
-	if r.ResponseTopic != "" {
-		m.Flags |= abi.FlagResponseExpected
-	}
+// call serves c with its handler.
+func (d *Dispatcher) call(c Call) *sandbox.Response {
 	start := time.Now()
 	// Not a cancellable context: the sandbox would register each call with
 	// it, which costs every call; a shutdown ends calls through the
 	// registry (plugins.Registry.Close) instead.
-	resp := d.caller.Call(context.Background(), &sandbox.Request{Meta: m, Payload: r.Payload})
+	resp := d.caller.Call(context.Background(), &sandbox.Request{Meta: c.Meta, Payload: c.Payload})
+	m := &c.Meta
 	if resp.Err != nil {
-		d.log.Warn("local request failed", "kind", kind, "name", name, "status", int(resp.Status), "error", resp.Err, "took", time.Since(start))
+		d.log.Warn("request failed", "kind", m.Kind, "name", m.Name, "status", int(resp.Status), "error", resp.Err, "took", time.Since(start))
 	} else {
-		d.log.Debug("local request served", "kind", kind, "name", name, "status", int(resp.Status), "took", time.Since(start))
+		d.log.Debug("request served", "kind", m.Kind, "name", m.Name, "status", int(resp.Status), "took", time.Since(start))
 	}
 	return resp
 }
