@@ -2,10 +2,13 @@ package uplink
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"time"
+
+	"github.com/eclipse/paho.golang/packets"
 )
 
 // ackReader is the connection paho reads from. It takes the PUBACKs out of
@@ -25,7 +28,7 @@ type ackReader struct {
 	lockedConn
 	r     *bufio.Reader
 	pass  int // bytes of the current packet still to hand to paho
-	onAck func(id uint16, reason byte)
+	onAck func(id uint16, reason byte, props []Property)
 	// pace, when set, says how long to let PUBACKs gather before reading
 	// the socket again once everything read is handled (see ackPace).
 	pace func() time.Duration
@@ -34,7 +37,7 @@ type ackReader struct {
 // ackReadBuffer is the read buffer of an ackReader.
 const ackReadBuffer = 32 << 10
 
-func newAckReader(c lockedConn, raw net.Conn, onAck func(id uint16, reason byte)) *ackReader {
+func newAckReader(c lockedConn, raw net.Conn, onAck func(id uint16, reason byte, props []Property)) *ackReader {
 	return &ackReader{lockedConn: c, r: bufio.NewReaderSize(raw, ackReadBuffer), onAck: onAck}
 }
 
@@ -66,7 +69,8 @@ func (a *ackReader) Read(p []byte) (int, error) {
 			return 0, errors.New("uplink: malformed PUBACK: shorter than a packet identifier")
 		}
 		// Packet identifier (2 bytes), then the reason code, absent when it
-		// is 0 (success) [MQTT-3.4.2.1]; properties are not needed.
+		// is 0 (success) [MQTT-3.4.2.1], then the properties, read only for
+		// a refusal (they say why: Azure's status).
 		body, err := a.r.Peek(hlen + min(rlen, 3))
 		if err != nil {
 			return 0, noEOF(err)
@@ -76,10 +80,17 @@ func (a *ackReader) Read(p []byte) (int, error) {
 		if rlen > 2 {
 			reason = body[hlen+2]
 		}
+		var props []Property
+		if reason >= 0x80 && rlen > 3 && hlen+rlen <= ackReadBuffer {
+			if body, err = a.r.Peek(hlen + rlen); err != nil {
+				return 0, noEOF(err)
+			}
+			props = userProps(body[hlen+3:])
+		}
 		if _, err := a.r.Discard(hlen + rlen); err != nil {
 			return 0, noEOF(err)
 		}
-		a.onAck(id, reason)
+		a.onAck(id, reason, props)
 	}
 	if len(p) > a.pass {
 		p = p[:a.pass]
@@ -108,6 +119,20 @@ func (a *ackReader) header() (hlen, rlen int, err error) {
 		mult *= 128
 	}
 	return 0, 0, errMalformedLength
+}
+
+// userProps decodes the user properties of a PUBACK's property section;
+// a malformed section gives none.
+func userProps(b []byte) []Property {
+	var pp packets.Properties
+	if err := pp.Unpack(bytes.NewBuffer(b), packets.PUBACK); err != nil {
+		return nil
+	}
+	props := make([]Property, len(pp.User))
+	for i, u := range pp.User {
+		props[i] = Property{Key: u.Key, Value: u.Value}
+	}
+	return props
 }
 
 // noEOF turns an end of stream inside a packet into io.ErrUnexpectedEOF.

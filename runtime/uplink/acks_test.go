@@ -18,6 +18,7 @@ import (
 type ack struct {
 	id     uint16
 	reason byte
+	props  string // the user properties, as key=value
 }
 
 // readThrough writes stream into an ackReader in chunks of chunk bytes and
@@ -38,8 +39,12 @@ func readThrough(t *testing.T, stream []byte, chunk int) ([]*packets.ControlPack
 		server.Close()
 	}()
 	var acks []ack
-	ar := newAckReader(batchconn.New(client).(lockedConn), client, func(id uint16, reason byte) {
-		acks = append(acks, ack{id, reason})
+	ar := newAckReader(batchconn.New(client).(lockedConn), client, func(id uint16, reason byte, props []Property) {
+		var ps []string
+		for _, p := range props {
+			ps = append(ps, p.Key+"="+p.Value)
+		}
+		acks = append(acks, ack{id, reason, strings.Join(ps, ",")})
 	})
 	var got []*packets.ControlPacket
 	for {
@@ -77,8 +82,12 @@ func TestAckReaderTakesOutPubacks(t *testing.T) {
 		&packets.Pingresp{},
 		&packets.Puback{PacketID: 3, ReasonCode: 0x97, Properties: &packets.Properties{ReasonString: strings.Repeat("r", 2*ackReadBuffer)}},
 		&packets.Suback{PacketID: 9, Reasons: []byte{1}, Properties: &packets.Properties{}},
+		&packets.Puback{PacketID: 4, ReasonCode: 0x83, Properties: &packets.Properties{ReasonString: "bad",
+			User: []packets.User{{Key: "status", Value: "0100"}, {Key: "trace-id", Value: "t1"}}}},
+		&packets.Puback{PacketID: 5, ReasonCode: 0x10, Properties: &packets.Properties{ // a success: properties not read
+			User: []packets.User{{Key: "status", Value: "0001"}}}},
 	)
-	wantAcks := []ack{{1, 0}, {0x1234, 0x10}, {3, 0x97}}
+	wantAcks := []ack{{1, 0, ""}, {0x1234, 0x10, ""}, {3, 0x97, ""}, {4, 0x83, "status=0100,trace-id=t1"}, {5, 0x10, ""}}
 	for _, chunk := range []int{len(stream), 1, 7, 4096} {
 		got, acks, err := readThrough(t, stream, chunk)
 		if !errors.Is(err, io.EOF) {
@@ -143,8 +152,12 @@ func TestAckReaderPaces(t *testing.T) {
 		server.Close()
 	}()
 	var acks []ack
-	ar := newAckReader(batchconn.New(client).(lockedConn), client, func(id uint16, reason byte) {
-		acks = append(acks, ack{id, reason})
+	ar := newAckReader(batchconn.New(client).(lockedConn), client, func(id uint16, reason byte, props []Property) {
+		var ps []string
+		for _, p := range props {
+			ps = append(ps, p.Key+"="+p.Value)
+		}
+		acks = append(acks, ack{id, reason, strings.Join(ps, ",")})
 	})
 	paced := 0
 	ar.pace = func() time.Duration { paced++; return time.Millisecond }
@@ -159,7 +172,7 @@ func TestAckReaderPaces(t *testing.T) {
 		}
 		types = append(types, cp.Type)
 	}
-	if want := []ack{{1, 0}, {2, 0x10}}; !reflect.DeepEqual(acks, want) {
+	if want := []ack{{1, 0, ""}, {2, 0x10, ""}}; !reflect.DeepEqual(acks, want) {
 		t.Fatalf("acks %v, want %v", acks, want)
 	}
 	if !bytes.Equal(types, []byte{packets.PINGRESP}) {

@@ -171,7 +171,7 @@ func (u *Uplink) flush(l *link) error {
 		return fmt.Errorf("%w: write: %w", errLinkDown, err)
 	}
 	for _, p := range qos0 {
-		u.acked(p, 0)
+		u.acked(p, 0, nil)
 	}
 	return nil
 }

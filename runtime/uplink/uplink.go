@@ -102,12 +102,30 @@ type Options struct {
 	OnMessage func(*Inbound)
 	// OnConnect is called once each connection is up and subscribed.
 	OnConnect func()
+	// Refusal decides what becomes of a forwarded message the upstream
+	// refused (PUBACK reason code 0x80 or above, with the PUBACK's user
+	// properties). nil = drop on 0x90 (topic name invalid) and 0x99
+	// (payload format invalid), retry on any other.
+	Refusal func(reason byte, props []Property) Verdict
 	// OnServerDisconnect is called with the reason code and user
 	// properties of a DISCONNECT from the upstream.
 	OnServerDisconnect func(reason byte, props []Property)
 
 	Logger *slog.Logger // nil = discard
 }
+
+// Verdict is what becomes of a refused message.
+type Verdict int
+
+// Verdicts of Options.Refusal.
+const (
+	// Retry pauses (growing up to BackoffMax), reconnects, and sends the
+	// message again.
+	Retry Verdict = iota
+	// Drop removes the message from the outbox, counted as rejected: sent
+	// again, it would be refused again.
+	Drop
+)
 
 // Stats are the uplink's counters.
 type Stats struct {
@@ -392,7 +410,7 @@ func (u *Uplink) dial(ctx context.Context, cfg autopaho.ClientConfig, target *ur
 	epoch := u.epoch
 	u.mu.Unlock()
 	bc := batchconn.New(conn).(lockedConn)
-	ar := newAckReader(bc, conn, func(id uint16, reason byte) { u.puback(epoch, id, reason) })
+	ar := newAckReader(bc, conn, func(id uint16, reason byte, props []Property) { u.puback(epoch, id, reason, props) })
 	ar.pace = u.ackPace
 	u.mu.Lock()
 	u.dialled = bc
@@ -591,7 +609,7 @@ func (u *Uplink) ackPace() time.Duration {
 }
 
 // puback handles a PUBACK read on the connection of the given epoch.
-func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
+func (u *Uplink) puback(epoch uint64, id uint16, reason byte, props []Property) {
 	u.mu.Lock()
 	if epoch != u.epoch {
 		// A late PUBACK of a connection that is gone: its window was
@@ -617,11 +635,19 @@ func (u *Uplink) puback(epoch uint64, id uint16, reason byte) {
 		u.log.Warn("upstream acknowledged a later message first: resending the earlier ones",
 			"skipped", len(skipped), "first_message_id", skipped[0].id)
 	}
-	u.acked(p, reason)
+	u.acked(p, reason, props)
 }
 
 // acked handles the PUBACK of p.
-func (u *Uplink) acked(p pending, reason byte) {
+func (u *Uplink) acked(p pending, reason byte, props []Property) {
+	verdict := Retry
+	switch {
+	case reason < 0x80:
+	case u.opts.Refusal != nil:
+		verdict = u.opts.Refusal(reason, props)
+	case reason == 0x90 || reason == 0x99:
+		verdict = Drop
+	}
 	switch {
 	case reason < 0x80:
 		if reason == 0x10 {
@@ -643,11 +669,13 @@ func (u *Uplink) acked(p pending, reason byte) {
 		u.mu.Lock()
 		u.pause = 0
 		u.mu.Unlock()
-	case reason == 0x90 || reason == 0x99:
-		// Topic name invalid, payload format invalid: the message itself is
-		// refused, sending it again cannot succeed. Drop it, loudly.
+	case verdict == Drop:
+		// By default topic name invalid and payload format invalid: the
+		// message itself is refused, sending it again cannot succeed. Drop
+		// it, loudly.
 		u.rejected.Add(1)
-		u.log.Error("upstream refused message permanently: dropped", "message_id", p.id, "route", p.ref.Route, "reason_code", reason)
+		u.log.Error("upstream refused message permanently: dropped", "message_id", p.id, "route", p.ref.Route,
+			"reason_code", reason, "properties", props)
 		if err := u.opts.Source.Ack(p.ref); err != nil {
 			u.log.Error("outbox ack failed", "message_id", p.id, "error", err)
 		}
@@ -663,8 +691,9 @@ func (u *Uplink) acked(p pending, reason byte) {
 		u.pauseUntil = time.Now().Add(u.pause)
 		pause := u.pause
 		u.mu.Unlock()
-		u.setErr(fmt.Errorf("upstream refused message %s with reason 0x%02x", p.id, reason))
-		u.log.Warn("upstream refused message: pausing and resending", "message_id", p.id, "reason_code", reason, "pause", pause)
+		u.setErr(fmt.Errorf("upstream refused message %s with reason 0x%02x %v", p.id, reason, props))
+		u.log.Warn("upstream refused message: pausing and resending", "message_id", p.id, "reason_code", reason,
+			"properties", props, "pause", pause)
 		time.AfterFunc(pause, func() {
 			u.mu.Lock()
 			u.wakeLocked()

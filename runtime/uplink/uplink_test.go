@@ -110,7 +110,7 @@ func (h *harness) puback(id uint16, reason byte) {
 	h.u.mu.Lock()
 	epoch := h.u.epoch
 	h.u.mu.Unlock()
-	h.u.puback(epoch, id, reason)
+	h.u.puback(epoch, id, reason, nil)
 }
 
 // inFlight returns the packet identifiers in flight, oldest first.
@@ -282,6 +282,53 @@ func TestOversizedMessageDropped(t *testing.T) {
 	}
 }
 
+// TestRefusalVerdict: the dialect's verdict on a refused message decides
+// whether it is dropped or sent again.
+func TestRefusalVerdict(t *testing.T) {
+	h := newHarness(t, "bad", "good")
+	h.u.opts.Refusal = func(reason byte, props []Property) Verdict {
+		if reason == 0x83 && len(props) == 1 && props[0].Value == "0100" {
+			return Drop
+		}
+		return Retry
+	}
+	h.u.mu.Lock()
+	epoch := h.u.epoch
+	h.u.mu.Unlock()
+	pub := h.send()
+	h.u.puback(epoch, pub.PacketID, 0x83, []Property{{Key: "status", Value: "0100"}})
+	if st := h.u.Stats(); st.Rejected != 1 || st.Refused != 0 {
+		t.Fatalf("stats %+v: want the message dropped as rejected", st)
+	}
+	if left := h.stored(); len(left) != 1 || left[0] != "good" {
+		t.Fatalf("stored %q, want only the good message", left)
+	}
+	pub = h.send()
+	h.u.puback(epoch, pub.PacketID, 0x97, []Property{{Key: "status", Value: "0501"}})
+	if st := h.u.Stats(); st.Refused != 1 {
+		t.Fatalf("stats %+v: want the throttled message kept to retry", st)
+	}
+	if left := h.stored(); len(left) != 1 {
+		t.Fatalf("stored %q after a retryable refusal", left)
+	}
+}
+
+// TestPayloadOverMaxPayloadDropped: a message over the dialect's payload
+// limit is dropped before it is sent; the next one goes out.
+func TestPayloadOverMaxPayloadDropped(t *testing.T) {
+	h := newHarness(t, strings.Repeat("x", 101), "small")
+	h.u.opts.MaxPayload = 100
+	if err := h.sendOnly(); err != nil {
+		t.Fatal(err)
+	}
+	if got := string(h.send().Payload); got != "small" {
+		t.Fatalf("sent %q, want small", got)
+	}
+	if st := h.u.Stats(); st.Rejected != 1 {
+		t.Fatalf("stats %+v, want 1 rejected", st)
+	}
+}
+
 // TestQoS0OnlyServerKeepsMessages: a server that accepts QoS 0 only cannot
 // acknowledge, so nothing is sent and everything stays stored, with an
 // error that says why.
@@ -331,7 +378,7 @@ func TestLostConnectionRewinds(t *testing.T) {
 	if got := string(pub.Payload); got != "a" || pub.PacketID != id {
 		t.Fatalf("first after reconnecting: %q with id %d, want a with %d", got, pub.PacketID, id)
 	}
-	h.u.puback(oldEpoch, id, 0)
+	h.u.puback(oldEpoch, id, 0, nil)
 	if st := h.u.Stats(); st.InFlight != 1 || st.Forwarded != 0 {
 		t.Fatalf("after a late PUBACK of the old connection: %+v, want a still in flight", st)
 	}
