@@ -1,0 +1,609 @@
+// Package azure is the device side of the Azure IoT Hub MQTT 5 API
+// (api-version 2020-10-01-preview, PROTOCOLS.md section 3): SAS and X.509
+// authentication with re-authentication before the signature expires,
+// telemetry on $iothub/telemetry, commands acknowledged by their handler's
+// result with a journal against redelivery, direct methods, and the twin.
+//
+// The package knows the API's topics, properties and statuses; the uplink
+// carries the packets, the dispatcher runs the handlers.
+package azure
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/outpost-edge/outpost/abi"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/uplink"
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// Topics of the API. Names are exact and case-sensitive.
+const (
+	TopicTelemetry     = "$iothub/telemetry"
+	TopicCommands      = "$iothub/commands"
+	TopicMethods       = "$iothub/methods/+"
+	TopicMethodsPrefix = "$iothub/methods/"
+	TopicResponses     = "$iothub/responses"
+	TopicTwinGet       = "$iothub/twin/get"
+	TopicTwinReported  = "$iothub/twin/patch/reported"
+	TopicTwinDesired   = "$iothub/twin/patch/desired"
+)
+
+// Limits of the API (PROTOCOLS.md 3.1, 3.6).
+const (
+	MaxPacket      = 262144    // Maximum Packet Size of the CONNACK
+	MaxCorrelation = 16        // bytes of Correlation Data
+	MaxMethodBytes = 128 << 10 // a method's request or response payload
+)
+
+// User properties of the API.
+const (
+	PropStatus        = "status"
+	PropReason        = "reason"
+	PropTraceID       = "trace-id"
+	PropResponseCode  = "response-code"
+	PropVersion       = "version"
+	PropIfVersion     = "if-version"
+	PropSequenceNo    = "sequence-no"
+	PropDeliveryCount = "delivery-count"
+	PropEnqueuedTime  = "enqueued-time"
+	PropCreationTime  = "creation-time"
+	PropMessageID     = "message-id"
+)
+
+// CommandProperty is the application property whose value names the
+// handler of a command: cloud-to-device messages have no name of their own.
+const CommandProperty = "@command"
+
+// Link is the uplink, as the dialect uses it.
+type Link interface {
+	Send(ctx context.Context, o uplink.Outbound) error
+	Reauthenticate(ctx context.Context, c uplink.Credentials) error
+}
+
+// Server serves requests (the dispatcher).
+type Server interface {
+	Serve(c dispatch.Call, done func(*sandbox.Response))
+}
+
+// Options configure a Dialect.
+type Options struct {
+	Host     string // the hub's host name, as signed
+	DeviceID string
+	ModuleID string // "" = a device identity
+	// Key is the decoded shared access key: the device's, or the policy's
+	// when Policy is set. nil = X.509 (the certificate is in the TLS
+	// handshake).
+	Key    []byte
+	Policy string
+	// SendHost puts the host user property in the CONNECT: needed when the
+	// TLS handshake carries no server name (plain TCP, an IP address).
+	SendHost bool
+	// SASLifetime is how long a signature is valid; the dialect
+	// re-authenticates at four fifths of it. Default 1h.
+	SASLifetime time.Duration
+	// DefaultCommand names the handler of commands without CommandProperty.
+	// Default "c2d".
+	DefaultCommand string
+	// MethodTimeout is the deadline of a direct method's handler when the
+	// request has no Message Expiry. Default 30s.
+	MethodTimeout time.Duration
+	// CommandTimeout is the deadline of a command's handler. Default 60s.
+	CommandTimeout time.Duration
+	// Journal records the commands run, by sequence number.
+	Journal *storage.State
+	Server  Server
+	Agent   string // client-agent property, e.g. "outpost/1.0"
+	Log     *slog.Logger
+	now     func() time.Time // tests
+}
+
+// Dialect is one device connection's protocol state. Create it with New,
+// give its methods to the uplink (Credentials, Subscriptions, Telemetry,
+// OnMessage, OnConnect, Refusal), then Attach the uplink.
+type Dialect struct {
+	o   Options
+	log *slog.Logger
+
+	mu     sync.Mutex
+	link   Link
+	expiry time.Time // of the signature of the current connection
+	reauth *time.Timer
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	cmdMu   sync.Mutex      // orders a command's journal read and write
+	running map[uint64]*run // commands being served, by sequence number
+}
+
+// New checks o and returns a dialect.
+func New(o Options) (*Dialect, error) {
+	if o.Host == "" || o.DeviceID == "" {
+		return nil, errors.New("azure: the hub host and the device id are required")
+	}
+	if strings.ContainsAny(o.DeviceID, "/+#") || strings.ContainsAny(o.ModuleID, "/+#") || len(o.DeviceID) > 128 {
+		return nil, fmt.Errorf("azure: device id %q / module id %q: at most 128 characters, without '/', '+', '#'", o.DeviceID, o.ModuleID)
+	}
+	if o.Policy != "" && o.Key == nil {
+		return nil, errors.New("azure: a SAS policy needs the policy's key")
+	}
+	if o.Journal == nil || o.Server == nil {
+		return nil, errors.New("azure: Journal and Server are required")
+	}
+	if o.SASLifetime <= 0 {
+		o.SASLifetime = time.Hour
+	}
+	if o.DefaultCommand == "" {
+		o.DefaultCommand = "c2d"
+	}
+	if o.MethodTimeout <= 0 {
+		o.MethodTimeout = 30 * time.Second
+	}
+	if o.CommandTimeout <= 0 {
+		o.CommandTimeout = 60 * time.Second
+	}
+	if o.now == nil {
+		o.now = time.Now
+	}
+	log := o.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Dialect{o: o, log: log}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	return d, nil
+}
+
+// Attach gives the dialect the uplink it sends on.
+func (d *Dialect) Attach(l Link) {
+	d.mu.Lock()
+	d.link = l
+	d.mu.Unlock()
+}
+
+// Close stops re-authentication and waits (bounded by ctx) for the
+// requests in progress to answer.
+func (d *Dialect) Close(ctx context.Context) {
+	d.cancel()
+	d.mu.Lock()
+	if d.reauth != nil {
+		d.reauth.Stop()
+	}
+	d.mu.Unlock()
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// ClientID is the MQTT client id: the device id, or device/module.
+func (d *Dialect) ClientID() string {
+	if d.o.ModuleID != "" {
+		return d.o.DeviceID + "/" + d.o.ModuleID
+	}
+	return d.o.DeviceID
+}
+
+// Credentials builds a CONNECT's (or AUTH's) authentication: a fresh SAS
+// signature, or the X.509 method.
+func (d *Dialect) Credentials() (uplink.Credentials, error) {
+	c := uplink.Credentials{UserProps: []uplink.Property{{Key: "api-version", Value: APIVersion}}}
+	if d.o.SendHost {
+		c.UserProps = append(c.UserProps, uplink.Property{Key: "host", Value: d.o.Host})
+	}
+	if d.o.Agent != "" {
+		c.UserProps = append(c.UserProps, uplink.Property{Key: "client-agent", Value: d.o.Agent})
+	}
+	if d.o.Key == nil {
+		c.AuthMethod = AuthX509
+		return c, nil
+	}
+	at := d.o.now()
+	exp := at.Add(d.o.SASLifetime)
+	c.AuthMethod = AuthSAS
+	c.AuthData = Sign(d.o.Key, d.o.Host, d.ClientID(), d.o.Policy, at, exp)
+	c.UserProps = append(c.UserProps,
+		uplink.Property{Key: "sas-at", Value: ms(at)},
+		uplink.Property{Key: "sas-expiry", Value: ms(exp)})
+	if d.o.Policy != "" {
+		c.UserProps = append(c.UserProps, uplink.Property{Key: "sas-policy", Value: d.o.Policy})
+	}
+	d.mu.Lock()
+	d.expiry = exp
+	d.mu.Unlock()
+	return c, nil
+}
+
+// Subscriptions are the API's request topics, subscribed in one SUBSCRIBE
+// as the API recommends: methods and desired patches at QoS 0, commands at
+// QoS 1. $iothub/responses is subscribed implicitly.
+func (d *Dialect) Subscriptions() []uplink.Subscription {
+	return []uplink.Subscription{{Filter: TopicMethods, QoS: 0}, {Filter: TopicCommands, QoS: 1}, {Filter: TopicTwinDesired, QoS: 0}}
+}
+
+// TelemetryTopic is the topic of every telemetry message.
+func (d *Dialect) TelemetryTopic(*storage.Message) string { return TopicTelemetry }
+
+// systemProps are the telemetry system properties a local publisher may
+// set itself (PROTOCOLS.md 3.6); message-id is the agent's.
+var systemProps = map[string]bool{"content-encoding": true, "user-id": true, "correlation-id": true}
+
+// TelemetryProps maps a stored message's user properties to the API's:
+// a known system property passes (creation-time only as a decimal
+// millisecond time), any other becomes an application property ("@" put
+// before its name unless it has one); then message-id, the message's
+// stable id, and creation-time, when it was accepted locally, unless the
+// publisher gave one. The hub refuses an unknown property without "@".
+func (d *Dialect) TelemetryProps(dst []uplink.Property, m *storage.Message, id string) []uplink.Property {
+	created := false
+	for _, p := range m.UserProps {
+		switch {
+		case strings.HasPrefix(p.Key, "@"), systemProps[p.Key]:
+			dst = append(dst, p)
+		case p.Key == PropCreationTime:
+			if _, err := parseMS(p.Value); err == nil {
+				dst, created = append(dst, p), true
+				continue
+			}
+			dst = append(dst, uplink.Property{Key: "@" + p.Key, Value: p.Value})
+		default:
+			dst = append(dst, uplink.Property{Key: "@" + p.Key, Value: p.Value})
+		}
+	}
+	dst = append(dst, uplink.Property{Key: PropMessageID, Value: id})
+	if !created && !m.Created.IsZero() {
+		dst = append(dst, uplink.Property{Key: PropCreationTime, Value: ms(m.Created)})
+	}
+	return dst
+}
+
+// Refusal decides what becomes of telemetry the hub refused, from its
+// status: retried when the status is retryable (or re-authentication may
+// cure it), dropped otherwise (Bad Request: sent again it would be refused
+// again).
+func (d *Dialect) Refusal(reason byte, props []uplink.Property) uplink.Verdict {
+	st, err := ParseStatus(prop(props, PropStatus))
+	if err != nil {
+		// No status (or not one): 135 and 151 may pass later.
+		if reason == 0x87 || reason == 0x97 {
+			return uplink.Retry
+		}
+		return uplink.Drop
+	}
+	if a := st.Action(); a == Fail {
+		d.log.Error("hub refused telemetry: dropped", "status", st.String(), "name", st.Name(),
+			"reason", prop(props, PropReason), "trace_id", prop(props, PropTraceID))
+		return uplink.Drop
+	}
+	return uplink.Retry
+}
+
+// OnServerDisconnect logs the status of a DISCONNECT from the hub. The
+// next connection signs afresh, which cures an expired signature.
+func (d *Dialect) OnServerDisconnect(reason byte, props []uplink.Property) {
+	args := []any{"reason_code", reason, "reason", prop(props, PropReason), "trace_id", prop(props, PropTraceID)}
+	if st, err := ParseStatus(prop(props, PropStatus)); err == nil {
+		args = append(args, "status", st.String(), "name", st.Name(), "action", st.Action().String())
+	}
+	switch reason {
+	case 0x87:
+		d.log.Warn("hub disconnected: not authorized; reconnecting with a new signature", args...)
+	case 0x8E:
+		d.log.Warn("hub disconnected: session taken over by another connection with this identity", args...)
+	case 0x9F:
+		d.log.Warn("hub disconnected: connection rate exceeded", args...)
+	default:
+		d.log.Warn("hub disconnected", args...)
+	}
+}
+
+// OnConnect schedules the re-authentication of the new connection.
+func (d *Dialect) OnConnect() {
+	d.scheduleReauth()
+}
+
+// scheduleReauth arms the timer that re-authenticates at four fifths of
+// the current signature's lifetime.
+func (d *Dialect) scheduleReauth() {
+	if d.o.Key == nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ctx.Err() != nil {
+		return
+	}
+	if d.reauth != nil {
+		d.reauth.Stop()
+	}
+	in := max(time.Until(d.expiry)-d.o.SASLifetime/5, time.Second)
+	d.reauth = time.AfterFunc(in, d.reauthenticate)
+}
+
+// reauthenticate sends a new signature on the current connection. A
+// refusal ends in a DISCONNECT from the hub, and the reconnection signs
+// afresh; any other failure is retried.
+func (d *Dialect) reauthenticate() {
+	d.mu.Lock()
+	l := d.link
+	d.mu.Unlock()
+	if l == nil || d.ctx.Err() != nil {
+		return
+	}
+	c, err := d.Credentials()
+	if err == nil {
+		ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+		err = l.Reauthenticate(ctx, c)
+		cancel()
+	}
+	var re *uplink.ReauthError
+	switch {
+	case err == nil:
+		d.log.Info("re-authenticated with a new SAS signature")
+		d.scheduleReauth()
+	case errors.As(err, &re):
+		d.log.Error("hub refused the re-authentication; it will disconnect, and the reconnection signs afresh",
+			"reason_code", re.Reason, "status", prop(re.Props, PropStatus))
+	case errors.Is(err, uplink.ErrLost):
+		// The next connection signs afresh and schedules again.
+	default:
+		d.log.Warn("re-authentication failed; retrying in 30s", "error", err)
+		d.mu.Lock()
+		if d.ctx.Err() == nil {
+			d.reauth = time.AfterFunc(30*time.Second, d.reauthenticate)
+		}
+		d.mu.Unlock()
+	}
+}
+
+// OnMessage serves a PUBLISH from the hub by its topic.
+func (d *Dialect) OnMessage(m *uplink.Inbound) {
+	switch {
+	case m.Topic == TopicCommands:
+		d.command(m)
+	case strings.HasPrefix(m.Topic, TopicMethodsPrefix):
+		d.method(m, m.Topic[len(TopicMethodsPrefix):])
+	default:
+		d.log.Warn("message from the hub on a topic the dialect does not serve: dropped", "topic", m.Topic, "qos", m.QoS)
+		_ = m.Ack(0)
+	}
+}
+
+// method serves a direct method and answers on $iothub/responses with the
+// request's Correlation Data and the handler's status as response-code.
+func (d *Dialect) method(m *uplink.Inbound, name string) {
+	corr := m.CorrelationData
+	if len(corr) == 0 || len(corr) > MaxCorrelation {
+		// No answer can be matched to it; the hub never sends one.
+		d.log.Warn("direct method without valid Correlation Data: not served", "method", name, "correlation_bytes", len(corr))
+		return
+	}
+	resp := func(r *sandbox.Response) { d.methodResponse(name, corr, r) }
+	if name == "" || strings.ContainsAny(name, "/+#") {
+		resp(&sandbox.Response{Status: abi.StatusBadRequest, Payload: fmt.Appendf(nil, "method name %q: want one topic level", name)})
+		return
+	}
+	timeout := d.o.MethodTimeout
+	if m.Expiry > 0 {
+		timeout = time.Duration(m.Expiry) * time.Second
+	}
+	meta := abi.Meta{Kind: abi.KindMethod, Name: name, Flags: abi.FlagResponseExpected, Deadline: timeout,
+		RequestID: hex.EncodeToString(corr), ContentType: m.ContentType, Props: abiProps(m.UserProps)}
+	d.wg.Add(1)
+	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: m.Payload}, func(r *sandbox.Response) {
+		defer d.wg.Done()
+		resp(r)
+	})
+}
+
+// methodResponse publishes a method's response. Only application
+// properties ("@") of the handler pass: the hub refuses others.
+func (d *Dialect) methodResponse(name string, corr []byte, r *sandbox.Response) {
+	status, payload := r.Status, r.Payload
+	if len(payload) > MaxMethodBytes {
+		d.log.Warn("method response over the hub's 128 KiB: answered 507 instead", "method", name, "bytes", len(payload))
+		status, payload = abi.StatusInsufficientStorage, fmt.Appendf(nil, "the response of %d bytes is over the hub's limit of %d", len(payload), MaxMethodBytes)
+	}
+	o := uplink.Outbound{Topic: TopicResponses, Payload: payload, ContentType: r.ContentType, CorrelationData: corr,
+		UserProps: []uplink.Property{{Key: PropResponseCode, Value: strconv.Itoa(int(status))}}}
+	for _, p := range r.Props {
+		if strings.HasPrefix(p.Key, "@") {
+			o.UserProps = append(o.UserProps, uplink.Property{Key: p.Key, Value: p.Value})
+		}
+	}
+	d.mu.Lock()
+	l := d.link
+	d.mu.Unlock()
+	if l == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+	defer cancel()
+	if err := l.Send(ctx, o); err != nil {
+		// Methods are never queued: the caller's request has timed out by
+		// the time a new connection is up.
+		d.log.Warn("method response not sent", "method", name, "status", int(status), "error", err)
+		return
+	}
+	d.log.Debug("method answered", "method", name, "status", int(status))
+}
+
+// Command outcomes, from the handler's status: 2xx complete; 429, 503 and
+// 504 (busy, unavailable, out of time) abandon, so the hub delivers the
+// command again later; anything else rejects (dead-letters) it.
+type outcome byte
+
+const (
+	outcomeComplete outcome = 'c'
+	outcomeReject   outcome = 'r'
+	outcomeAbandon  outcome = 'a'
+	outcomeStarted  outcome = 's' // journal only: running, or the agent stopped while it ran
+)
+
+func outcomeOf(st abi.Status) outcome {
+	switch {
+	case st >= 200 && st < 300:
+		return outcomeComplete
+	case st == abi.StatusTooManyRequests || st == abi.StatusUnavailable || st == abi.StatusTimeout:
+		return outcomeAbandon
+	}
+	return outcomeReject
+}
+
+// journalTTL is how long a command's journal entry is kept: beyond the
+// longest a command can stay queued in the hub (two days).
+const journalTTL = 72 * time.Hour
+
+// command serves a cloud-to-device command and acknowledges it by its
+// handler's outcome. The journal, by sequence number, makes a redelivered
+// command that ran (or that was running when the agent stopped) not run
+// again.
+func (d *Dialect) command(m *uplink.Inbound) {
+	seqStr := m.Prop(PropSequenceNo)
+	seq, err := strconv.ParseUint(seqStr, 10, 64)
+	if err != nil {
+		d.log.Error("command without a valid sequence-no: rejected", "sequence_no", seqStr)
+		d.ack(m, outcomeReject)
+		return
+	}
+	deliveries, _ := strconv.ParseUint(m.Prop(PropDeliveryCount), 10, 32)
+	key := fmt.Sprintf("c/%020d", seq)
+	name := m.Prop(CommandProperty)
+	if name == "" {
+		name = d.o.DefaultCommand
+	}
+	log := d.log.With("sequence_no", seq, "command", name, "delivery_count", deliveries)
+
+	d.cmdMu.Lock()
+	if r, ok := d.running[seq]; ok {
+		// Delivered again while it runs (the connection was lost meanwhile):
+		// acknowledged with the outcome of the run in progress.
+		r.waiters = append(r.waiters, m)
+		d.cmdMu.Unlock()
+		log.Info("command redelivered while it runs: it will be acknowledged when the run ends")
+		return
+	}
+	prev, err := d.o.Journal.Get(key)
+	if err == nil && len(prev) > 0 {
+		d.cmdMu.Unlock()
+		switch outcome(prev[0]) {
+		case outcomeStarted:
+			log.Error("command redelivered that was running when the agent stopped: rejected, not run twice")
+			d.ack(m, outcomeReject)
+		default:
+			log.Info("command redelivered after it ran: acknowledged as before, not run again", "outcome", string(prev[0]))
+			d.ack(m, outcome(prev[0]))
+		}
+		return
+	}
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		d.cmdMu.Unlock()
+		log.Error("command journal unreadable: abandoned, to be delivered again", "error", err)
+		d.ack(m, outcomeAbandon)
+		return
+	}
+	if err := d.o.Journal.Put(key, []byte{byte(outcomeStarted)}, journalTTL); err != nil {
+		d.cmdMu.Unlock()
+		log.Error("command journal not written: abandoned, to be delivered again", "error", err)
+		d.ack(m, outcomeAbandon)
+		return
+	}
+	if d.running == nil {
+		d.running = map[uint64]*run{}
+	}
+	d.running[seq] = &run{waiters: []*uplink.Inbound{m}}
+	d.cmdMu.Unlock()
+
+	if strings.ContainsAny(name, "/+#") {
+		d.finish(seq, key, outcomeReject, log.With("error", "a command name must be one topic level"))
+		return
+	}
+	meta := abi.Meta{Kind: abi.KindCommand, Name: name, Deadline: d.o.CommandTimeout, RequestID: strconv.FormatUint(seq, 10),
+		ContentType: m.ContentType, Props: abiProps(m.UserProps)}
+	if deliveries > 1 || m.Dup {
+		meta.Flags |= abi.FlagRedelivery
+	}
+	d.wg.Add(1)
+	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: m.Payload}, func(r *sandbox.Response) {
+		defer d.wg.Done()
+		d.finish(seq, key, outcomeOf(r.Status), log.With("status", int(r.Status)))
+	})
+}
+
+// finish records a command's outcome and acknowledges its deliveries. An
+// abandoned command leaves the journal, so that its redelivery runs.
+func (d *Dialect) finish(seq uint64, key string, out outcome, log *slog.Logger) {
+	d.cmdMu.Lock()
+	var err error
+	if out == outcomeAbandon {
+		err = d.o.Journal.Delete(key)
+	} else {
+		err = d.o.Journal.Put(key, []byte{byte(out)}, journalTTL)
+	}
+	r := d.running[seq]
+	delete(d.running, seq)
+	d.cmdMu.Unlock()
+	if err != nil {
+		// The entry says "started": a redelivery is rejected, not run twice.
+		log.Error("command journal not updated", "error", err)
+	}
+	log.Info("command served", "outcome", map[outcome]string{outcomeComplete: "complete", outcomeReject: "reject", outcomeAbandon: "abandon"}[out])
+	for _, m := range r.waiters {
+		d.ack(m, out)
+	}
+}
+
+// run is a command being served, with its deliveries waiting for the
+// acknowledgement (the first, and any redelivered meanwhile).
+type run struct {
+	waiters []*uplink.Inbound
+}
+
+// ack sends a command's PUBACK: complete is reason 0; abandon is 131 with
+// status 0603; reject is 131 with status 0100.
+func (d *Dialect) ack(m *uplink.Inbound, out outcome) {
+	var err error
+	switch out {
+	case outcomeComplete:
+		err = m.Ack(0)
+	case outcomeAbandon:
+		err = m.Ack(StatusServerBusy.Reason(), uplink.Property{Key: PropStatus, Value: StatusServerBusy.String()})
+	default:
+		err = m.Ack(StatusBadRequest.Reason(), uplink.Property{Key: PropStatus, Value: StatusBadRequest.String()})
+	}
+	if err != nil {
+		d.log.Warn("command acknowledgement not sent; the hub will deliver the command again", "error", err)
+	}
+}
+
+func abiProps(ps []uplink.Property) []abi.Property {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]abi.Property, len(ps))
+	for i, p := range ps {
+		out[i] = abi.Property{Key: p.Key, Value: p.Value}
+	}
+	return out
+}
+
+func prop(ps []uplink.Property, key string) string {
+	for _, p := range ps {
+		if p.Key == key {
+			return p.Value
+		}
+	}
+	return ""
+}
