@@ -219,7 +219,8 @@ var ErrTooLarge = errors.New("uplink: packet too large for the upstream")
 // ErrLost while the uplink is down, and with ErrTooLarge, before sending,
 // when the upstream would refuse the packet.
 func (u *Uplink) Send(ctx context.Context, o Outbound) error {
-	if u.cm == nil || !u.connected.Load() {
+	cm := u.manager()
+	if cm == nil || !u.connected.Load() {
 		return ErrLost
 	}
 	if u.opts.MaxPayload > 0 && len(o.Payload) > u.opts.MaxPayload {
@@ -239,7 +240,7 @@ func (u *Uplink) Send(ctx context.Context, o Outbound) error {
 			return fmt.Errorf("%w: %d bytes (Maximum Packet Size %d)", ErrTooLarge, b.Len(), lim)
 		}
 	}
-	if _, err := u.cm.Publish(ctx, p); err != nil {
+	if _, err := cm.Publish(ctx, p); err != nil {
 		if errors.Is(err, autopaho.ConnectionDownError) {
 			return ErrLost
 		}
@@ -247,6 +248,13 @@ func (u *Uplink) Send(ctx context.Context, o Outbound) error {
 	}
 	u.sentDirect.Add(1)
 	return nil
+}
+
+// manager is the connection manager; nil before Start.
+func (u *Uplink) manager() *autopaho.ConnectionManager {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.cm
 }
 
 // maxPacket is the current connection's Maximum Packet Size; 0 = none.
@@ -273,14 +281,15 @@ func (e *ReauthError) Error() string {
 // method, data and properties, and waits for the upstream's answer. A
 // refusal is a *ReauthError (the upstream then usually disconnects).
 func (u *Uplink) Reauthenticate(ctx context.Context, c Credentials) error {
-	if u.cm == nil || !u.connected.Load() {
+	cm := u.manager()
+	if cm == nil || !u.connected.Load() {
 		return ErrLost
 	}
 	a := &paho.Auth{ReasonCode: 0x19, Properties: &paho.AuthProperties{AuthMethod: c.AuthMethod, AuthData: c.AuthData}}
 	for _, p := range c.UserProps {
 		a.Properties.User = append(a.Properties.User, paho.UserProperty{Key: p.Key, Value: p.Value})
 	}
-	resp, err := u.cm.Authenticate(ctx, a)
+	resp, err := cm.Authenticate(ctx, a)
 	if err != nil {
 		return fmt.Errorf("uplink: re-authenticate: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -46,14 +47,14 @@ func startRaw(t *testing.T, opts Options, connack *packets.Properties) (*Uplink,
 }
 
 func TestCredentialsInConnect(t *testing.T) {
-	calls := 0
+	var calls atomic.Int32 // the network orders the call before the read, unseen by the race detector
 	_, _, cp := startRaw(t, Options{Credentials: func() (Credentials, error) {
-		calls++
+		calls.Add(1)
 		return Credentials{AuthMethod: "SAS", AuthData: []byte{1, 2, 3},
 			UserProps: []Property{{Key: "api-version", Value: "2020-10-01-preview"}}}, nil
 	}}, nil)
-	if calls != 1 {
-		t.Errorf("Credentials called %d times for one CONNECT", calls)
+	if n := calls.Load(); n != 1 {
+		t.Errorf("Credentials called %d times for one CONNECT", n)
 	}
 	p := cp.Properties
 	if p.AuthMethod != "SAS" || !bytes.Equal(p.AuthData, []byte{1, 2, 3}) {

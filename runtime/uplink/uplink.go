@@ -102,6 +102,8 @@ type Options struct {
 	OnMessage func(*Inbound)
 	// OnConnect is called once each connection is up and subscribed.
 	OnConnect func()
+	// OnConnectionDown is called when a connection is lost.
+	OnConnectionDown func()
 	// Refusal decides what becomes of a forwarded message the upstream
 	// refused (PUBACK reason code 0x80 or above, with the PUBACK's user
 	// properties). nil = drop on 0x90 (topic name invalid) and 0x99
@@ -293,7 +295,9 @@ func (u *Uplink) Start() error {
 		u.cancel()
 		return fmt.Errorf("uplink: %w", err)
 	}
+	u.mu.Lock()
 	u.cm = cm
+	u.mu.Unlock()
 	u.wg.Add(2)
 	go u.notifyLoop()
 	go u.watchdog()
@@ -495,6 +499,9 @@ func (u *Uplink) onUp(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 
 func (u *Uplink) onDown() bool {
 	u.connected.Store(false)
+	if u.opts.OnConnectionDown != nil {
+		u.opts.OnConnectionDown()
+	}
 	u.log.Warn("uplink disconnected; storing until it returns")
 	return true
 }

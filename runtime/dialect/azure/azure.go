@@ -10,6 +10,7 @@ package azure
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/twin"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
 )
@@ -101,6 +103,12 @@ type Options struct {
 	CommandTimeout time.Duration
 	// Journal records the commands run, by sequence number.
 	Journal *storage.State
+	// Twin is the cached twin the dialect keeps in line with the hub; nil
+	// = the twin is not used.
+	Twin *twin.Twin
+	// RequestTimeout bounds the wait for the hub's answer to a twin
+	// request. Default 30s.
+	RequestTimeout time.Duration
 	Server  Server
 	Agent   string // client-agent property, e.g. "outpost/1.0"
 	Log     *slog.Logger
@@ -124,6 +132,14 @@ type Dialect struct {
 
 	cmdMu   sync.Mutex      // orders a command's journal read and write
 	running map[uint64]*run // commands being served, by sequence number
+
+	reqMu    sync.Mutex
+	requests map[string]chan *uplink.Inbound // twin requests waiting for their response, by correlation data
+	corrBase [8]byte                         // random: correlation data of this process never repeat an earlier one's
+	corrSeq  uint64
+	wake     chan struct{} // buffered 1: the twin loop has something to do
+	needGet  bool          // the twin must be read whole (reqMu)
+	up       bool          // a connection is up (reqMu)
 }
 
 // New checks o and returns a dialect.
@@ -152,6 +168,9 @@ func New(o Options) (*Dialect, error) {
 	if o.CommandTimeout <= 0 {
 		o.CommandTimeout = 60 * time.Second
 	}
+	if o.RequestTimeout <= 0 {
+		o.RequestTimeout = 30 * time.Second
+	}
 	if o.now == nil {
 		o.now = time.Now
 	}
@@ -159,8 +178,13 @@ func New(o Options) (*Dialect, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Dialect{o: o, log: log}
+	d := &Dialect{o: o, log: log, requests: map[string]chan *uplink.Inbound{}, wake: make(chan struct{}, 1)}
+	_, _ = rand.Read(d.corrBase[:])
 	d.ctx, d.cancel = context.WithCancel(context.Background())
+	if o.Twin != nil {
+		d.wg.Add(1)
+		go d.twinLoop()
+	}
 	return d, nil
 }
 
@@ -309,9 +333,22 @@ func (d *Dialect) OnServerDisconnect(reason byte, props []uplink.Property) {
 	}
 }
 
-// OnConnect schedules the re-authentication of the new connection.
+// OnConnect schedules the re-authentication of the new connection and
+// brings the twin in line: a full read, then the reported patches queued
+// meanwhile, in order.
 func (d *Dialect) OnConnect() {
 	d.scheduleReauth()
+	d.reqMu.Lock()
+	d.up, d.needGet = true, true
+	d.reqMu.Unlock()
+	d.poke()
+}
+
+// OnConnectionDown stops the twin loop's sends until the next connection.
+func (d *Dialect) OnConnectionDown() {
+	d.reqMu.Lock()
+	d.up = false
+	d.reqMu.Unlock()
 }
 
 // scheduleReauth arms the timer that re-authenticates at four fifths of
@@ -371,6 +408,10 @@ func (d *Dialect) reauthenticate() {
 // OnMessage serves a PUBLISH from the hub by its topic.
 func (d *Dialect) OnMessage(m *uplink.Inbound) {
 	switch {
+	case m.Topic == TopicResponses:
+		d.response(m)
+	case m.Topic == TopicTwinDesired:
+		d.desired(m)
 	case m.Topic == TopicCommands:
 		d.command(m)
 	case strings.HasPrefix(m.Topic, TopicMethodsPrefix):
