@@ -8,9 +8,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -21,9 +23,11 @@ import (
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/admin"
 	"github.com/outpost-edge/outpost/runtime/broker"
+	"github.com/outpost-edge/outpost/runtime/dialect/azure"
 	"github.com/outpost-edge/outpost/runtime/dialect/generic"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/router"
+	"github.com/outpost-edge/outpost/runtime/twin"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
 )
@@ -36,6 +40,8 @@ type Agent struct {
 	router   *router.Router
 	broker   *broker.Broker
 	uplink   *uplink.Uplink // nil when no uplink is configured
+	azure    *azure.Dialect // the azure dialect, when configured
+	twin     *twin.Twin
 	engine   *sandbox.Engine
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
@@ -120,7 +126,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 
 	if cfg.Uplink.URL != "" {
-		a.uplink, err = newUplink(cfg, a.outbox, log.With("component", "uplink"))
+		err = a.openUplink()
 		if err != nil {
 			a.closePlugins(context.Background())
 			_ = a.broker.Close()
@@ -253,25 +259,26 @@ func (a *Agent) closePlugins(ctx context.Context) {
 // Plugins returns the plugin registry, to install and list plugins.
 func (a *Agent) Plugins() *plugins.Registry { return a.plugins }
 
-func newUplink(cfg Config, src uplink.Source, log *slog.Logger) (*uplink.Uplink, error) {
+// openUplink builds the uplink with its dialect.
+func (a *Agent) openUplink() error {
+	cfg := a.cfg
 	u := cfg.Uplink
 	target, err := ParseUplinkURL(u.URL)
 	if err != nil {
-		return nil, fmt.Errorf("uplink.url: %w", err)
+		return fmt.Errorf("uplink.url: %w", err)
 	}
 	var tlsCfg *tls.Config
 	if target.Scheme == "mqtts" {
 		tlsCfg, err = loadTLS(u.TLS)
 		if err != nil {
-			return nil, err
+			return err
 		}
 	}
 	clientID := u.ClientID
 	if clientID == "" {
 		clientID = "outpost-" + cfg.DeviceID
 	}
-	d := generic.New(u.TopicPrefix, cfg.DeviceID)
-	return uplink.New(uplink.Options{
+	opts := uplink.Options{
 		URL:            target,
 		TLS:            tlsCfg,
 		ClientID:       clientID,
@@ -282,10 +289,89 @@ func newUplink(cfg Config, src uplink.Source, log *slog.Logger) (*uplink.Uplink,
 		BackoffMin:     time.Duration(u.BackoffMin),
 		BackoffMax:     time.Duration(u.BackoffMax),
 		StallTimeout:   time.Duration(u.StallTimeout),
-		Source:         src,
-		Topic:          func(m *storage.Message) string { return d.TelemetryTopic(m.Topic) },
-		Logger:         log,
+		Source:         a.outbox,
+		Logger:         a.log.With("component", "uplink"),
+	}
+	switch u.Dialect {
+	case "azure":
+		if err := a.openAzure(&opts, target.Hostname(), tlsCfg == nil); err != nil {
+			return err
+		}
+	default:
+		d := generic.New(u.TopicPrefix, cfg.DeviceID)
+		opts.Topic = func(m *storage.Message) string { return d.TelemetryTopic(m.Topic) }
+	}
+	a.uplink, err = uplink.New(opts)
+	if err != nil {
+		return err
+	}
+	if a.azure != nil {
+		a.azure.Attach(a.uplink)
+	}
+	return nil
+}
+
+// openAzure sets up the azure dialect and gives its hooks to the uplink.
+func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) error {
+	c := a.cfg.Uplink.Azure
+	var key []byte
+	if c.SharedAccessKey != "" {
+		var err error
+		if key, err = base64.StdEncoding.DecodeString(c.SharedAccessKey); err != nil {
+			return fmt.Errorf("uplink.azure.shared_access_key: %w", err)
+		}
+	}
+	host := c.Host
+	if host == "" {
+		host = urlHost
+	}
+	dev := c.DeviceID
+	if dev == "" {
+		dev = a.cfg.DeviceID
+	}
+	journal, err := a.outbox.State("azure-journal")
+	if err != nil {
+		return err
+	}
+	if err := a.openTwin(); err != nil {
+		return err
+	}
+	d, err := azure.New(azure.Options{
+		Host: host, DeviceID: dev, ModuleID: c.ModuleID, Key: key, Policy: c.SASPolicy,
+		SendHost: plain || net.ParseIP(urlHost) != nil || urlHost != host,
+		SASLifetime: time.Duration(c.SASLifetime), DefaultCommand: c.DefaultCommand,
+		MethodTimeout: time.Duration(c.MethodTimeout), CommandTimeout: time.Duration(c.CommandTimeout),
+		Journal: journal, Twin: a.twin, Server: a.dispatch, Agent: "outpost/" + Version,
+		Log: a.log.With("component", "azure"),
 	})
+	if err != nil {
+		return err
+	}
+	a.azure = d
+	opts.ClientID = d.ClientID()
+	opts.Username, opts.Password = "", nil
+	opts.Credentials = d.Credentials
+	opts.Topic = d.TelemetryTopic
+	opts.UserProps = d.TelemetryProps
+	opts.NoRequestProps = true
+	opts.NoRetain = true
+	opts.Subscriptions = d.Subscriptions()
+	opts.OnMessage = d.OnMessage
+	opts.OnConnect = d.OnConnect
+	opts.OnConnectionDown = d.OnConnectionDown
+	opts.OnServerDisconnect = d.OnServerDisconnect
+	opts.Refusal = d.Refusal
+	return nil
+}
+
+// openTwin opens the cached twin.
+func (a *Agent) openTwin() error {
+	st, err := a.outbox.State("twin")
+	if err != nil {
+		return err
+	}
+	a.twin, err = twin.Open(st)
+	return err
 }
 
 func loadTLS(c TLSConfig) (*tls.Config, error) {
@@ -370,6 +456,9 @@ func (a *Agent) close(ctx context.Context) error {
 		if err := a.uplink.Close(ctx); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if a.azure != nil {
+		a.azure.Close(ctx)
 	}
 	st := a.outbox.Stats()
 	if err := a.outbox.Close(); err != nil {

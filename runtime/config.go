@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"bytes"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +21,10 @@ import (
 
 	"github.com/outpost-edge/outpost/runtime/router"
 )
+
+// Version is the agent's version, as the binary reports it (the hub sees it
+// in the Azure client-agent property).
+var Version = "dev"
 
 // Config is the agent's configuration: one YAML file (snake_case keys),
 // decoded over the embedded defaults, then validated as a whole.
@@ -114,7 +119,9 @@ type RouteConfig struct {
 
 // UplinkConfig configures the upstream connection.
 type UplinkConfig struct {
-	Dialect string `yaml:"dialect"` // generic
+	// Dialect is the hub's API: generic (plain MQTT 5), azure (Azure IoT
+	// Hub MQTT 5), watson (Watson IoT Platform).
+	Dialect string `yaml:"dialect"`
 	// URL of the upstream broker, mqtt://host:port or mqtts://host:port.
 	// Empty: no uplink, messages are stored until one is configured.
 	URL      string    `yaml:"url"`
@@ -130,6 +137,27 @@ type UplinkConfig struct {
 	BackoffMin     Duration `yaml:"backoff_min"`
 	BackoffMax     Duration `yaml:"backoff_max"`
 	StallTimeout   Duration `yaml:"stall_timeout"`
+
+	Azure AzureConfig `yaml:"azure"`
+}
+
+// AzureConfig configures the azure dialect.
+type AzureConfig struct {
+	// Host is the hub's host name, which the SAS signature covers. Default:
+	// the URL's host.
+	Host     string `yaml:"host"`
+	DeviceID string `yaml:"device_id"` // default: device_id
+	ModuleID string `yaml:"module_id"`
+	// SharedAccessKey is the base64 key that signs the SAS: the device's,
+	// or the policy's with SASPolicy. Empty: X.509 (uplink.tls.cert_file).
+	SharedAccessKey string   `yaml:"shared_access_key"`
+	SASPolicy       string   `yaml:"sas_policy"`
+	SASLifetime     Duration `yaml:"sas_lifetime"` // default 1h; re-authenticated at four fifths
+	// DefaultCommand names the handler of commands without an @command
+	// application property. Default c2d.
+	DefaultCommand string   `yaml:"default_command"`
+	MethodTimeout  Duration `yaml:"method_timeout"`  // default 30s
+	CommandTimeout Duration `yaml:"command_timeout"` // default 60s
 }
 
 // TLSConfig configures mqtts:// connections.
@@ -303,7 +331,10 @@ func (c *Config) Validate() error {
 	}
 
 	u := &c.Uplink
-	oneOf("uplink.dialect", u.Dialect, "generic")
+	oneOf("uplink.dialect", u.Dialect, "generic", "azure")
+	if u.Dialect == "azure" {
+		c.validateAzure(bad)
+	}
 	if u.URL != "" {
 		if _, err := ParseUplinkURL(u.URL); err != nil {
 			bad("uplink.url", "%v", err)
@@ -331,6 +362,42 @@ func (c *Config) Validate() error {
 		bad("uplink.tls", "cert_file and key_file go together")
 	}
 	return errors.Join(errs...)
+}
+
+// validateAzure checks the azure dialect's settings.
+func (c *Config) validateAzure(bad func(key, format string, args ...any)) {
+	u, a := &c.Uplink, &c.Uplink.Azure
+	if u.Username != "" || u.Password != "" {
+		bad("uplink.username", "not used by the azure dialect, which signs with uplink.azure.shared_access_key or uses X.509")
+	}
+	if a.SharedAccessKey != "" {
+		if _, err := base64.StdEncoding.DecodeString(a.SharedAccessKey); err != nil {
+			bad("uplink.azure.shared_access_key", "not base64: %v", err)
+		}
+	} else if u.TLS.CertFile == "" {
+		bad("uplink.azure.shared_access_key", "required, unless X.509 authenticates (uplink.tls.cert_file)")
+	} else if a.SASPolicy != "" {
+		bad("uplink.azure.sas_policy", "a policy signs with its key: set uplink.azure.shared_access_key")
+	}
+	id := a.DeviceID
+	if id == "" {
+		id = c.DeviceID
+	}
+	if strings.ContainsAny(id+a.ModuleID, "/+#") || len(id) > 128 {
+		bad("uplink.azure.device_id", "%q: at most 128 characters, without '/', '+', '#'", id)
+	}
+	for key, d := range map[string]Duration{"uplink.azure.sas_lifetime": a.SASLifetime,
+		"uplink.azure.method_timeout": a.MethodTimeout, "uplink.azure.command_timeout": a.CommandTimeout} {
+		if d < 0 {
+			bad(key, "must not be negative (0 = the default)")
+		}
+	}
+	if a.SASLifetime > 0 && a.SASLifetime < Duration(10*time.Second) {
+		bad("uplink.azure.sas_lifetime", "%s is below the 10s minimum", time.Duration(a.SASLifetime))
+	}
+	if strings.ContainsAny(a.DefaultCommand, "/+#") {
+		bad("uplink.azure.default_command", "%q: a handler name has no '/', '+', '#'", a.DefaultCommand)
+	}
 }
 
 // ParseUplinkURL checks an upstream URL: mqtt:// or mqtts://, a host and a

@@ -5,6 +5,7 @@
 //	outpost config print [FILE]      print the effective configuration
 //	outpost plugin install|list|inspect|remove|rollback
 //	outpost invoke NAME              call a handler through the running agent
+//	outpost hub [serve|invoke|...]   the local hub emulator and its operator commands
 //	outpost version                  print the version
 package main
 
@@ -33,6 +34,8 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
+func init() { runtime.Version = version }
+
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
@@ -45,6 +48,7 @@ Usage:
   outpost config print [FILE]      print the effective configuration (defaults filled in)
   outpost plugin ...               install, list, inspect, remove, roll back wasm handlers
   outpost invoke NAME              call a handler through the running agent
+  outpost hub ...                  run the local hub emulator, or act on it as the cloud (see 'outpost hub help')
   outpost version                  print the version
 `
 
@@ -62,6 +66,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdPlugin(args[1:], stdout, stderr)
 	case "invoke":
 		return cmdInvoke(args[1:], stdout, stderr)
+	case "hub":
+		return cmdHub(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "outpost", version)
 		return 0

@@ -22,6 +22,15 @@ func init() {
 	guest.Command("fail", func(r *guest.Request) guest.Response {
 		return guest.Error(422, errors.New("refused: "+string(r.Payload())))
 	})
+	// flaky is busy on its first delivery (503: an Azure command is then
+	// abandoned) and done on the next.
+	guest.Command("flaky", func(r *guest.Request) guest.Response {
+		if r.Prop("delivery-count") == "1" {
+			return guest.Text(503, "busy, try again")
+		}
+		return guest.Text(200, "done on delivery "+r.Prop("delivery-count"))
+	})
+	guest.Command("ok", func(r *guest.Request) guest.Response { return guest.Status(200) })
 	guest.Method("sleep", func(r *guest.Request) guest.Response {
 		d, err := time.ParseDuration(string(r.Payload()))
 		if err != nil {
