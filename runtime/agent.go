@@ -338,7 +338,7 @@ func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) erro
 	}
 	d, err := azure.New(azure.Options{
 		Host: host, DeviceID: dev, ModuleID: c.ModuleID, Key: key, Policy: c.SASPolicy,
-		SendHost: plain || net.ParseIP(urlHost) != nil || urlHost != host,
+		SendHost:    plain || net.ParseIP(urlHost) != nil || urlHost != host,
 		SASLifetime: time.Duration(c.SASLifetime), DefaultCommand: c.DefaultCommand,
 		MethodTimeout: time.Duration(c.MethodTimeout), CommandTimeout: time.Duration(c.CommandTimeout),
 		Journal: journal, Twin: a.twin, Server: a.dispatch, Agent: "outpost/" + Version,

@@ -281,4 +281,3 @@ func envOr(key, def string) string {
 	}
 	return def
 }
-

@@ -75,7 +75,7 @@ type Hub struct {
 	apiL net.Listener
 
 	mu      sync.Mutex
-	devices map[string]*device  // by key: "azure/" + device id, "watson/" + type + "/" + id
+	devices map[string]*device // by key: "azure/" + device id, "watson/" + type + "/" + id
 	conns   map[*mqtt.Client]*conn
 	faults  []*Fault
 	events  []Event // the last maxEvents telemetry messages

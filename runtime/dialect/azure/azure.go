@@ -109,10 +109,10 @@ type Options struct {
 	// RequestTimeout bounds the wait for the hub's answer to a twin
 	// request. Default 30s.
 	RequestTimeout time.Duration
-	Server  Server
-	Agent   string // client-agent property, e.g. "outpost/1.0"
-	Log     *slog.Logger
-	now     func() time.Time // tests
+	Server         Server
+	Agent          string // client-agent property, e.g. "outpost/1.0"
+	Log            *slog.Logger
+	now            func() time.Time // tests
 }
 
 // Dialect is one device connection's protocol state. Create it with New,

@@ -371,7 +371,10 @@ func TestTwinWire(t *testing.T) {
 	}
 	r.c.Send(&packets.Publish{Topic: TopicResponses, Properties: &packets.Properties{CorrelationData: p.Properties.CorrelationData,
 		User: []packets.User{{Key: PropVersion, Value: "10"}}}})
-	waitFor(t, func() bool { rep := r.tw.Reported(); return rep.Version == 10 && len(r.tw.Pending()) == 0 && rep.Props["fw"] == "2.0" })
+	waitFor(t, func() bool {
+		rep := r.tw.Reported()
+		return rep.Version == 10 && len(r.tw.Pending()) == 0 && rep.Props["fw"] == "2.0"
+	})
 }
 
 func jsonOf(v any) string { b, _ := json.Marshal(v); return string(b) }
