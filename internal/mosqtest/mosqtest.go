@@ -3,6 +3,7 @@
 package mosqtest
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -285,4 +286,106 @@ func (b *Broker) LogTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// Sub is a mosquitto_sub process of a test: an outside client that prints
+// what the broker delivers, one line per message in its -F format.
+type Sub struct {
+	mu    sync.Mutex
+	lines []string
+	probe string
+}
+
+// Subscribe runs mosquitto_sub (MQTT 5, QoS 1, retain as published) on the
+// broker at addr for filters, printing each message with format, and
+// returns once the subscription delivers. It stops with the test.
+func Subscribe(t testing.TB, addr, format string, filters ...string) *Sub {
+	t.Helper()
+	Require(t, "mosquitto_sub", "mosquitto_pub")
+	host, port, _ := net.SplitHostPort(addr)
+	s := &Sub{probe: fmt.Sprintf("mosqtest/probe/%d", time.Now().UnixNano())}
+	args := []string{"-h", host, "-p", port, "-V", "mqttv5", "-q", "1", "--retain-as-published", "-F", "%t\x1f" + format, "-t", s.probe}
+	for _, f := range filters {
+		args = append(args, "-t", f)
+	}
+	bin, _ := LookPath("mosquitto_sub")
+	cmd := exec.Command(bin, args...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			s.mu.Lock()
+			s.lines = append(s.lines, sc.Text())
+			s.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-done
+		_ = cmd.Wait()
+	})
+	pub, _ := LookPath("mosquitto_pub")
+	err = Eventually(10*time.Second, 100*time.Millisecond, func() error {
+		if out, err := exec.Command(pub, "-h", host, "-p", port, "-t", s.probe, "-m", "probe").CombinedOutput(); err != nil {
+			return fmt.Errorf("mosquitto_pub: %v %s", err, out)
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, l := range s.lines {
+			if strings.HasPrefix(l, s.probe+"\x1f") {
+				return nil
+			}
+		}
+		return errors.New("the probe did not arrive")
+	})
+	if err != nil {
+		t.Fatalf("mosquitto_sub not subscribed: %v (stderr: %s)", err, stderr.String())
+	}
+	return s
+}
+
+// Lines returns the lines printed so far, without the probes, each as
+// "topic|" and the line in the Subscribe format.
+func (s *Sub) Lines() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, l := range s.lines {
+		topic, rest, _ := strings.Cut(l, "\x1f")
+		if topic != s.probe {
+			out = append(out, topic+"|"+rest)
+		}
+	}
+	return out
+}
+
+// Wait returns the first line that contains substr,
+// waiting at most timeout.
+func (s *Sub) Wait(t testing.TB, timeout time.Duration, substr string) string {
+	t.Helper()
+	var found string
+	err := Eventually(timeout, 10*time.Millisecond, func() error {
+		for _, l := range s.Lines() {
+			if strings.Contains(l, substr) {
+				found = l
+				return nil
+			}
+		}
+		return errors.New("no such line")
+	})
+	if err != nil {
+		t.Fatalf("mosquitto_sub printed no line with %q within %s; it printed:\n%s", substr, timeout, strings.Join(s.Lines(), "\n"))
+	}
+	return found
 }

@@ -205,8 +205,10 @@ func (d *Dialect) fieldValue(mg *managed, name string) (json.RawMessage, bool) {
 		return b, true
 	case "deviceInfo":
 		info := map[string]any{}
-		for k, v := range d.o.DeviceInfo {
-			info[k] = v
+		if mg == d.self {
+			for k, v := range d.o.DeviceInfo {
+				info[k] = v
+			}
 		}
 		mg.mu.Lock()
 		if raw, ok := mg.attrs["deviceInfo"]; ok {
