@@ -251,9 +251,9 @@ type Resume int
 
 // Results of Recover.
 const (
-	Nothing        Resume = iota
-	RestartDownload       // a download was cut: start it again
-	CheckUpdate           // an update was running: find out whether it took
+	Nothing         Resume = iota
+	RestartDownload        // a download was cut: start it again
+	CheckUpdate            // an update was running: find out whether it took
 )
 
 // Recover decides, after a restart, what becomes of a transition that was
