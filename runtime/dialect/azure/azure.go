@@ -405,17 +405,50 @@ func (d *Dialect) reauthenticate() {
 	}
 }
 
+// Kind is what a message from the hub is, by its topic.
+type Kind int
+
+// Kinds of ParseTopic.
+const (
+	KindUnknown  Kind = iota
+	KindResponse      // $iothub/responses
+	KindDesired       // $iothub/twin/patch/desired
+	KindCommand       // $iothub/commands
+	KindMethod        // $iothub/methods/{name}
+)
+
+// ParseTopic reads the topic of a message from the hub: its kind and, for
+// a method, the method's name (one non-empty topic level).
+func ParseTopic(topic string) (Kind, string, error) {
+	switch topic {
+	case TopicResponses:
+		return KindResponse, "", nil
+	case TopicTwinDesired:
+		return KindDesired, "", nil
+	case TopicCommands:
+		return KindCommand, "", nil
+	}
+	if name, ok := strings.CutPrefix(topic, TopicMethodsPrefix); ok {
+		if name == "" || strings.ContainsAny(name, "/+#") {
+			return KindMethod, name, fmt.Errorf("azure: method topic %q: the name must be one topic level", topic)
+		}
+		return KindMethod, name, nil
+	}
+	return KindUnknown, "", fmt.Errorf("azure: %q is not a topic the hub sends on", topic)
+}
+
 // OnMessage serves a PUBLISH from the hub by its topic.
 func (d *Dialect) OnMessage(m *uplink.Inbound) {
-	switch {
-	case m.Topic == TopicResponses:
+	kind, name, err := ParseTopic(m.Topic)
+	switch kind {
+	case KindResponse:
 		d.response(m)
-	case m.Topic == TopicTwinDesired:
+	case KindDesired:
 		d.desired(m)
-	case m.Topic == TopicCommands:
+	case KindCommand:
 		d.command(m)
-	case strings.HasPrefix(m.Topic, TopicMethodsPrefix):
-		d.method(m, m.Topic[len(TopicMethodsPrefix):])
+	case KindMethod:
+		d.method(m, name, err)
 	default:
 		d.log.Warn("message from the hub on a topic the dialect does not serve: dropped", "topic", m.Topic, "qos", m.QoS)
 		_ = m.Ack(0)
@@ -424,7 +457,7 @@ func (d *Dialect) OnMessage(m *uplink.Inbound) {
 
 // method serves a direct method and answers on $iothub/responses with the
 // request's Correlation Data and the handler's status as response-code.
-func (d *Dialect) method(m *uplink.Inbound, name string) {
+func (d *Dialect) method(m *uplink.Inbound, name string, bad error) {
 	corr := m.CorrelationData
 	if len(corr) == 0 || len(corr) > MaxCorrelation {
 		// No answer can be matched to it; the hub never sends one.
@@ -432,8 +465,8 @@ func (d *Dialect) method(m *uplink.Inbound, name string) {
 		return
 	}
 	resp := func(r *sandbox.Response) { d.methodResponse(name, corr, r) }
-	if name == "" || strings.ContainsAny(name, "/+#") {
-		resp(&sandbox.Response{Status: abi.StatusBadRequest, Payload: fmt.Appendf(nil, "method name %q: want one topic level", name)})
+	if bad != nil {
+		resp(&sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(bad.Error())})
 		return
 	}
 	timeout := d.o.MethodTimeout
@@ -503,6 +536,39 @@ func outcomeOf(st abi.Status) outcome {
 	return outcomeReject
 }
 
+// CommandInfo is what the dialect reads from a command's properties.
+type CommandInfo struct {
+	Seq        uint64 // sequence-no
+	Deliveries uint32 // delivery-count
+	Name       string // the handler: @command, or the default
+}
+
+// ParseCommand reads a command's properties: sequence-no (u64, required),
+// delivery-count (u32; 1 when absent), and the handler's name.
+func ParseCommand(props []uplink.Property, defaultName string) (CommandInfo, error) {
+	var c CommandInfo
+	seq, err := strconv.ParseUint(prop(props, PropSequenceNo), 10, 64)
+	if err != nil {
+		return c, fmt.Errorf("azure: command: sequence-no %q is not a u64", prop(props, PropSequenceNo))
+	}
+	c.Seq, c.Deliveries = seq, 1
+	if s := prop(props, PropDeliveryCount); s != "" {
+		n, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return c, fmt.Errorf("azure: command: delivery-count %q is not a u32", s)
+		}
+		c.Deliveries = uint32(n)
+	}
+	c.Name = prop(props, CommandProperty)
+	if c.Name == "" {
+		c.Name = defaultName
+	}
+	if c.Name == "" || len(c.Name) > 256 || strings.ContainsAny(c.Name, "/+#\x00") {
+		return c, fmt.Errorf("azure: command: handler name %q: want 1 to 256 characters without '/', '+', '#'", c.Name)
+	}
+	return c, nil
+}
+
 // journalTTL is how long a command's journal entry is kept: beyond the
 // longest a command can stay queued in the hub (two days).
 const journalTTL = 72 * time.Hour
@@ -512,19 +578,14 @@ const journalTTL = 72 * time.Hour
 // command that ran (or that was running when the agent stopped) not run
 // again.
 func (d *Dialect) command(m *uplink.Inbound) {
-	seqStr := m.Prop(PropSequenceNo)
-	seq, err := strconv.ParseUint(seqStr, 10, 64)
+	info, err := ParseCommand(m.UserProps, d.o.DefaultCommand)
 	if err != nil {
-		d.log.Error("command without a valid sequence-no: rejected", "sequence_no", seqStr)
+		d.log.Error("malformed command: rejected", "error", err)
 		d.ack(m, outcomeReject)
 		return
 	}
-	deliveries, _ := strconv.ParseUint(m.Prop(PropDeliveryCount), 10, 32)
+	seq, deliveries, name := info.Seq, info.Deliveries, info.Name
 	key := fmt.Sprintf("c/%020d", seq)
-	name := m.Prop(CommandProperty)
-	if name == "" {
-		name = d.o.DefaultCommand
-	}
 	log := d.log.With("sequence_no", seq, "command", name, "delivery_count", deliveries)
 
 	d.cmdMu.Lock()
@@ -567,10 +628,6 @@ func (d *Dialect) command(m *uplink.Inbound) {
 	d.running[seq] = &run{waiters: []*uplink.Inbound{m}}
 	d.cmdMu.Unlock()
 
-	if strings.ContainsAny(name, "/+#") {
-		d.finish(seq, key, outcomeReject, log.With("error", "a command name must be one topic level"))
-		return
-	}
 	meta := abi.Meta{Kind: abi.KindCommand, Name: name, Deadline: d.o.CommandTimeout, RequestID: strconv.FormatUint(seq, 10),
 		ContentType: m.ContentType, Props: abiProps(m.UserProps)}
 	if deliveries > 1 || m.Dup {

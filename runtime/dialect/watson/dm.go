@@ -94,6 +94,9 @@ func parseFields(d json.RawMessage) ([]field, error) {
 		return nil, fmt.Errorf("d is not an object: %v", err)
 	}
 	if obj.Field != nil {
+		if *obj.Field == "" {
+			return nil, errors.New("a field without a name")
+		}
 		return []field{{Field: *obj.Field, Value: obj.Value}}, nil
 	}
 	list := obj.Fields
