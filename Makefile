@@ -87,6 +87,9 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz '^FuzzRecord$$' -fuzztime 30s ./storage/
 	$(GO) test -run '^$$' -fuzz '^FuzzSegment$$' -fuzztime 30s ./storage/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeMeta$$' -fuzztime 30s ./abi/
+	@for f in FuzzParseTopic FuzzParseCommand FuzzParseStatus; do $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime 30s ./runtime/dialect/azure/ || exit 1; done
+	@for f in FuzzParseCommandTopic FuzzParseDMTopic FuzzParseEventTopic FuzzDMRequest; do $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime 30s ./runtime/dialect/watson/ || exit 1; done
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDoc$$' -fuzztime 30s ./runtime/twin/
 
 clean: ## remove build output and the default data directory
 	rm -rf bin data examples/*/build
