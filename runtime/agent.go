@@ -24,6 +24,8 @@ import (
 	"github.com/outpost-edge/outpost/runtime/admin"
 	"github.com/outpost-edge/outpost/runtime/broker"
 	"github.com/outpost-edge/outpost/runtime/dialect/azure"
+	"github.com/outpost-edge/outpost/runtime/dialect/watson"
+	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/dialect/generic"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/router"
@@ -40,8 +42,10 @@ type Agent struct {
 	router   *router.Router
 	broker   *broker.Broker
 	uplink   *uplink.Uplink // nil when no uplink is configured
-	azure    *azure.Dialect // the azure dialect, when configured
+	azure    *azure.Dialect  // the azure dialect, when configured
+	watson   *watson.Dialect // the watson dialect, when configured
 	twin     *twin.Twin
+	blobs    *storage.Blobs
 	engine   *sandbox.Engine
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
@@ -297,6 +301,10 @@ func (a *Agent) openUplink() error {
 		if err := a.openAzure(&opts, target.Hostname(), tlsCfg == nil); err != nil {
 			return err
 		}
+	case "watson":
+		if err := a.openWatson(&opts); err != nil {
+			return err
+		}
 	default:
 		d := generic.New(u.TopicPrefix, cfg.DeviceID)
 		opts.Topic = func(m *storage.Message) string { return d.TelemetryTopic(m.Topic) }
@@ -308,7 +316,103 @@ func (a *Agent) openUplink() error {
 	if a.azure != nil {
 		a.azure.Attach(a.uplink)
 	}
+	if a.watson != nil {
+		a.watson.Attach(a.uplink)
+	}
 	return nil
+}
+
+// openWatson sets up the watson dialect and gives its hooks to the uplink.
+func (a *Agent) openWatson(opts *uplink.Options) error {
+	c := a.cfg.Uplink.Watson
+	st, err := a.outbox.State("dm")
+	if err != nil {
+		return err
+	}
+	id := c.DeviceID
+	if id == "" {
+		id = a.cfg.DeviceID
+	}
+	children := make([]watson.Identity, len(c.Children))
+	for i, ch := range c.Children {
+		children[i] = watson.Identity{Type: ch.Type, ID: ch.ID}
+	}
+	manage := c.Org != watson.Quickstart
+	if c.Manage != nil {
+		manage = *c.Manage
+	}
+	actions, err := a.dmActions()
+	if err != nil {
+		return err
+	}
+	d, err := watson.New(watson.Options{
+		Org: c.Org, Type: c.Type, ID: id, Token: c.Token, Gateway: c.Gateway, Children: children,
+		Manage: manage, Lifetime: time.Duration(c.Lifetime), DeviceInfo: c.Info, Metadata: c.Metadata,
+		DeviceActions: orTrue(a.cfg.DM.DeviceActions), FirmwareActions: orTrue(a.cfg.DM.FirmwareActions),
+		Bundles: c.Bundles, Installed: a.cfg.DM.FirmwareVersion, EventFormat: c.Format,
+		State: st, Server: a.dispatch, Actions: actions,
+		Local: func(topic string, payload []byte) error { return a.broker.PublishLocal(topic, payload, 1) },
+		Log:   a.log.With("component", "watson"),
+	})
+	if err != nil {
+		return err
+	}
+	a.watson = d
+	opts.ClientID = d.ClientID()
+	opts.Username, opts.Password = "", nil
+	opts.Credentials = d.Credentials
+	opts.Topic = d.TelemetryTopic
+	opts.NoRetain = true
+	opts.MaxPayload = watson.MaxPayload
+	opts.Subscriptions = d.Subscriptions()
+	opts.OnMessage = d.OnMessage
+	opts.OnConnect = d.OnConnect
+	opts.OnConnectionDown = d.OnConnectionDown
+	return nil
+}
+
+func orTrue(b *bool) bool { return b == nil || *b }
+
+// dmActions are the operator's commands, with a blob name turned into the
+// file's path for the install command.
+func (a *Agent) dmActions() (watson.Actions, error) {
+	if err := a.openBlobs(); err != nil {
+		return nil, err
+	}
+	return blobActions{cmds: dm.Commands{"reboot": a.cfg.DM.RebootCommand, "factory_reset": a.cfg.DM.FactoryResetCommand,
+		"install": a.cfg.DM.InstallCommand}, blobs: a.blobs}, nil
+}
+
+// openBlobs opens the staged files (firmware images) under the data
+// directory.
+func (a *Agent) openBlobs() error {
+	if a.blobs != nil {
+		return nil
+	}
+	var err error
+	a.blobs, err = storage.OpenBlobs(filepath.Join(a.cfg.DataDir, "blobs"))
+	return err
+}
+
+// blobActions runs the operator's commands, giving the install command the
+// image's path.
+type blobActions struct {
+	cmds  dm.Commands
+	blobs *storage.Blobs
+}
+
+func (b blobActions) Has(action string) bool { return b.cmds.Has(action) }
+
+func (b blobActions) Run(ctx context.Context, action string, env map[string]string) error {
+	if name, ok := env["OUTPOST_FIRMWARE_BLOB"]; ok {
+		p, err := b.blobs.Path(name)
+		if err != nil {
+			return err
+		}
+		env["OUTPOST_FIRMWARE_FILE"] = p
+		delete(env, "OUTPOST_FIRMWARE_BLOB")
+	}
+	return b.cmds.Run(ctx, action, env)
 }
 
 // openAzure sets up the azure dialect and gives its hooks to the uplink.
@@ -459,6 +563,9 @@ func (a *Agent) close(ctx context.Context) error {
 	}
 	if a.azure != nil {
 		a.azure.Close(ctx)
+	}
+	if a.watson != nil {
+		a.watson.Close(ctx)
 	}
 	st := a.outbox.Stats()
 	if err := a.outbox.Close(); err != nil {

@@ -43,6 +43,7 @@ type Config struct {
 	Uplink      UplinkConfig  `yaml:"uplink"`
 	Plugins     PluginsConfig `yaml:"plugins"`
 	Admin       AdminConfig   `yaml:"admin"`
+	DM          DMConfig      `yaml:"dm"`
 }
 
 // AdminConfig configures the local administration API (the outpost CLI
@@ -138,7 +139,48 @@ type UplinkConfig struct {
 	BackoffMax     Duration `yaml:"backoff_max"`
 	StallTimeout   Duration `yaml:"stall_timeout"`
 
-	Azure AzureConfig `yaml:"azure"`
+	Azure  AzureConfig  `yaml:"azure"`
+	Watson WatsonConfig `yaml:"watson"`
+}
+
+// WatsonConfig configures the watson dialect.
+type WatsonConfig struct {
+	Org      string `yaml:"org"`       // the 6-character organization id, or quickstart
+	Type     string `yaml:"type"`      // the device (or gateway) type
+	DeviceID string `yaml:"device_id"` // default: device_id
+	Token    string `yaml:"token"`     // the auth token
+	// Gateway connects as a gateway, for itself and its Children.
+	Gateway  bool           `yaml:"gateway"`
+	Children []WatsonChild  `yaml:"children"`
+	Manage   *bool          `yaml:"manage"`   // device management; default on (off on quickstart)
+	Lifetime Duration       `yaml:"lifetime"` // manage lifetime; 0 = never dormant, else at least 1h
+	Info     map[string]any `yaml:"device_info"`
+	Metadata map[string]any `yaml:"metadata"`
+	Bundles  []string       `yaml:"bundles"` // custom action bundles the handlers serve
+	Format   string         `yaml:"event_format"`
+	_        struct{}       `yaml:"-"`
+}
+
+// WatsonChild is a device behind a Watson gateway, managed through it.
+type WatsonChild struct {
+	Type string `yaml:"type"`
+	ID   string `yaml:"id"`
+}
+
+// DMConfig configures device management, whatever the dialect: the
+// operator's commands the agent runs for reboot, factory reset and
+// firmware install (argv lists, run without a shell), and the firmware
+// version running.
+type DMConfig struct {
+	FirmwareVersion     string   `yaml:"firmware_version"`
+	RebootCommand       []string `yaml:"reboot_command"`
+	FactoryResetCommand []string `yaml:"factory_reset_command"`
+	// InstallCommand installs a downloaded image: OUTPOST_FIRMWARE_FILE is
+	// its path, OUTPOST_FIRMWARE_VERSION and OUTPOST_FIRMWARE_NAME the
+	// platform's parameters.
+	InstallCommand  []string `yaml:"install_command"`
+	DeviceActions   *bool    `yaml:"device_actions"`   // advertise reboot and factory reset; default on
+	FirmwareActions *bool    `yaml:"firmware_actions"` // advertise firmware download and update; default on
 }
 
 // AzureConfig configures the azure dialect.
@@ -331,9 +373,18 @@ func (c *Config) Validate() error {
 	}
 
 	u := &c.Uplink
-	oneOf("uplink.dialect", u.Dialect, "generic", "azure")
-	if u.Dialect == "azure" {
+	oneOf("uplink.dialect", u.Dialect, "generic", "azure", "watson")
+	switch u.Dialect {
+	case "azure":
 		c.validateAzure(bad)
+	case "watson":
+		c.validateWatson(bad)
+	}
+	for key, argv := range map[string][]string{"dm.reboot_command": c.DM.RebootCommand,
+		"dm.factory_reset_command": c.DM.FactoryResetCommand, "dm.install_command": c.DM.InstallCommand} {
+		if len(argv) > 0 && argv[0] == "" {
+			bad(key, "the first element is the program to run and must not be empty")
+		}
 	}
 	if u.URL != "" {
 		if _, err := ParseUplinkURL(u.URL); err != nil {
@@ -397,6 +448,52 @@ func (c *Config) validateAzure(bad func(key, format string, args ...any)) {
 	}
 	if strings.ContainsAny(a.DefaultCommand, "/+#") {
 		bad("uplink.azure.default_command", "%q: a handler name has no '/', '+', '#'", a.DefaultCommand)
+	}
+}
+
+// validateWatson checks the watson dialect's settings.
+func (c *Config) validateWatson(bad func(key, format string, args ...any)) {
+	u, w := &c.Uplink, &c.Uplink.Watson
+	if u.Username != "" || u.Password != "" {
+		bad("uplink.username", "not used by the watson dialect, which authenticates with uplink.watson.token")
+	}
+	if w.Org != "quickstart" && !regexp.MustCompile(`^[a-z0-9]{6}$`).MatchString(w.Org) {
+		bad("uplink.watson.org", "%q: want the 6-character organization id, or quickstart", w.Org)
+	}
+	id := w.DeviceID
+	if id == "" {
+		id = c.DeviceID
+	}
+	watsonID := regexp.MustCompile(`^[A-Za-z0-9._-]{1,36}$`)
+	if !watsonID.MatchString(w.Type) {
+		bad("uplink.watson.type", "%q: want 1 to 36 of A-Z a-z 0-9 . _ -", w.Type)
+	}
+	if !watsonID.MatchString(id) {
+		bad("uplink.watson.device_id", "%q: want 1 to 36 of A-Z a-z 0-9 . _ - (device_id is the default)", id)
+	}
+	switch {
+	case w.Org == "quickstart" && w.Gateway:
+		bad("uplink.watson.gateway", "a gateway cannot connect to quickstart")
+	case w.Org == "quickstart" && w.Manage != nil && *w.Manage:
+		bad("uplink.watson.manage", "quickstart has no device management")
+	case w.Org != "quickstart" && w.Token == "":
+		bad("uplink.watson.token", "required (the device's auth token)")
+	}
+	if len(w.Children) > 0 && !w.Gateway {
+		bad("uplink.watson.children", "child devices need gateway: true")
+	}
+	for i, ch := range w.Children {
+		if !watsonID.MatchString(ch.Type) || !watsonID.MatchString(ch.ID) {
+			bad(fmt.Sprintf("uplink.watson.children[%d]", i), "type %q id %q: want 1 to 36 of A-Z a-z 0-9 . _ -", ch.Type, ch.ID)
+		}
+	}
+	if w.Lifetime != 0 && w.Lifetime < Duration(time.Hour) {
+		bad("uplink.watson.lifetime", "%s: 0 (never dormant) or at least 1h", time.Duration(w.Lifetime))
+	}
+	for i, b := range w.Bundles {
+		if !regexp.MustCompile(`^[A-Za-z0-9._-]{1,255}$`).MatchString(b) {
+			bad(fmt.Sprintf("uplink.watson.bundles[%d]", i), "%q: want 1 to 255 of A-Z a-z 0-9 . _ -", b)
+		}
 	}
 }
 
