@@ -29,12 +29,17 @@ const hubUsage = `Usage: outpost hub [serve] [flags]            run the hub emul
        outpost hub twin DEVICE                    print a device's twin
        outpost hub patch-desired DEVICE JSON      patch the desired properties
        outpost hub telemetry [--follow]           print the telemetry received
+       outpost hub firmware-update DEVICE --uri URI [--verifier sha256:HEX] [--version V] [--timeout 10m]
+                                                  run a Watson firmware download and update
+       outpost hub dm DEVICE OP [--payload JSON]  send a Watson DM request (e.g. mgmt/initiate/device/reboot)
+       outpost hub dm-state DEVICE                print a Watson device's DM state
        outpost hub fault --op OP (--status S | --drop) [--device D] [--count N]
                                                   answer the next OP with an error (telemetry,
                                                   twin.get, twin.reported)
 
 The client commands talk to a running hub's API (--api, default ` + defaultHubAPI + `).
-A payload of @FILE reads the file.
+A payload of @FILE reads the file. Azure devices are named by their device id,
+Watson devices by TYPE:ID.
 `
 
 // Defaults of the emulator. defaultHubKey is a fixed key for local use
@@ -53,7 +58,8 @@ func cmdHub(args []string, stdout, stderr io.Writer) int {
 	switch sub {
 	case "serve":
 		return hubServe(args, stdout, stderr)
-	case "devices", "invoke", "send-command", "commands", "twin", "patch-desired", "telemetry", "fault":
+	case "devices", "invoke", "send-command", "commands", "twin", "patch-desired", "telemetry", "fault",
+		"firmware-update", "dm", "dm-state":
 		return hubClient(sub, args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, hubUsage)
@@ -126,6 +132,12 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 	command := fs.String("command", "", "the command's name (the @command application property)")
 	wait := fs.Duration("wait", 0, "wait this long for the command's fate")
 	follow := fs.Bool("follow", false, "print telemetry as it arrives")
+	format := fs.String("format", "", "a Watson command's format (default json)")
+	var fw hub.Firmware
+	fs.StringVar(&fw.URI, "uri", "", "firmware-update: the image's http(s) URI")
+	fs.StringVar(&fw.Verifier, "verifier", "", "firmware-update: sha256:HEX of the image")
+	fs.StringVar(&fw.Version, "version", "", "firmware-update: the image's version")
+	fs.StringVar(&fw.Name, "name", "", "firmware-update: the image's name")
 	var fault hub.Fault
 	fs.StringVar(&fault.Op, "op", "", "fault: the operation")
 	fs.StringVar(&fault.Status, "status", "", "fault: the status to answer (Azure: 4 hex digits)")
@@ -145,7 +157,8 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 		}
 		body = b
 	}
-	want := map[string]int{"devices": 0, "invoke": 2, "send-command": 1, "commands": 1, "twin": 1, "patch-desired": 2, "telemetry": 0, "fault": 0}
+	want := map[string]int{"devices": 0, "invoke": 2, "send-command": 1, "commands": 1, "twin": 1, "patch-desired": 2, "telemetry": 0,
+		"fault": 0, "firmware-update": 1, "dm": 2, "dm-state": 1}
 	if len(pos) != want[sub] {
 		fmt.Fprintf(stderr, "outpost hub %s: want %d arguments, got %d\n\n%s", sub, want[sub], len(pos), hubUsage)
 		return 2
@@ -170,6 +183,9 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 		if *wait > 0 {
 			q.Set("wait", wait.String())
 		}
+		if *format != "" {
+			q.Set("format", *format)
+		}
 	case "commands":
 		method, path = "GET", "/devices/"+esc(pos[0])+"/commands"
 	case "twin":
@@ -181,6 +197,20 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 		if *follow {
 			q.Set("follow", "1")
 		}
+	case "firmware-update":
+		if fw.URI == "" {
+			fmt.Fprintln(stderr, "outpost hub firmware-update: --uri is required")
+			return 2
+		}
+		method, path = "POST", "/devices/"+esc(pos[0])+"/firmware"
+		body, _ = json.Marshal(fw)
+		if *timeout > 0 {
+			q.Set("timeout", timeout.String())
+		}
+	case "dm":
+		method, path = "POST", "/devices/"+esc(pos[0])+"/dm/"+strings.Trim(pos[1], "/")
+	case "dm-state":
+		method, path = "GET", "/devices/"+esc(pos[0])+"/dm"
 	case "fault":
 		if fault.Op == "" || (fault.Status == "") == !fault.Drop {
 			fmt.Fprintln(stderr, "outpost hub fault: want --op and one of --status or --drop")

@@ -112,13 +112,23 @@ func (h *Hub) apiSendCommand(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, 400, map[string]string{"error": err.Error()})
 		return
 	}
+	id := r.PathValue("id")
+	if h.isWatson(id) {
+		err := h.WatsonCommand(id, r.URL.Query().Get("command"), r.URL.Query().Get("format"), body)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, 202, map[string]string{"state": "sent"})
+		return
+	}
 	props := map[string]string{}
 	for k, v := range r.URL.Query() {
 		if name, ok := strings.CutPrefix(k, "prop."); ok && len(v) > 0 {
 			props["@"+name] = v[0]
 		}
 	}
-	cmd, err := h.SendCommand(r.PathValue("id"), r.URL.Query().Get("command"), body, props)
+	cmd, err := h.SendCommand(id, r.URL.Query().Get("command"), body, props)
 	if err != nil {
 		writeJSON(w, 429, map[string]string{"error": err.Error()})
 		return
@@ -175,6 +185,15 @@ func (h *Hub) apiTelemetry(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+}
+
+// isWatson reports whether an API device id names a Watson device
+// (TYPE:ID) rather than an Azure one.
+func (h *Hub) isWatson(id string) bool {
+	h.mu.Lock()
+	_, azure := h.devices["azure/"+id]
+	h.mu.Unlock()
+	return !azure && strings.Contains(id, ":")
 }
 
 func contextWithTimeout(r *http.Request, d time.Duration) (context.Context, context.CancelFunc) {

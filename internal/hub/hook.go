@@ -97,9 +97,6 @@ func (k *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 		old.cl.Stop(packets.ErrSessionTakenOver)
 	}
 	h.log.Info("device connected", "dialect", c.dev.dialect, "device", c.dev.id, "client", cl.ID)
-	if c.dev.dialect == dialectWatson {
-		h.watsonOnline(c)
-	}
 }
 
 // OnDisconnect forgets the connection.

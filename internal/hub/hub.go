@@ -295,7 +295,8 @@ func (h *Hub) Follow() (<-chan Event, func()) {
 type Fault struct {
 	Device string `json:"device"` // "" = any device
 	// Op is the operation: telemetry, twin.get, twin.reported (Azure);
-	// event, manage, notify (Watson).
+	// event, or a device request with "." for "/" such as mgmt.manage,
+	// notify, device.update.location (Watson).
 	Op string `json:"op"`
 	// Status is the Azure status to answer (e.g. "0501"), or the Watson rc
 	// (e.g. "500").
