@@ -24,10 +24,10 @@ import (
 	"github.com/outpost-edge/outpost/runtime/admin"
 	"github.com/outpost-edge/outpost/runtime/broker"
 	"github.com/outpost-edge/outpost/runtime/dialect/azure"
-	"github.com/outpost-edge/outpost/runtime/dialect/watson"
-	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/dialect/generic"
+	"github.com/outpost-edge/outpost/runtime/dialect/watson"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/router"
 	"github.com/outpost-edge/outpost/runtime/twin"
 	"github.com/outpost-edge/outpost/runtime/uplink"
@@ -41,7 +41,7 @@ type Agent struct {
 	outbox   *storage.Outbox
 	router   *router.Router
 	broker   *broker.Broker
-	uplink   *uplink.Uplink // nil when no uplink is configured
+	uplink   *uplink.Uplink  // nil when no uplink is configured
 	azure    *azure.Dialect  // the azure dialect, when configured
 	watson   *watson.Dialect // the watson dialect, when configured
 	twin     *twin.Twin

@@ -74,6 +74,7 @@ handlers:
   - {kind: command, name: fail}
   - {kind: command, name: flaky}
   - {kind: command, name: ok}
+  - {kind: dm_action, name: device.reboot}
 `, hex.EncodeToString(sum[:]))
 	if _, err := a.Plugins().Install(context.Background(), []byte(man), toolsWasm, nil); err != nil {
 		t.Fatal(err)

@@ -31,6 +31,14 @@ func init() {
 		return guest.Text(200, "done on delivery "+r.Prop("delivery-count"))
 	})
 	guest.Command("ok", func(r *guest.Request) guest.Response { return guest.Status(200) })
+	// device.reboot agrees to a reboot of the device itself, and refuses
+	// one of a child device.
+	guest.DMAction("device.reboot", func(r *guest.Request) guest.Response {
+		if id := r.Prop("device-id"); id != "" && strings.HasPrefix(id, "child") {
+			return guest.Text(409, "the child is busy")
+		}
+		return guest.Status(202)
+	})
 	guest.Method("sleep", func(r *guest.Request) guest.Response {
 		d, err := time.ParseDuration(string(r.Payload()))
 		if err != nil {
