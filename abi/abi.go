@@ -17,6 +17,9 @@ const (
 	Module     = "outpost_v1"
 	ModuleKV   = "outpost_kv_v1"
 	ModuleMQTT = "outpost_mqtt_v1"
+	ModuleBlob = "outpost_blob_v1"
+	ModuleHTTP = "outpost_http_v1"
+	ModuleDM   = "outpost_dm_v1"
 )
 
 // Exports a handler module provides.
@@ -47,6 +50,15 @@ const (
 	FuncKVSet    = "kv_set"    // (kptr, klen, vptr, vlen i32) -> rc i32
 	FuncKVDelete = "kv_delete" // (kptr, klen i32) -> rc i32
 	FuncPublish  = "publish"   // (tptr, tlen, pptr, plen, qos i32) -> rc i32
+)
+
+// Functions of ModuleBlob, ModuleHTTP and ModuleDM (sections 6.4 to 6.6).
+const (
+	FuncBlobSize   = "blob_size"   // (nptr, nlen i32) -> size i64
+	FuncBlobRead   = "blob_read"   // (nptr, nlen, buf, limit i32, offset i64) -> n i32
+	FuncBlobDelete = "blob_delete" // (nptr, nlen i32) -> rc i32
+	FuncHTTPGet    = "http_get"    // (uptr, ulen, nptr, nlen i32) -> size i64
+	FuncProgress   = "progress"    // (percent, mptr, mlen i32) -> rc i32
 )
 
 // Key/value size limits (section 6.2).

@@ -33,9 +33,10 @@ import (
 //	sha256: 3f2a...            # of the wasm module
 //	handlers:
 //	  - {kind: method, name: getDiagnostics}
-//	capabilities: [kv]        # kv, publish
+//	capabilities: [kv]        # kv, publish, blob, http, dm
 //	concurrency: stateless    # or stateful: one instance, one call at a time
 //	publish_topics: []        # topic filters publish may use
+//	http_hosts: []            # hosts http may download from
 //	limits: {memory: 64MiB, timeout: 5s, instances: 2}
 //	config: {any: yaml}       # given to the module's outpost_init as JSON
 type Manifest struct {
@@ -47,11 +48,14 @@ type Manifest struct {
 	// Concurrency is stateless (default: a pool of instances) or stateful
 	// (one instance, calls one at a time, so module state carries from
 	// call to call; it is still lost when the instance fails).
-	Concurrency   string         `yaml:"concurrency"`
-	PublishTopics []string       `yaml:"publish_topics"`
-	Limits        ManifestLimits `yaml:"limits"`
-	Config        map[string]any `yaml:"config"`
-	raw           []byte         // the bytes it was parsed from, which a signature covers
+	Concurrency   string   `yaml:"concurrency"`
+	PublishTopics []string `yaml:"publish_topics"`
+	// HTTPHosts are the hosts the http capability may download from (see
+	// HostList).
+	HTTPHosts HostList       `yaml:"http_hosts"`
+	Limits    ManifestLimits `yaml:"limits"`
+	Config    map[string]any `yaml:"config"`
+	raw       []byte         // the bytes it was parsed from, which a signature covers
 }
 
 // HandlerSpec is one name a plugin serves.
@@ -74,14 +78,20 @@ type ManifestLimits struct {
 	Instances   int            `yaml:"instances"`
 	MaxRequest  units.ByteSize `yaml:"max_request"`
 	MaxResponse units.ByteSize `yaml:"max_response"`
-	KVQuota     units.ByteSize `yaml:"kv_quota"` // key/value bytes [1 MiB]
+	KVQuota     units.ByteSize `yaml:"kv_quota"`   // key/value bytes [1 MiB]
+	HTTPBytes   units.ByteSize `yaml:"http_bytes"` // the largest download [64 MiB]
 }
 
 // Capabilities a manifest may ask for.
 const (
 	CapKV      = "kv"
 	CapPublish = "publish"
+	CapBlob    = "blob"
+	CapHTTP    = "http"
+	CapDM      = "dm"
 )
+
+var capabilities = []string{CapKV, CapPublish, CapBlob, CapHTTP, CapDM}
 
 // CapabilityOf is the capability a module must ask for to import from the
 // host module mod, or "" when mod is not a capability.
@@ -91,6 +101,12 @@ func CapabilityOf(mod string) string {
 		return CapKV
 	case abi.ModuleMQTT:
 		return CapPublish
+	case abi.ModuleBlob:
+		return CapBlob
+	case abi.ModuleHTTP:
+		return CapHTTP
+	case abi.ModuleDM:
+		return CapDM
 	}
 	return ""
 }
@@ -141,9 +157,23 @@ func ParseManifest(b []byte) (*Manifest, error) {
 		bad("limits.instances", "%d with concurrency stateful, which has one instance", m.Limits.Instances)
 	}
 	for i, c := range m.Capabilities {
-		if c != CapKV && c != CapPublish {
-			bad(fmt.Sprintf("capabilities[%d]", i), "%q: want kv or publish", c)
+		if !slices.Contains(capabilities, c) {
+			bad(fmt.Sprintf("capabilities[%d]", i), "%q: want one of %s", c, strings.Join(capabilities, ", "))
 		}
+	}
+	if len(m.HTTPHosts) > 0 && !m.Has(CapHTTP) {
+		bad("http_hosts", "set without the http capability")
+	}
+	if m.Has(CapHTTP) && len(m.HTTPHosts) == 0 {
+		bad("http_hosts", "the http capability needs at least one host (\"*\" for any)")
+	}
+	for i, h := range m.HTTPHosts {
+		if h == "" || strings.ContainsAny(h, "/?#@ ") {
+			bad(fmt.Sprintf("http_hosts[%d]", i), "%q: want a host, host:port, *.domain or *", h)
+		}
+	}
+	if m.Limits.HTTPBytes < 0 || m.Limits.HTTPBytes > 4<<30 {
+		bad("limits.http_bytes", "%d: at most 4GiB", m.Limits.HTTPBytes)
 	}
 	if len(m.PublishTopics) > 0 && !m.Has(CapPublish) {
 		bad("publish_topics", "set without the publish capability")

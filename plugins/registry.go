@@ -36,6 +36,15 @@ type Options struct {
 	// Publish publishes for a plugin (capability publish) once the topic
 	// passed the plugin's publish_topics; nil = not available.
 	Publish sandbox.Publisher
+	// Blobs are the staged blobs (capabilities blob and http); nil = not
+	// available.
+	Blobs BlobStore
+	// Download fetches for the http capability, into Blobs; nil = not
+	// available.
+	Download *Downloader
+	// Progress receives the progress reports of plugins granted dm; nil =
+	// not available.
+	Progress sandbox.Progress
 }
 
 // Registry holds the installed plugins and which serves each name. Its
@@ -199,6 +208,31 @@ func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
 			}
 			return publish(ctx, topic, payload, qos)
 		}
+	}
+	if m.Has(CapBlob) {
+		if r.opts.Blobs == nil {
+			return fmt.Errorf("plugins: %s: capability blob is not available in this agent", m.Name)
+		}
+		cfg.Blobs = r.opts.Blobs
+	}
+	if m.Has(CapHTTP) {
+		if r.opts.Download == nil {
+			return fmt.Errorf("plugins: %s: capability http is not available in this agent", m.Name)
+		}
+		max := int64(m.Limits.HTTPBytes)
+		if max == 0 {
+			max = DefaultHTTPBytes
+		}
+		hosts, dl := m.HTTPHosts, r.opts.Download
+		cfg.HTTPGet = func(ctx context.Context, url, blob string, progress func(int, string)) (int64, error) {
+			return dl.Get(ctx, url, blob, hosts, max, progress)
+		}
+	}
+	if m.Has(CapDM) {
+		if r.opts.Progress == nil {
+			return fmt.Errorf("plugins: %s: capability dm is not available in this agent", m.Name)
+		}
+		cfg.Progress = r.opts.Progress
 	}
 	return nil
 }

@@ -14,7 +14,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -160,8 +162,13 @@ func (a *Agent) openPlugins() error {
 	if err != nil {
 		return err
 	}
+	if err := a.openBlobs(); err != nil {
+		_ = a.engine.Close(context.Background())
+		return err
+	}
+	bs := blobStore{a.blobs}
 	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log,
-		KV: a.pluginKV, Publish: a.pluginPublish})
+		KV: a.pluginKV, Publish: a.pluginPublish, Blobs: bs, Download: &plugins.Downloader{Blobs: bs}, Progress: a.progress})
 	if err != nil {
 		_ = a.engine.Close(context.Background())
 		return err
@@ -174,6 +181,42 @@ func (a *Agent) openPlugins() error {
 		}
 	}
 	return nil
+}
+
+// progress passes a plugin's progress report to the dialect serving the
+// request, and logs it.
+func (a *Agent) progress(req abi.Meta, percent int, msg string) {
+	a.log.Info("progress", "kind", req.Kind, "name", req.Name, "request_id", req.RequestID, "percent", percent, "message", msg)
+	if a.azure != nil {
+		a.azure.OnProgress(req, percent, msg)
+	}
+}
+
+// blobStore gives the plugins the staged blobs, with the sandbox's errors.
+type blobStore struct{ b *storage.Blobs }
+
+func blobErr(err error) error {
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return fmt.Errorf("%w: %w", sandbox.ErrNotFound, err)
+	case errors.Is(err, storage.ErrBadBlob):
+		return fmt.Errorf("%w: %w", sandbox.ErrBadArg, err)
+	}
+	return err
+}
+
+func (s blobStore) Size(name string) (int64, error) { n, err := s.b.Size(name); return n, blobErr(err) }
+func (s blobStore) ReadAt(name string, p []byte, off int64) (int, error) {
+	n, err := s.b.ReadAt(name, p, off)
+	return n, blobErr(err)
+}
+func (s blobStore) Remove(name string) error { return blobErr(s.b.Remove(name)) }
+func (s blobStore) Create(name string) (plugins.BlobWriter, error) {
+	w, err := s.b.Create(name)
+	if err != nil {
+		return nil, blobErr(err)
+	}
+	return w, nil
 }
 
 // pluginKV opens a plugin's key/value namespace in the store.
@@ -349,7 +392,7 @@ func (a *Agent) openWatson(opts *uplink.Options) error {
 		Org: c.Org, Type: c.Type, ID: id, Token: c.Token, Gateway: c.Gateway, Children: children,
 		Manage: manage, Lifetime: time.Duration(c.Lifetime), DeviceInfo: c.Info, Metadata: c.Metadata,
 		DeviceActions: orTrue(a.cfg.DM.DeviceActions), FirmwareActions: orTrue(a.cfg.DM.FirmwareActions),
-		Bundles: c.Bundles, Installed: a.cfg.DM.FirmwareVersion, EventFormat: c.Format,
+		Bundles: c.Bundles, Installed: a.firmwareVersion(), EventFormat: c.Format,
 		State: st, Server: a.dispatch, Actions: actions,
 		Local: func(topic string, payload []byte) error { return a.broker.PublishLocal(topic, payload, 1) },
 		Log:   a.log.With("component", "watson"),
@@ -372,6 +415,24 @@ func (a *Agent) openWatson(opts *uplink.Options) error {
 }
 
 func orTrue(b *bool) bool { return b == nil || *b }
+
+// firmwareVersion is the firmware version running: dm.version_command's
+// output, else dm.firmware_version.
+func (a *Agent) firmwareVersion() string {
+	argv := a.cfg.DM.VersionCommand
+	if len(argv) == 0 {
+		return a.cfg.DM.FirmwareVersion
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).Output()
+	v := strings.TrimSpace(string(out))
+	if err != nil || v == "" {
+		a.log.Warn("dm.version_command gave no version: using dm.firmware_version", "error", err, "output", v)
+		return a.cfg.DM.FirmwareVersion
+	}
+	return v
+}
 
 // dmActions are the operator's commands, with a blob name turned into the
 // file's path for the install command.
@@ -440,12 +501,23 @@ func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) erro
 	if err := a.openTwin(); err != nil {
 		return err
 	}
+	var dmState *storage.State
+	var actions dm.Actions
+	if orTrue(a.cfg.DM.FirmwareActions) {
+		if dmState, err = a.outbox.State("dm"); err != nil {
+			return err
+		}
+		if actions, err = a.dmActions(); err != nil {
+			return err
+		}
+	}
 	d, err := azure.New(azure.Options{
 		Host: host, DeviceID: dev, ModuleID: c.ModuleID, Key: key, Policy: c.SASPolicy,
 		SendHost:    plain || net.ParseIP(urlHost) != nil || urlHost != host,
 		SASLifetime: time.Duration(c.SASLifetime), DefaultCommand: c.DefaultCommand,
 		MethodTimeout: time.Duration(c.MethodTimeout), CommandTimeout: time.Duration(c.CommandTimeout),
 		Journal: journal, Twin: a.twin, Server: a.dispatch, Agent: "outpost/" + Version,
+		State: dmState, Actions: actions, Running: a.firmwareVersion(),
 		Log: a.log.With("component", "azure"),
 	})
 	if err != nil {

@@ -172,7 +172,13 @@ type WatsonChild struct {
 // firmware install (argv lists, run without a shell), and the firmware
 // version running.
 type DMConfig struct {
-	FirmwareVersion     string   `yaml:"firmware_version"`
+	// FirmwareVersion is the firmware version running, unless
+	// VersionCommand says otherwise.
+	FirmwareVersion string `yaml:"firmware_version"`
+	// VersionCommand prints the firmware version running (its trimmed
+	// output); it runs at start, so that an update that rebooted the
+	// device is known to have taken.
+	VersionCommand      []string `yaml:"version_command"`
 	RebootCommand       []string `yaml:"reboot_command"`
 	FactoryResetCommand []string `yaml:"factory_reset_command"`
 	// InstallCommand installs a downloaded image: OUTPOST_FIRMWARE_FILE is

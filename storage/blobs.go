@@ -110,6 +110,22 @@ func (b *Blobs) Open(name string) (*os.File, error) {
 	return f, err
 }
 
+// Size is the size of the blob name; ErrNotFound when there is none.
+func (b *Blobs) Size(name string) (int64, error) {
+	p, err := b.Path(name)
+	if err != nil {
+		return 0, err
+	}
+	fi, err := os.Stat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("%w: blob %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
 // Remove deletes the blob name; a missing blob is not an error.
 func (b *Blobs) Remove(name string) error {
 	p, err := b.Path(name)

@@ -43,6 +43,8 @@ func errno(err error) int32 {
 		return int32(abi.ErrDenied)
 	case errors.Is(err, ErrBadArg):
 		return int32(abi.ErrBadArg)
+	case errors.Is(err, ErrUnavailable):
+		return int32(abi.ErrUnavailable)
 	}
 	return int32(abi.ErrInternal)
 }
@@ -50,7 +52,7 @@ func errno(err error) int32 {
 func (p *Plugin) kvFuncs() []hostFn {
 	kv := p.cfg.KV
 	return []hostFn{
-		{abi.FuncKVGet, 4, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncKVGet, params: 4, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			k := read(c, m, abi.FuncKVGet, i32(s[0]), i32(s[1]))
 			v, err := kv.Get(append([]byte(nil), k...))
 			if err != nil {
@@ -63,7 +65,7 @@ func (p *Plugin) kvFuncs() []hostFn {
 			}
 			ret(s, int32(len(v)))
 		}},
-		{abi.FuncKVSet, 4, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncKVSet, params: 4, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			k, v := read(c, m, abi.FuncKVSet, i32(s[0]), i32(s[1])), read(c, m, abi.FuncKVSet, i32(s[2]), i32(s[3]))
 			// The sizes are checked before anything is copied.
 			if len(k) == 0 || len(k) > abi.MaxKVKey {
@@ -78,7 +80,7 @@ func (p *Plugin) kvFuncs() []hostFn {
 			p.logCapErr(abi.FuncKVSet, err)
 			ret(s, errno(err))
 		}},
-		{abi.FuncKVDelete, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncKVDelete, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			k := append([]byte(nil), read(c, m, abi.FuncKVDelete, i32(s[0]), i32(s[1]))...)
 			err := kv.Delete(k)
 			p.logCapErr(abi.FuncKVDelete, err)
@@ -89,7 +91,7 @@ func (p *Plugin) kvFuncs() []hostFn {
 
 func (p *Plugin) mqttFuncs() []hostFn {
 	return []hostFn{
-		{abi.FuncPublish, 5, 1, func(ctx context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncPublish, params: 5, results: 1, fn: func(ctx context.Context, c *call, m api.Module, s []uint64) {
 			t := read(c, m, abi.FuncPublish, i32(s[0]), i32(s[1]))
 			pl := read(c, m, abi.FuncPublish, i32(s[2]), i32(s[3]))
 			qos := i32(s[4])

@@ -88,9 +88,13 @@ func copyOut(c *call, m api.Module, fn string, buf, limit uint32, src []byte) ui
 
 type hostFn struct {
 	name    string
-	params  int // all i32
-	results int // 0 or 1, i32
+	params  int // all i32, but for those in wide
+	results int // 0 or 1, i32 unless wideResult
 	fn      func(ctx context.Context, c *call, m api.Module, s []uint64)
+	// wide lists the parameters that are i64; wideResult makes the result
+	// i64.
+	wide       []int
+	wideResult bool
 }
 
 // instantiateHost instantiates, in the plugin's runtime, WASI and the host
@@ -112,6 +116,21 @@ func (p *Plugin) instantiateHost(ctx context.Context) error {
 			return err
 		}
 	}
+	if p.cfg.Blobs != nil {
+		if err := p.hostModule(ctx, abi.ModuleBlob, p.blobFuncs()); err != nil {
+			return err
+		}
+	}
+	if p.cfg.HTTPGet != nil {
+		if err := p.hostModule(ctx, abi.ModuleHTTP, p.httpFuncs()); err != nil {
+			return err
+		}
+	}
+	if p.cfg.Progress != nil {
+		if err := p.hostModule(ctx, abi.ModuleDM, p.dmFuncs()); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -122,9 +141,15 @@ func (p *Plugin) hostModule(ctx context.Context, name string, fns []hostFn) erro
 		for i := range params {
 			params[i] = api.ValueTypeI32
 		}
+		for _, i := range f.wide {
+			params[i] = api.ValueTypeI64
+		}
 		var results []api.ValueType
 		if f.results == 1 {
 			results = []api.ValueType{api.ValueTypeI32}
+			if f.wideResult {
+				results[0] = api.ValueTypeI64
+			}
 		}
 		fn := f.fn
 		b.NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(func(ctx context.Context, m api.Module, s []uint64) {
@@ -145,14 +170,14 @@ func ret(s []uint64, v int32) { s[0] = api.EncodeI32(v) }
 
 func (p *Plugin) coreFuncs() []hostFn {
 	return []hostFn{
-		{abi.FuncReqMeta, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncReqMeta, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			buf, limit := i32(s[0]), i32(s[1])
 			if int(limit) >= len(c.meta) {
 				copyOut(c, m, abi.FuncReqMeta, buf, limit, c.meta)
 			}
 			ret(s, int32(len(c.meta)))
 		}},
-		{abi.FuncReqPayload, 3, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncReqPayload, params: 3, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			buf, limit, off := i32(s[0]), i32(s[1]), i32(s[2])
 			var src []byte
 			if int(off) < len(c.payload) {
@@ -160,7 +185,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 			}
 			ret(s, int32(copyOut(c, m, abi.FuncReqPayload, buf, limit, src)))
 		}},
-		{abi.FuncRespWrite, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncRespWrite, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			b := read(c, m, abi.FuncRespWrite, i32(s[0]), i32(s[1]))
 			if !p.spend(c, len(b)) {
 				ret(s, int32(abi.ErrLimit))
@@ -169,7 +194,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 			c.resp = append(c.resp, b...)
 			ret(s, 0)
 		}},
-		{abi.FuncRespSetProp, 4, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncRespSetProp, params: 4, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			k := read(c, m, abi.FuncRespSetProp, i32(s[0]), i32(s[1]))
 			v := read(c, m, abi.FuncRespSetProp, i32(s[2]), i32(s[3]))
 			if len(k) > abi.MaxString || len(v) > abi.MaxString {
@@ -191,7 +216,7 @@ func (p *Plugin) coreFuncs() []hostFn {
 			c.props = append(c.props, abi.Property{Key: string(k), Value: string(v)})
 			ret(s, 0)
 		}},
-		{abi.FuncRespSetCType, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncRespSetCType, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			b := read(c, m, abi.FuncRespSetCType, i32(s[0]), i32(s[1]))
 			if len(b) > abi.MaxString {
 				ret(s, int32(abi.ErrBadArg))
@@ -204,21 +229,21 @@ func (p *Plugin) coreFuncs() []hostFn {
 			c.contentType = c.internCT(b)
 			ret(s, 0)
 		}},
-		{abi.FuncCfgRead, 2, 1, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncCfgRead, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			buf, limit := i32(s[0]), i32(s[1])
 			if int(limit) >= len(p.cfg.Config) {
 				copyOut(c, m, abi.FuncCfgRead, buf, limit, p.cfg.Config)
 			}
 			ret(s, int32(len(p.cfg.Config)))
 		}},
-		{abi.FuncLog, 3, 0, func(_ context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncLog, params: 3, results: 0, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
 			level, msg := i32(s[0]), read(c, m, abi.FuncLog, i32(s[1]), i32(s[2]))
 			if level > abi.LogError {
 				level = abi.LogError
 			}
 			p.guestLog(slogLevel(int(level)), msg)
 		}},
-		{abi.FuncLogEnabled, 1, 1, func(ctx context.Context, c *call, m api.Module, s []uint64) {
+		{name: abi.FuncLogEnabled, params: 1, results: 1, fn: func(ctx context.Context, c *call, m api.Module, s []uint64) {
 			v := int32(0)
 			if p.log.Enabled(ctx, slogLevel(int(i32(s[0])))) {
 				v = 1

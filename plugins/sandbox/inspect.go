@@ -66,7 +66,9 @@ func (e *Engine) Inspect(ctx context.Context, wasm []byte) (*ModuleInfo, error) 
 		info.Problem = err.Error()
 		return info, nil
 	}
-	p := &Plugin{rt: rt, compiled: compiled, cfg: Config{KV: noKV{}, Publish: func(context.Context, string, []byte, byte) error { return nil }}}
+	p := &Plugin{rt: rt, compiled: compiled, cfg: Config{KV: noKV{}, Publish: func(context.Context, string, []byte, byte) error { return nil },
+		Blobs: noKV{}, HTTPGet: func(context.Context, string, string, func(int, string)) (int64, error) { return 0, ErrUnavailable },
+		Progress: func(abi.Meta, int, string) {}}}
 	if err := p.checkExports(); err != nil {
 		info.Problem = err.Error()
 		return info, nil
@@ -81,8 +83,13 @@ func (e *Engine) Inspect(ctx context.Context, wasm []byte) (*ModuleInfo, error) 
 	return info, nil
 }
 
-// noKV stands for a granted key/value capability where nothing is stored.
+// noKV stands for a granted key/value or blob capability where nothing is
+// stored.
 type noKV struct{}
+
+func (noKV) Size(string) (int64, error)                { return 0, ErrNotFound }
+func (noKV) ReadAt(string, []byte, int64) (int, error) { return 0, ErrNotFound }
+func (noKV) Remove(string) error                       { return nil }
 
 func (noKV) Get([]byte) ([]byte, error) { return nil, ErrNotFound }
 func (noKV) Set(_, _ []byte) error      { return ErrNotFound }

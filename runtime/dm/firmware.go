@@ -109,13 +109,14 @@ func (m *Machine) Get() Record {
 	return m.rec
 }
 
-// SetInstalled records the running version (deviceInfo.fwVersion), as the
-// operator configures it or the platform last installed it.
+// SetInstalled records the running version (deviceInfo.fwVersion) as the
+// device reports it; "" keeps the one recorded (the last installed).
 func (m *Machine) SetInstalled(v string) error {
+	if v == "" {
+		return nil
+	}
 	return m.change(func(r *Record) error {
-		if r.Installed == "" || v != "" {
-			r.Installed = v
-		}
+		r.Installed = v
 		return nil
 	})
 }

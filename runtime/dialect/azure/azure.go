@@ -23,6 +23,7 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/twin"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
@@ -109,6 +110,15 @@ type Options struct {
 	// RequestTimeout bounds the wait for the hub's answer to a twin
 	// request. Default 30s.
 	RequestTimeout time.Duration
+	// State keeps the firmware state machine; nil = no firmwareUpdate
+	// method (501).
+	State *storage.State
+	// Actions run the operator's install command.
+	Actions dm.Actions
+	// Running is the firmware version the device runs (as configured).
+	Running string
+	// ActionTimeout is the deadline of a firmware handler. Default 10m.
+	ActionTimeout time.Duration
 	Server         Server
 	Agent          string // client-agent property, e.g. "outpost/1.0"
 	Log            *slog.Logger
@@ -132,6 +142,9 @@ type Dialect struct {
 
 	cmdMu   sync.Mutex      // orders a command's journal read and write
 	running map[uint64]*run // commands being served, by sequence number
+
+	fw    *dm.Machine // nil when State is
+	fwRun *dm.Runner
 
 	reqMu    sync.Mutex
 	requests map[string]chan *uplink.Inbound // twin requests waiting for their response, by correlation data
@@ -171,6 +184,9 @@ func New(o Options) (*Dialect, error) {
 	if o.RequestTimeout <= 0 {
 		o.RequestTimeout = 30 * time.Second
 	}
+	if o.ActionTimeout <= 0 {
+		o.ActionTimeout = 10 * time.Minute
+	}
 	if o.now == nil {
 		o.now = time.Now
 	}
@@ -181,6 +197,9 @@ func New(o Options) (*Dialect, error) {
 	d := &Dialect{o: o, log: log, requests: map[string]chan *uplink.Inbound{}, wake: make(chan struct{}, 1)}
 	_, _ = rand.Read(d.corrBase[:])
 	d.ctx, d.cancel = context.WithCancel(context.Background())
+	if err := d.newFirmware(); err != nil {
+		return nil, err
+	}
 	if o.Twin != nil {
 		d.wg.Add(1)
 		go d.twinLoop()
@@ -188,11 +207,15 @@ func New(o Options) (*Dialect, error) {
 	return d, nil
 }
 
-// Attach gives the dialect the uplink it sends on.
+// Attach gives the dialect the uplink it sends on, and resumes a firmware
+// update a restart cut in the middle.
 func (d *Dialect) Attach(l Link) {
 	d.mu.Lock()
 	d.link = l
 	d.mu.Unlock()
+	if d.fwRun != nil {
+		d.fwRun.Recover(d.afterDownload)
+	}
 }
 
 // Close stops re-authentication and waits (bounded by ctx) for the
@@ -467,6 +490,10 @@ func (d *Dialect) method(m *uplink.Inbound, name string, bad error) {
 	resp := func(r *sandbox.Response) { d.methodResponse(name, corr, r) }
 	if bad != nil {
 		resp(&sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(bad.Error())})
+		return
+	}
+	if name == MethodFirmwareUpdate {
+		d.firmwareMethod(m, corr)
 		return
 	}
 	timeout := d.o.MethodTimeout

@@ -23,6 +23,7 @@ type managed struct {
 	dev      Identity // type and id
 	topicDev Identity // zero: the device-form topics
 	fw       *dm.Machine
+	run      *dm.Runner
 
 	mu          sync.Mutex
 	managed     bool
@@ -37,6 +38,14 @@ func (d *Dialect) newManaged(dev, topicDev Identity) (*managed, error) {
 		return nil, err
 	}
 	mg := &managed{dev: dev, topicDev: topicDev, fw: fw, observing: map[string]bool{}, attrs: map[string]json.RawMessage{}}
+	mg.run = &dm.Runner{Machine: fw, Blob: "firmware-" + dev.Type + "-" + dev.ID, Ctx: d.ctx,
+		Log:     d.log.With("device", dev.String()),
+		Changed: func() { d.notify(mg, "mgmt.firmware") },
+		Call: func(name string, payload []byte, done func(dm.Result)) {
+			d.call(mg, name, payload, func(r *sandbox.Response) {
+				done(dm.Result{Status: r.Status, Props: r.Props, Body: r.Payload, Err: r.Err})
+			})
+		}}
 	if b, err := d.o.State.Get("observe/" + dev.String()); err == nil {
 		_ = json.Unmarshal(b, &mg.observing)
 	}
@@ -463,45 +472,6 @@ func (d *Dialect) custom(mg *managed, bundle, action string, req request) (int, 
 	return 0, "", nil, nil
 }
 
-// firmwareRequest is the payload of the firmware handlers.
-type firmwareRequest struct {
-	URI      string `json:"uri,omitempty"`
-	Verifier string `json:"verifier,omitempty"` // lower-case sha256 hex, or ""
-	Version  string `json:"version,omitempty"`
-	Name     string `json:"name,omitempty"`
-	Blob     string `json:"blob"` // the staged image's name
-}
-
-// firmwareStatus reads a firmware handler's failure: the response property
-// "firmware-status" (1 to 6) when given, else from the status.
-func firmwareStatus(r *sandbox.Response, download bool) int {
-	for _, p := range r.Props {
-		if p.Key == "firmware-status" {
-			if n, err := strconv.Atoi(p.Value); err == nil && n >= 2 && n <= 6 {
-				return n
-			}
-		}
-	}
-	switch r.Status {
-	case 400, 404:
-		if download {
-			return dm.UpdateInvalidURI
-		}
-	case 413, 507:
-		return dm.UpdateOutOfMemory
-	case 415:
-		return dm.UpdateUnsupportedImage
-	case 422:
-		return dm.UpdateVerificationFailed
-	}
-	if download {
-		return dm.UpdateConnectionLost
-	}
-	return dm.UpdateUnsupportedImage
-}
-
-func blobName(dev Identity) string { return "firmware-" + dev.Type + "-" + dev.ID }
-
 // firmwareDownload starts a download: (0,*) to (1,*), replied 202, then
 // the firmware.download handler fetches, verifies and stages the image.
 func (d *Dialect) firmwareDownload(mg *managed, _ request) (int, string, any, func()) {
@@ -513,32 +483,8 @@ func (d *Dialect) firmwareDownload(mg *managed, _ request) (int, string, any, fu
 	}
 	return 202, "", nil, func() {
 		d.notify(mg, "mgmt.firmware")
-		d.runDownload(mg)
+		mg.run.Download(nil)
 	}
-}
-
-// runDownload calls the download handler and records its outcome.
-func (d *Dialect) runDownload(mg *managed) {
-	rec := mg.fw.Get()
-	verifier, _ := dm.ParseVerifier(rec.Verifier)
-	body, _ := json.Marshal(firmwareRequest{URI: rec.URI, Verifier: verifier, Version: rec.Version, Name: rec.Name, Blob: blobName(mg.dev)})
-	d.log.Info("firmware download started", "device", mg.dev.String(), "uri", rec.URI, "attempt", rec.Attempts)
-	d.call(mg, ActionFirmwareGet, body, func(r *sandbox.Response) {
-		var err error
-		if r.Status >= 200 && r.Status < 300 {
-			err = mg.fw.Downloaded(blobName(mg.dev))
-			d.log.Info("firmware downloaded", "device", mg.dev.String(), "version", rec.Version)
-		} else {
-			st := firmwareStatus(r, true)
-			err = mg.fw.DownloadFailed(st)
-			d.log.Warn("firmware download failed", "device", mg.dev.String(), "status", int(r.Status), "update_status", st,
-				"response", string(r.Payload), "error", r.Err)
-		}
-		if err != nil {
-			d.log.Error("firmware state not stored", "error", err)
-		}
-		d.notify(mg, "mgmt.firmware")
-	})
 }
 
 // firmwareUpdate starts an install: (2,*) to (2,1), replied 202, then the
@@ -553,74 +499,7 @@ func (d *Dialect) firmwareUpdate(mg *managed, _ request) (int, string, any, func
 	}
 	return 202, "", nil, func() {
 		d.notify(mg, "mgmt.firmware")
-		d.runUpdate(mg)
-	}
-}
-
-// runUpdate calls the update handler, then the install command.
-func (d *Dialect) runUpdate(mg *managed) {
-	rec := mg.fw.Get()
-	body, _ := json.Marshal(firmwareRequest{Version: rec.Version, Name: rec.Name, Blob: rec.Blob})
-	d.call(mg, ActionFirmwareUpdate, body, func(r *sandbox.Response) {
-		var err error
-		switch {
-		case r.Status < 200 || r.Status >= 300:
-			st := firmwareStatus(r, false)
-			err = mg.fw.UpdateFailed(st)
-			d.log.Warn("firmware update refused by its handler", "device", mg.dev.String(), "status", int(r.Status),
-				"update_status", st, "response", string(r.Payload))
-		case d.o.Actions != nil && d.o.Actions.Has("install") && mg == d.self:
-			ctx, cancel := context.WithTimeout(d.ctx, 30*time.Minute)
-			ierr := d.o.Actions.Run(ctx, "install", map[string]string{"OUTPOST_FIRMWARE_BLOB": rec.Blob,
-				"OUTPOST_FIRMWARE_VERSION": rec.Version, "OUTPOST_FIRMWARE_NAME": rec.Name})
-			cancel()
-			if ierr != nil {
-				d.log.Error("firmware install command failed", "device", mg.dev.String(), "error", ierr)
-				err = mg.fw.UpdateFailed(dm.UpdateUnsupportedImage)
-			} else {
-				err = mg.fw.Updated()
-			}
-		default:
-			err = mg.fw.Updated()
-		}
-		if err != nil {
-			d.log.Error("firmware state not stored", "error", err)
-		}
-		if mg.fw.Get().UpdateStatus == dm.UpdateSuccess {
-			d.log.Info("firmware updated", "device", mg.dev.String(), "version", mg.fw.Get().Installed)
-		}
-		d.notify(mg, "mgmt.firmware")
-		d.notify(mg, "deviceInfo")
-	})
-}
-
-// recover resumes what a restart cut: a download starts again; an update
-// that was running is checked against the version the device reports
-// (deviceInfo.fwVersion from the configuration): done if it is the new
-// one, failed otherwise. Nothing stays in progress.
-func (d *Dialect) recover(mg *managed) {
-	res, err := mg.fw.Recover()
-	if err != nil {
-		d.log.Error("firmware state not recovered", "device", mg.dev.String(), "error", err)
-		return
-	}
-	switch res {
-	case dm.RestartDownload:
-		d.log.Warn("firmware download cut by a restart: starting it again", "device", mg.dev.String(), "attempt", mg.fw.Get().Attempts)
-		d.runDownload(mg)
-	case dm.CheckUpdate:
-		rec := mg.fw.Get()
-		if mg == d.self && d.o.Installed != "" && d.o.Installed == rec.Version {
-			err = mg.fw.Updated()
-			d.log.Info("firmware update finished across a restart", "device", mg.dev.String(), "version", rec.Version)
-		} else {
-			err = mg.fw.UpdateFailed(dm.UpdateUnsupportedImage)
-			d.log.Warn("firmware update cut by a restart and not in place: failed", "device", mg.dev.String(),
-				"version", rec.Version, "running", d.o.Installed)
-		}
-		if err != nil {
-			d.log.Error("firmware state not stored", "error", err)
-		}
+		mg.run.Update(func(bool) { d.notify(mg, "deviceInfo") })
 	}
 }
 

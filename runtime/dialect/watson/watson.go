@@ -25,6 +25,7 @@ import (
 	"github.com/outpost-edge/outpost/abi"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
 )
@@ -33,8 +34,8 @@ import (
 const (
 	ActionReboot         = "device.reboot"
 	ActionFactoryReset   = "device.factory_reset"
-	ActionFirmwareGet    = "firmware.download"
-	ActionFirmwareUpdate = "firmware.update"
+	ActionFirmwareGet    = dm.ActionDownload
+	ActionFirmwareUpdate = dm.ActionUpdate
 )
 
 // CustomAction is the handler name of a custom action: custom:BUNDLE:ACTION.
@@ -52,10 +53,7 @@ type Server interface {
 
 // Actions run the operator's system commands: reboot, factory_reset,
 // install. Has reports whether one is configured.
-type Actions interface {
-	Has(action string) bool
-	Run(ctx context.Context, action string, env map[string]string) error
-}
+type Actions = dm.Actions
 
 // Options configure a Dialect.
 type Options struct {
@@ -183,6 +181,7 @@ func New(o Options) (*Dialect, error) {
 	if d.self, err = d.newManaged(Identity{o.Type, o.ID}, self); err != nil {
 		return nil, err
 	}
+	d.self.run.Actions, d.self.run.Running = o.Actions, o.Installed
 	for _, c := range o.Children {
 		if d.children[c], err = d.newManaged(c, c); err != nil {
 			return nil, err
@@ -203,7 +202,7 @@ func (d *Dialect) Attach(l Link) {
 	d.link = l
 	d.mu.Unlock()
 	for _, mg := range d.all() {
-		d.recover(mg)
+		mg.run.Recover(nil)
 	}
 }
 

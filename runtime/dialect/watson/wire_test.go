@@ -14,6 +14,7 @@ import (
 	"github.com/outpost-edge/outpost/internal/mosqtest"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/dm"
 	"github.com/outpost-edge/outpost/runtime/uplink"
 	"github.com/outpost-edge/outpost/storage"
 )
@@ -79,7 +80,7 @@ type wrig struct {
 func rigHandlers(c dispatch.Call) *sandbox.Response {
 	switch c.Meta.Name {
 	case ActionFirmwareGet:
-		var r firmwareRequest
+		var r dm.Request
 		_ = json.Unmarshal(c.Payload, &r)
 		switch {
 		case strings.Contains(r.URI, "missing"):
