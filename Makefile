@@ -14,12 +14,14 @@ TESTFLAGS ?= -race -shuffle=on -timeout 25m
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: examples ## build the agent into bin/outpost, and the example handlers
+build: examples ## build the agent into bin/outpost, the example and the first-party handlers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/outpost
 
-# Each examples/<name>/ builds into examples/<name>/build/: module.wasm and
-# manifest.yaml, the manifest.yaml.in with the module's sha256 filled in.
-EXAMPLES_GO := examples/handler-go
+# Each examples/<name>/ and plugins/builtin/<name>/ builds into its build/:
+# module.wasm and manifest.yaml, the manifest.yaml.in with the module's
+# sha256 filled in.
+BUILTINS    := plugins/builtin/firmware plugins/builtin/device
+EXAMPLES_GO := examples/handler-go $(BUILTINS)
 EXAMPLES_AS := examples/handler-as
 EXAMPLES    := $(EXAMPLES_GO) $(EXAMPLES_AS)
 ASC         := abi/guest-as/node_modules/.bin/asc
@@ -28,7 +30,7 @@ $(ASC): abi/guest-as/package-lock.json
 	npm ci --prefix abi/guest-as --no-audit --no-fund
 	@touch $(ASC)
 
-examples: $(ASC) ## build the example wasm handlers (Go, AssemblyScript) into examples/*/build
+examples: $(ASC) ## build the example handlers (Go, AssemblyScript) and the first-party ones (plugins/builtin) into */build
 	@for d in $(EXAMPLES_GO); do \
 		mkdir -p $$d/build && \
 		(cd $$d && GOOS=wasip1 GOARCH=wasm $(GO) build -buildmode=c-shared -trimpath -o build/module.wasm .) || exit 1; \
@@ -92,4 +94,4 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz '^FuzzParseDoc$$' -fuzztime 30s ./runtime/twin/
 
 clean: ## remove build output and the default data directory
-	rm -rf bin data examples/*/build
+	rm -rf bin data examples/*/build plugins/builtin/*/build

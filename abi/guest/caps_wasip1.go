@@ -58,3 +58,59 @@ func publishHost(topic string, payload []byte, qos int) error {
 	}
 	return nil
 }
+
+//go:wasmimport outpost_http_v1 http_get
+func httpGet(up unsafe.Pointer, ul uint32, np unsafe.Pointer, nl uint32) int64
+
+//go:wasmimport outpost_blob_v1 blob_size
+func blobSize(np unsafe.Pointer, nl uint32) int64
+
+//go:wasmimport outpost_blob_v1 blob_read
+func blobRead(np unsafe.Pointer, nl uint32, buf unsafe.Pointer, limit uint32, off int64) int32
+
+//go:wasmimport outpost_blob_v1 blob_delete
+func blobDelete(np unsafe.Pointer, nl uint32) int32
+
+//go:wasmimport outpost_dm_v1 progress
+func progressImport(percent uint32, mp unsafe.Pointer, ml uint32) int32
+
+func httpGetHost(url, blob string) (int64, error) {
+	n := httpGet(ptr(url), uint32(len(url)), ptr(blob), uint32(len(blob)))
+	if n < 0 {
+		return 0, abi.Errno(n)
+	}
+	return n, nil
+}
+
+func blobSizeHost(name string) (int64, error) {
+	n := blobSize(ptr(name), uint32(len(name)))
+	if n < 0 {
+		return 0, abi.Errno(n)
+	}
+	return n, nil
+}
+
+func blobReadHost(name string, p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n := blobRead(ptr(name), uint32(len(name)), unsafe.Pointer(unsafe.SliceData(p)), uint32(len(p)), off)
+	if n < 0 {
+		return 0, abi.Errno(n)
+	}
+	return int(n), nil
+}
+
+func blobDeleteHost(name string) error {
+	if rc := blobDelete(ptr(name), uint32(len(name))); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}
+
+func progressHost(percent int, msg string) error {
+	if rc := progressImport(uint32(percent), ptr(msg), uint32(len(msg))); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}

@@ -20,3 +20,13 @@ func kvSetHost(string, []byte) error { return abi.ErrUnavailable }
 func kvDeleteHost(string) error { return abi.ErrUnavailable }
 
 func publishHost(string, []byte, int) error { return abi.ErrUnavailable }
+
+func httpGetHost(string, string) (int64, error) { return 0, abi.ErrUnavailable }
+
+func blobSizeHost(string) (int64, error) { return 0, abi.ErrUnavailable }
+
+func blobReadHost(string, []byte, int64) (int, error) { return 0, abi.ErrUnavailable }
+
+func blobDeleteHost(string) error { return abi.ErrUnavailable }
+
+func progressHost(int, string) error { return abi.ErrUnavailable }
