@@ -435,7 +435,10 @@ func (h *Hub) FirmwareUpdate(ctx context.Context, deviceID string, fw Firmware, 
 		defer deadline.Stop()
 		for {
 			h.mu.Lock()
-			fwv := dev.wat.firmware
+			var fwv map[string]any
+			if dev.wat.firmware != nil {
+				fwv = copyMap(dev.wat.firmware)
+			}
 			ch := dev.wat.notified
 			h.mu.Unlock()
 			if ok, res := done(fwv); ok {
@@ -509,8 +512,12 @@ func (h *Hub) FirmwareUpdate(ctx context.Context, deviceID string, fw Firmware, 
 func (h *Hub) firmwareOf(d *device) map[string]any {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	out := map[string]any{}
-	for k, v := range d.wat.firmware {
+	return copyMap(d.wat.firmware)
+}
+
+func copyMap(m map[string]any) map[string]any {
+	out := make(map[string]any, len(m))
+	for k, v := range m {
 		out[k] = v
 	}
 	return out
@@ -566,8 +573,9 @@ func (h *Hub) Watson(deviceID string) (WatsonState, error) {
 		return WatsonState{}, ErrNoDevice
 	}
 	w := d.wat
-	return WatsonState{Managed: w.managed, Lifetime: w.lifetime, Supports: w.supports, DeviceInfo: w.info,
-		Firmware: w.firmware, Location: w.location, ErrorCodes: w.errors, Logs: w.logs}, nil
+	return WatsonState{Managed: w.managed, Lifetime: w.lifetime, Supports: copyMap(w.supports), DeviceInfo: w.info,
+		Firmware: copyMap(w.firmware), Location: w.location, ErrorCodes: append([]int(nil), w.errors...),
+		Logs: append([]json.RawMessage(nil), w.logs...)}, nil
 }
 
 func (h *Hub) watsonRoutes(mux *http.ServeMux) {
