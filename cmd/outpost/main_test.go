@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -47,10 +48,34 @@ type agentProc struct {
 	addr   string
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
-	stderr *bytes.Buffer
+	stderr *lockedBuffer
+}
+
+// lockedBuffer is the agent's stderr, read while the agent writes it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func startAgent(t *testing.T, upstream string, extra ...string) *agentProc {
+	t.Helper()
+	return startAgentConfig(t, "uplink:\n  backoff_min: 50ms\n  backoff_max: 500ms\n", upstream, extra...)
+}
+
+// startAgentConfig starts the agent with the configuration file config.
+func startAgentConfig(t *testing.T, config, upstream string, extra ...string) *agentProc {
 	t.Helper()
 	port, err := mosqtest.FreePort()
 	if err != nil {
@@ -58,7 +83,7 @@ func startAgent(t *testing.T, upstream string, extra ...string) *agentProc {
 	}
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "outpost.yaml")
-	if err := os.WriteFile(cfg, []byte("uplink:\n  backoff_min: 50ms\n  backoff_max: 500ms\n"), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	p := &agentProc{t: t, addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
@@ -81,7 +106,7 @@ func (p *agentProc) start() {
 	p.t.Helper()
 	p.cmd = exec.Command(binary, p.args...)
 	if p.stderr == nil {
-		p.stderr = &bytes.Buffer{}
+		p.stderr = &lockedBuffer{}
 	}
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
