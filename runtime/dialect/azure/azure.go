@@ -119,10 +119,10 @@ type Options struct {
 	Running string
 	// ActionTimeout is the deadline of a firmware handler. Default 10m.
 	ActionTimeout time.Duration
-	Server         Server
-	Agent          string // client-agent property, e.g. "outpost/1.0"
-	Log            *slog.Logger
-	now            func() time.Time // tests
+	Server        Server
+	Agent         string // client-agent property, e.g. "outpost/1.0"
+	Log           *slog.Logger
+	now           func() time.Time // tests
 }
 
 // Dialect is one device connection's protocol state. Create it with New,
