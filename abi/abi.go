@@ -20,6 +20,7 @@ const (
 	ModuleBlob = "outpost_blob_v1"
 	ModuleHTTP = "outpost_http_v1"
 	ModuleDM   = "outpost_dm_v1"
+	ModuleTwin = "outpost_twin_v1"
 )
 
 // Exports a handler module provides.
@@ -59,6 +60,8 @@ const (
 	FuncBlobDelete = "blob_delete" // (nptr, nlen i32) -> rc i32
 	FuncHTTPGet    = "http_get"    // (uptr, ulen, nptr, nlen i32) -> size i64
 	FuncProgress   = "progress"    // (percent, mptr, mlen i32) -> rc i32
+	FuncTwinGet    = "twin_get"    // (buf, limit i32) -> len i32
+	FuncTwinReport = "twin_report" // (ptr, len i32) -> rc i32
 )
 
 // Key/value size limits (section 6.2).

@@ -33,7 +33,7 @@ import (
 //	sha256: 3f2a...            # of the wasm module
 //	handlers:
 //	  - {kind: method, name: getDiagnostics}
-//	capabilities: [kv]        # kv, publish, blob, http, dm
+//	capabilities: [kv]        # kv, publish, blob, http, dm, twin
 //	concurrency: stateless    # or stateful: one instance, one call at a time
 //	publish_topics: []        # topic filters publish may use
 //	http_hosts: []            # hosts http may download from
@@ -89,9 +89,10 @@ const (
 	CapBlob    = "blob"
 	CapHTTP    = "http"
 	CapDM      = "dm"
+	CapTwin    = "twin"
 )
 
-var capabilities = []string{CapKV, CapPublish, CapBlob, CapHTTP, CapDM}
+var capabilities = []string{CapKV, CapPublish, CapBlob, CapHTTP, CapDM, CapTwin}
 
 // CapabilityOf is the capability a module must ask for to import from the
 // host module mod, or "" when mod is not a capability.
@@ -107,6 +108,8 @@ func CapabilityOf(mod string) string {
 		return CapHTTP
 	case abi.ModuleDM:
 		return CapDM
+	case abi.ModuleTwin:
+		return CapTwin
 	}
 	return ""
 }

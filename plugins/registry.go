@@ -45,6 +45,9 @@ type Options struct {
 	// Progress receives the progress reports of plugins granted dm; nil =
 	// not available.
 	Progress sandbox.Progress
+	// Twin is the device state for plugins granted twin; nil = not
+	// available.
+	Twin sandbox.TwinAccess
 }
 
 // Registry holds the installed plugins and which serves each name. Its
@@ -233,6 +236,12 @@ func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
 			return fmt.Errorf("plugins: %s: capability dm is not available in this agent", m.Name)
 		}
 		cfg.Progress = r.opts.Progress
+	}
+	if m.Has(CapTwin) {
+		if r.opts.Twin == nil {
+			return fmt.Errorf("plugins: %s: capability twin is not available in this agent", m.Name)
+		}
+		cfg.Twin = r.opts.Twin
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -52,6 +54,9 @@ type Agent struct {
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
 	admin    *admin.Server // nil when the admin API is off
+
+	stopTwin context.CancelFunc // ends publishDesired
+	twinDone chan struct{}
 
 	closeOnce sync.Once
 	closeErr  error
@@ -168,7 +173,8 @@ func (a *Agent) openPlugins() error {
 	}
 	bs := blobStore{a.blobs}
 	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log,
-		KV: a.pluginKV, Publish: a.pluginPublish, Blobs: bs, Download: &plugins.Downloader{Blobs: bs}, Progress: a.progress})
+		KV: a.pluginKV, Publish: a.pluginPublish, Blobs: bs, Download: &plugins.Downloader{Blobs: bs}, Progress: a.progress,
+		Twin: agentTwin{a}})
 	if err != nil {
 		_ = a.engine.Close(context.Background())
 		return err
@@ -180,7 +186,76 @@ func (a *Agent) openPlugins() error {
 			return err
 		}
 	}
+	for i, f := range []string{TwinGetTopic, TwinReportTopic} {
+		if err := a.broker.HandleRequests(f, 3+i, a.localTwin); err != nil {
+			a.closePlugins(context.Background())
+			return err
+		}
+	}
 	return nil
+}
+
+// Local topics of the device state: MQTT 5 request/response on
+// outpost/twin/get (the state as JSON) and outpost/twin/report (a reported
+// patch for the hub, answered 202 once queued); desired changes are
+// published on outpost/twin/desired.
+const (
+	TwinGetTopic     = "outpost/twin/get"
+	TwinReportTopic  = "outpost/twin/report"
+	TwinDesiredTopic = "outpost/twin/desired"
+)
+
+// localTwin serves a local request on the device state.
+func (a *Agent) localTwin(r broker.Request) {
+	status, body, ct := abi.StatusOK, []byte(nil), "application/json"
+	var err error
+	if r.Topic == TwinGetTopic {
+		body, err = agentTwin{a}.Get()
+	} else if err = (agentTwin{a}).Report(r.Payload); err == nil {
+		status = abi.StatusAccepted
+	}
+	if err != nil {
+		status, body, ct = abi.StatusUnavailable, []byte(err.Error()), "text/plain"
+		switch {
+		case errors.Is(err, sandbox.ErrBadArg):
+			status = abi.StatusBadRequest
+		case errors.Is(err, sandbox.ErrLimit):
+			status = abi.StatusRequestTooLarge
+		}
+	}
+	if r.ResponseTopic == "" {
+		if err != nil {
+			a.log.Warn("local twin request failed", "topic", r.Topic, "error", err)
+		}
+		return
+	}
+	err = a.broker.Respond(broker.Response{Topic: r.ResponseTopic, Payload: body, QoS: r.QoS, ContentType: ct,
+		CorrelationData: r.CorrelationData, UserProps: [][2]string{{dispatch.StatusProperty, strconv.Itoa(int(status))}}})
+	if err != nil {
+		a.log.Warn("could not publish a response", "topic", r.ResponseTopic, "error", err)
+	}
+}
+
+// publishDesired publishes the desired properties locally each time their
+// version changes, until ctx ends.
+func (a *Agent) publishDesired(ctx context.Context) {
+	var last int64 = -1
+	for {
+		changed := a.twin.Watch()
+		if d := a.twin.Desired(); d.Version != last && d.Version > 0 {
+			last = d.Version
+			d.Props["$version"] = d.Version
+			b, _ := json.Marshal(d.Props)
+			if err := a.broker.PublishLocal(TwinDesiredTopic, b, 1); err != nil {
+				a.log.Warn("desired properties not published locally", "error", err)
+			}
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // progress passes a plugin's progress report to the dialect serving the
@@ -190,6 +265,34 @@ func (a *Agent) progress(req abi.Meta, percent int, msg string) {
 	if a.azure != nil {
 		a.azure.OnProgress(req, percent, msg)
 	}
+}
+
+// agentTwin is the device state plugins granted "twin" see: the cached
+// twin (azure) or the DM attributes (watson).
+type agentTwin struct{ a *Agent }
+
+func (t agentTwin) Get() ([]byte, error) {
+	switch {
+	case t.a.twin != nil:
+		return t.a.twin.JSON(), nil
+	case t.a.watson != nil:
+		return t.a.watson.State(), nil
+	}
+	return nil, fmt.Errorf("%w: no dialect keeps a device state (uplink.dialect)", sandbox.ErrUnavailable)
+}
+
+func (t agentTwin) Report(patch []byte) error {
+	if t.a.twin == nil {
+		return fmt.Errorf("%w: the dialect has no reported state", sandbox.ErrUnavailable)
+	}
+	_, err := t.a.twin.Report(patch)
+	switch {
+	case errors.Is(err, twin.ErrBadPatch):
+		return fmt.Errorf("%w: %w", sandbox.ErrBadArg, err)
+	case errors.Is(err, twin.ErrTooLarge), errors.Is(err, twin.ErrFull):
+		return fmt.Errorf("%w: %w", sandbox.ErrLimit, err)
+	}
+	return err
 }
 
 // blobStore gives the plugins the staged blobs, with the sandbox's errors.
@@ -583,6 +686,11 @@ func (a *Agent) Start() error {
 			return fmt.Errorf("runtime: admin.socket: %w", err)
 		}
 	}
+	if a.twin != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		a.stopTwin, a.twinDone = cancel, make(chan struct{})
+		go func() { defer close(a.twinDone); a.publishDesired(ctx) }()
+	}
 	if a.uplink != nil {
 		if err := a.uplink.Start(); err != nil {
 			return fmt.Errorf("runtime: %w", err)
@@ -623,6 +731,10 @@ func (a *Agent) close(ctx context.Context) error {
 		if err := a.admin.Close(ctx); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if a.stopTwin != nil {
+		a.stopTwin()
+		<-a.twinDone
 	}
 	if err := a.broker.Close(); err != nil {
 		errs = append(errs, err)

@@ -35,3 +35,11 @@ func BlobDelete(name string) error { return blobDeleteHost(name) }
 // Progress reports the progress of the device-management action being
 // served (capability "dm"): percent 0 to 100 and a short message.
 func Progress(percent int, msg string) error { return progressHost(percent, msg) }
+
+// TwinGet returns the device's state as the hub sees it, as JSON
+// (capability "twin"): the cached twin on Azure, the device-management
+// attributes on Watson. It works while the hub is out of reach.
+func TwinGet() ([]byte, error) { return twinGetHost() }
+
+// TwinReport queues a reported patch (a JSON merge patch) for the hub.
+func TwinReport(patch []byte) error { return twinReportHost(patch) }

@@ -114,3 +114,30 @@ func progressHost(percent int, msg string) error {
 	}
 	return nil
 }
+
+//go:wasmimport outpost_twin_v1 twin_get
+func twinGet(buf unsafe.Pointer, limit uint32) int32
+
+//go:wasmimport outpost_twin_v1 twin_report
+func twinReport(p unsafe.Pointer, n uint32) int32
+
+func twinGetHost() ([]byte, error) {
+	buf := make([]byte, 4096)
+	for {
+		n := twinGet(unsafe.Pointer(unsafe.SliceData(buf)), uint32(len(buf)))
+		if n < 0 {
+			return nil, abi.Errno(n)
+		}
+		if int(n) <= len(buf) {
+			return buf[:n], nil
+		}
+		buf = make([]byte, n)
+	}
+}
+
+func twinReportHost(patch []byte) error {
+	if rc := twinReport(unsafe.Pointer(unsafe.SliceData(patch)), uint32(len(patch))); rc < 0 {
+		return abi.Errno(rc)
+	}
+	return nil
+}

@@ -30,3 +30,7 @@ func blobReadHost(string, []byte, int64) (int, error) { return 0, abi.ErrUnavail
 func blobDeleteHost(string) error { return abi.ErrUnavailable }
 
 func progressHost(int, string) error { return abi.ErrUnavailable }
+
+func twinGetHost() ([]byte, error) { return nil, abi.ErrUnavailable }
+
+func twinReportHost([]byte) error { return abi.ErrUnavailable }

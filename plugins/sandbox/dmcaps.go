@@ -139,3 +139,39 @@ func (p *Plugin) dmFuncs() []hostFn {
 		}},
 	}
 }
+
+// TwinAccess is the device state a plugin granted "twin" reads and
+// reports to. Errors: ErrBadArg (not a JSON object), ErrLimit (too large,
+// too many waiting), ErrUnavailable (no such state).
+type TwinAccess interface {
+	Get() ([]byte, error)
+	Report(patch []byte) error
+}
+
+func (p *Plugin) twinFuncs() []hostFn {
+	tw := p.cfg.Twin
+	return []hostFn{
+		{name: abi.FuncTwinGet, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
+			doc, err := tw.Get()
+			if err != nil {
+				p.logCapErr(abi.FuncTwinGet, err)
+				ret(s, errno(err))
+				return
+			}
+			if buf, limit := i32(s[0]), i32(s[1]); int(limit) >= len(doc) {
+				copyOut(c, m, abi.FuncTwinGet, buf, limit, doc)
+			}
+			ret(s, int32(len(doc)))
+		}},
+		{name: abi.FuncTwinReport, params: 2, results: 1, fn: func(_ context.Context, c *call, m api.Module, s []uint64) {
+			if i32(s[1]) > 32<<10 {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
+			patch := append([]byte(nil), read(c, m, abi.FuncTwinReport, i32(s[0]), i32(s[1]))...)
+			err := tw.Report(patch)
+			p.logCapErr(abi.FuncTwinReport, err)
+			ret(s, errno(err))
+		}},
+	}
+}

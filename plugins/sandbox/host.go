@@ -131,6 +131,11 @@ func (p *Plugin) instantiateHost(ctx context.Context) error {
 			return err
 		}
 	}
+	if p.cfg.Twin != nil {
+		if err := p.hostModule(ctx, abi.ModuleTwin, p.twinFuncs()); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -68,7 +68,7 @@ func (e *Engine) Inspect(ctx context.Context, wasm []byte) (*ModuleInfo, error) 
 	}
 	p := &Plugin{rt: rt, compiled: compiled, cfg: Config{KV: noKV{}, Publish: func(context.Context, string, []byte, byte) error { return nil },
 		Blobs: noKV{}, HTTPGet: func(context.Context, string, string, func(int, string)) (int64, error) { return 0, ErrUnavailable },
-		Progress: func(abi.Meta, int, string) {}}}
+		Progress: func(abi.Meta, int, string) {}, Twin: noTwin{}}}
 	if err := p.checkExports(); err != nil {
 		info.Problem = err.Error()
 		return info, nil
@@ -94,3 +94,9 @@ func (noKV) Remove(string) error                       { return nil }
 func (noKV) Get([]byte) ([]byte, error) { return nil, ErrNotFound }
 func (noKV) Set(_, _ []byte) error      { return ErrNotFound }
 func (noKV) Delete([]byte) error        { return ErrNotFound }
+
+// noTwin stands for a granted twin capability with no state.
+type noTwin struct{}
+
+func (noTwin) Get() ([]byte, error) { return nil, ErrUnavailable }
+func (noTwin) Report([]byte) error  { return ErrUnavailable }

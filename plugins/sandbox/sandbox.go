@@ -107,11 +107,12 @@ type Config struct {
 	Log    *slog.Logger
 	// Capabilities: nil is not granted, and a module that imports one is
 	// refused at load.
-	KV       KVStore   // outpost_kv_v1
-	Publish  Publisher // outpost_mqtt_v1; it checks the topic
-	Blobs    BlobStore // outpost_blob_v1
-	HTTPGet  HTTPGet   // outpost_http_v1; it checks the host and the size
-	Progress Progress  // outpost_dm_v1
+	KV       KVStore    // outpost_kv_v1
+	Publish  Publisher  // outpost_mqtt_v1; it checks the topic
+	Blobs    BlobStore  // outpost_blob_v1
+	HTTPGet  HTTPGet    // outpost_http_v1; it checks the host and the size
+	Progress Progress   // outpost_dm_v1
+	Twin     TwinAccess // outpost_twin_v1
 
 	// noTermination compiles the module without wazero's termination
 	// checks, so that nothing ends a call that does not return. Only the
@@ -309,7 +310,7 @@ func (p *Plugin) checkImports() error {
 }
 
 // capabilityModules are the import modules a plugin has only when granted.
-var capabilityModules = []string{abi.ModuleKV, abi.ModuleMQTT, abi.ModuleBlob, abi.ModuleHTTP, abi.ModuleDM}
+var capabilityModules = []string{abi.ModuleKV, abi.ModuleMQTT, abi.ModuleBlob, abi.ModuleHTTP, abi.ModuleDM, abi.ModuleTwin}
 
 func signature(params, results []api.ValueType) string {
 	names := func(ts []api.ValueType) string {

@@ -628,6 +628,19 @@ func (d *Dialect) manage(mg *managed) {
 	}
 }
 
+// State is the device's DM attributes as JSON: deviceInfo, metadata,
+// location (when set) and mgmt.firmware.
+func (d *Dialect) State() []byte {
+	out := map[string]json.RawMessage{}
+	for _, f := range []string{"deviceInfo", "metadata", "location", "mgmt.firmware"} {
+		if v, ok := d.fieldValue(d.self, f); ok {
+			out[f] = v
+		}
+	}
+	b, _ := json.Marshal(out)
+	return b
+}
+
 // Unmanage tells the platform to stop sending DM requests for the device
 // (or a child).
 func (d *Dialect) Unmanage(ctx context.Context, dev Identity) error {
