@@ -192,7 +192,43 @@ func (a *Agent) openPlugins() error {
 			return err
 		}
 	}
+	if err := a.broker.HandleRequests(DMFilter, 5, a.localDM); err != nil {
+		a.closePlugins(context.Background())
+		return err
+	}
 	return nil
+}
+
+// DMFilter is the local request topic of device-initiated device
+// management (Watson): outpost/dm/location, error-code, clear-error-codes,
+// log, clear-logs, manage, unmanage.
+const DMFilter = "outpost/dm/+"
+
+// localDM serves a local device-management request; it runs in the
+// background, since it waits for the platform.
+func (a *Agent) localDM(r broker.Request) {
+	go func() {
+		status, msg := 501, "device management needs uplink.dialect watson"
+		if a.watson != nil {
+			status, msg = a.watson.Local(strings.TrimPrefix(r.Topic, "outpost/dm/"), r.Payload)
+		}
+		if status >= 300 {
+			a.log.Warn("local device-management request failed", "topic", r.Topic, "status", status, "message", msg)
+		}
+		a.respond(r, abi.Status(status), []byte(msg), "text/plain")
+	}()
+}
+
+// respond answers a local request the agent serves itself.
+func (a *Agent) respond(r broker.Request, status abi.Status, body []byte, ct string) {
+	if r.ResponseTopic == "" {
+		return
+	}
+	err := a.broker.Respond(broker.Response{Topic: r.ResponseTopic, Payload: body, QoS: r.QoS, ContentType: ct,
+		CorrelationData: r.CorrelationData, UserProps: [][2]string{{dispatch.StatusProperty, strconv.Itoa(int(status))}}})
+	if err != nil {
+		a.log.Warn("could not publish a response", "topic", r.ResponseTopic, "error", err)
+	}
 }
 
 // Local topics of the device state: MQTT 5 request/response on
@@ -223,17 +259,10 @@ func (a *Agent) localTwin(r broker.Request) {
 			status = abi.StatusRequestTooLarge
 		}
 	}
-	if r.ResponseTopic == "" {
-		if err != nil {
-			a.log.Warn("local twin request failed", "topic", r.Topic, "error", err)
-		}
-		return
-	}
-	err = a.broker.Respond(broker.Response{Topic: r.ResponseTopic, Payload: body, QoS: r.QoS, ContentType: ct,
-		CorrelationData: r.CorrelationData, UserProps: [][2]string{{dispatch.StatusProperty, strconv.Itoa(int(status))}}})
 	if err != nil {
-		a.log.Warn("could not publish a response", "topic", r.ResponseTopic, "error", err)
+		a.log.Warn("local twin request failed", "topic", r.Topic, "error", err)
 	}
+	a.respond(r, status, body, ct)
 }
 
 // publishDesired publishes the desired properties locally each time their
@@ -510,6 +539,9 @@ func (a *Agent) openWatson(opts *uplink.Options) error {
 	opts.Topic = d.TelemetryTopic
 	opts.NoRetain = true
 	opts.MaxPayload = watson.MaxPayload
+	// Quickstart takes QoS 0 only, and no more than a message a second
+	// (PROTOCOLS.md 1.4); the rate is the publishers' to keep.
+	opts.QoS0 = c.Org == watson.Quickstart
 	opts.Subscriptions = d.Subscriptions()
 	opts.OnMessage = d.OnMessage
 	opts.OnConnect = d.OnConnect

@@ -29,21 +29,7 @@ func TestTwinLocalWhileOffline(t *testing.T) {
 	if _, err := a.Plugins().Install(context.Background(), []byte(man), wasm, nil); err != nil {
 		t.Fatal(err)
 	}
-	host, port := hostPort(t, a.BrokerAddrs()[0])
-	rr := func(topic, payload string) (status, body string) {
-		t.Helper()
-		out, err := run(t, 30*time.Second, "mosquitto_rr", "-h", host, "-p", port, "-t", topic, "-e", "replies/twin", "-m", payload, "-W", "20", "-F", "%P|%p")
-		if err != nil {
-			t.Fatal(err)
-		}
-		props, body, _ := strings.Cut(strings.TrimSpace(out), "|")
-		for _, p := range strings.Fields(props) {
-			if v, ok := strings.CutPrefix(p, "status:"); ok {
-				status = v
-			}
-		}
-		return status, body
-	}
+	rr := func(topic, payload string) (string, string) { return requestLocal(t, a, topic, payload) }
 	if st, body := rr("outpost/twin/report", `{"fw":"1.0","site":{"hall":3}}`); st != "202" {
 		t.Fatalf("local report: status %s %s", st, body)
 	}
@@ -77,4 +63,22 @@ func TestTwinLocalWhileOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	sub.Wait(t, 10*time.Second, `"rate":9`)
+}
+
+// requestLocal sends a request to the agent's local broker with
+// mosquitto_rr and returns the response's status property and payload.
+func requestLocal(t *testing.T, a *Agent, topic, payload string) (status, body string) {
+	t.Helper()
+	host, port := hostPort(t, a.BrokerAddrs()[0])
+	out, err := run(t, 30*time.Second, "mosquitto_rr", "-h", host, "-p", port, "-t", topic, "-e", "replies/local", "-m", payload, "-W", "20", "-F", "%P|%p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	props, body, _ := strings.Cut(strings.TrimSpace(out), "|")
+	for _, p := range strings.Fields(props) {
+		if v, ok := strings.CutPrefix(p, "status:"); ok {
+			status = v
+		}
+	}
+	return status, body
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/hub"
+	"github.com/outpost-edge/outpost/internal/mosqtest"
 	"github.com/outpost-edge/outpost/internal/mqtttest"
 )
 
@@ -109,6 +110,35 @@ func TestWatsonThroughHub(t *testing.T) {
 	raw, _ := json.Marshal(map[string]any{"fields": []string{"mgmt.firmware"}})
 	if r, err := h.DMRequest(ctx, dev, "observe", raw, 10*time.Second); err != nil || r.RC != 200 || !strings.Contains(string(r.D), `"state":0`) {
 		t.Fatalf("observe: %+v %v", r, err)
+	}
+
+	// Device-initiated DM, asked for by local clients.
+	mosqtest.Require(t, "mosquitto_rr")
+	for _, c := range []struct{ topic, payload, status string }{
+		{"outpost/dm/location", `{"latitude":51.5072,"longitude":-0.1276,"elevation":35}`, "200"},
+		{"outpost/dm/location", `{"latitude":100,"longitude":0}`, "400"},
+		{"outpost/dm/error-code", `{"errorCode":12}`, "200"},
+		{"outpost/dm/error-code", `{"code":12}`, "400"},
+		{"outpost/dm/log", `{"message":"disk 91% full","severity":1}`, "200"},
+		{"outpost/dm/nothing", ``, "404"},
+	} {
+		if st, body := requestLocal(t, a, c.topic, c.payload); st != c.status {
+			t.Errorf("%s %s: status %s %s, want %s", c.topic, c.payload, st, body, c.status)
+		}
+	}
+	st, _ = h.Watson(dev)
+	if !strings.Contains(string(st.Location), "51.5072") || len(st.ErrorCodes) != 1 || st.ErrorCodes[0] != 12 ||
+		len(st.Logs) != 1 || !strings.Contains(string(st.Logs[0]), "disk 91% full") {
+		t.Fatalf("DM state at the hub: %+v", st)
+	}
+	if st, body := requestLocal(t, a, "outpost/dm/clear-error-codes", ""); st != "200" {
+		t.Fatalf("clear error codes: %s %s", st, body)
+	}
+	if st, body := requestLocal(t, a, "outpost/dm/unmanage", ""); st != "200" {
+		t.Fatalf("unmanage: %s %s", st, body)
+	}
+	if st, _ := h.Watson(dev); st.Managed || len(st.ErrorCodes) != 0 {
+		t.Fatalf("after unmanage and clear: %+v", st)
 	}
 	if s := h.Stats(); s.Disconnects != 0 || s.Connects != 1 {
 		t.Fatalf("hub stats %+v", s)

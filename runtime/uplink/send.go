@@ -185,6 +185,9 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		id:  u.opts.Source.MessageID(m.Seq),
 		qos: min(m.QoS, 1),
 	}
+	if u.opts.QoS0 {
+		p.qos = 0
+	}
 	if p.qos > l.maxQoS {
 		u.setErr(errQoS0Only)
 		u.log.Error("uplink cannot forward", "error", errQoS0Only)

@@ -85,6 +85,9 @@ type Options struct {
 	// NoRetain clears the retain flag upstream even when the server
 	// accepts it (a hub that does not authorize retained messages).
 	NoRetain bool
+	// QoS0 forwards every message at QoS 0 (a hub that takes nothing
+	// else): a message leaves the outbox once written to the connection.
+	QoS0 bool
 	// MaxPayload, when positive, is the largest payload the upstream
 	// accepts: a larger message is dropped (counted as rejected), since
 	// sending it would cost the connection.

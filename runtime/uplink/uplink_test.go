@@ -329,6 +329,23 @@ func TestPayloadOverMaxPayloadDropped(t *testing.T) {
 	}
 }
 
+// TestQoS0Option: with QoS0 set a QoS 1 message goes out at QoS 0 and
+// leaves the outbox once written.
+func TestQoS0Option(t *testing.T) {
+	h := newHarness(t, "a")
+	h.u.opts.QoS0 = true
+	if p := h.send(); p.QoS != 0 || p.PacketID != 0 {
+		t.Fatalf("sent at QoS %d id %d, want QoS 0", p.QoS, p.PacketID)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(h.stored()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("still stored: %q", h.stored())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // TestQoS0OnlyServerKeepsMessages: a server that accepts QoS 0 only cannot
 // acknowledge, so nothing is sent and everything stays stored, with an
 // error that says why.

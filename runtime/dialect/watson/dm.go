@@ -15,6 +15,7 @@ import (
 	"github.com/outpost-edge/outpost/plugins/sandbox"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/dm"
+	"github.com/outpost-edge/outpost/runtime/uplink"
 )
 
 // managed is one managed identity: the device (or gateway) itself, or a
@@ -626,6 +627,77 @@ func (d *Dialect) manage(mg *managed) {
 		}
 		delay = min(delay*2, 2*time.Minute)
 	}
+}
+
+// ErrNotManaged is returned by a local DM operation on a device whose
+// dialect does not manage it.
+var ErrNotManaged = errors.New("watson: device management is off (uplink.watson.manage)")
+
+// Local serves a device-initiated DM operation a local client asks for
+// (outpost/dm/OP, payload JSON): location, error-code, clear-error-codes,
+// log, clear-logs, manage, unmanage. It returns an HTTP-like status and a
+// message.
+func (d *Dialect) Local(op string, payload []byte) (int, string) {
+	if !d.o.Manage {
+		return 501, ErrNotManaged.Error()
+	}
+	var err error
+	switch op {
+	case "location":
+		var loc Location
+		if err := json.Unmarshal(payload, &loc); err != nil {
+			return 400, "want {\"latitude\", \"longitude\", \"elevation\", \"accuracy\", \"measuredDateTime\"}: " + err.Error()
+		}
+		err = d.UpdateLocation(loc)
+	case "error-code":
+		var e struct {
+			ErrorCode *int `json:"errorCode"`
+		}
+		if json.Unmarshal(payload, &e) != nil || e.ErrorCode == nil {
+			return 400, `want {"errorCode": N}`
+		}
+		err = d.AddErrorCode(*e.ErrorCode)
+	case "clear-error-codes":
+		err = d.ClearErrorCodes()
+	case "log":
+		var l Log
+		if err := json.Unmarshal(payload, &l); err != nil || l.Message == "" {
+			return 400, `want {"message", "severity" (0 info, 1 warning, 2 error), "data" (base64), "timestamp"}`
+		}
+		err = d.AddLog(l)
+	case "clear-logs":
+		err = d.ClearLogs()
+	case "manage":
+		d.mu.Lock()
+		up := d.up
+		d.mu.Unlock()
+		if !up {
+			return 503, uplink.ErrLost.Error()
+		}
+		d.manage(d.self)
+		if !d.self.isManaged() {
+			return 502, "the platform did not accept the manage request"
+		}
+	case "unmanage":
+		err = d.Unmanage(d.ctx, Identity{})
+	default:
+		return 404, fmt.Sprintf("%q: want location, error-code, clear-error-codes, log, clear-logs, manage or unmanage", op)
+	}
+	switch {
+	case err == nil:
+		return 200, "done"
+	case errors.Is(err, uplink.ErrLost):
+		return 503, "the platform is out of reach: " + err.Error()
+	case strings.Contains(err.Error(), "out of range"), strings.Contains(err.Error(), "severity"):
+		return 400, err.Error()
+	}
+	return 502, err.Error()
+}
+
+func (mg *managed) isManaged() bool {
+	mg.mu.Lock()
+	defer mg.mu.Unlock()
+	return mg.managed
 }
 
 // State is the device's DM attributes as JSON: deviceInfo, metadata,
