@@ -75,7 +75,7 @@ bench: build deps ## measure Outpost beside a Mosquitto bridge on the same workl
 	  $(GO) test -run '^$$' -bench 'Call256' -benchtime 20000x ./plugins/sandbox/ 2>&1; \
 	  $(GO) test -run '^$$' -bench 'LoadWarm|InstanceMemory' -benchtime 5x ./plugins/sandbox/ 2>&1; } | tee bin/bench-handlers.txt | grep -E '^(Benchmark|ok|PASS|FAIL)' || true
 	@if grep -q '^\(--- \)\?FAIL' bin/bench-handlers.txt; then echo "a handler benchmark failed: see bin/bench-handlers.txt"; exit 1; fi
-	@echo; echo "Handlers (from bin/bench-handlers.txt):"; echo
+	@echo; echo "Handlers and hub dialects (from bin/bench-handlers.txt):"; echo
 	@$(GO) run ./internal/benchtable -quiet < bin/bench-handlers.txt
 	@echo
 	$(GO) run ./internal/bench -agent $(BIN)

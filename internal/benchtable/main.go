@@ -103,6 +103,44 @@ func write(w io.Writer, r results) {
 	}
 }
 
+// writeDialects prints the hub dialects' tables: the method round trip
+// through the hub emulator (wasm beside native), and telemetry in each
+// dialect beside the generic one.
+func writeDialects(w io.Writer, r results) {
+	if _, ok := r["BenchmarkHubMethodRoundTrip/native"]; !ok {
+		return
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| method round trip: hub emulator -> agent (azure) -> handler -> hub, 256 B | wasm Go | native Go (peer) | wasm Go - native |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	for _, q := range []struct{ name, unit string }{{"p50 (µs)", "p50-µs"}, {"p99 (µs)", "p99-µs"}} {
+		wv, okW := r["BenchmarkHubMethodRoundTrip/wasm-go"][q.unit]
+		nv, okN := r["BenchmarkHubMethodRoundTrip/native"][q.unit]
+		diff := ""
+		if okW && okN {
+			diff = fmt.Sprintf("%+.0f", wv-nv)
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", q.name, r.cell("BenchmarkHubMethodRoundTrip/wasm-go", q.unit, 1, 0),
+			r.cell("BenchmarkHubMethodRoundTrip/native", q.unit, 1, 0), diff)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| telemetry drained to the hub emulator, 200 B, QoS 1 | generic (peer) | azure | watson |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	g := r.cell("BenchmarkDialectTelemetry/generic", "msg/s", 1, 0)
+	fmt.Fprintf(w, "| msg/s | %s | %s | %s |\n", g, r.cell("BenchmarkDialectTelemetry/azure", "msg/s", 1, 0),
+		r.cell("BenchmarkDialectTelemetry/watson", "msg/s", 1, 0))
+	if gv, ok := r["BenchmarkDialectTelemetry/generic"]["msg/s"]; ok && gv > 0 {
+		ratio := func(d string) string {
+			v, ok := r["BenchmarkDialectTelemetry/"+d]["msg/s"]
+			if !ok {
+				return "-"
+			}
+			return fmt.Sprintf("%.2fx", v/gv)
+		}
+		fmt.Fprintf(w, "| against generic | 1.00x | %s | %s |\n", ratio("azure"), ratio("watson"))
+	}
+}
+
 func main() {
 	quiet := flag.Bool("quiet", false, "do not pass the lines that are not results to stderr")
 	flag.Parse()
@@ -116,4 +154,5 @@ func main() {
 		os.Exit(1)
 	}
 	write(os.Stdout, r)
+	writeDialects(os.Stdout, r)
 }

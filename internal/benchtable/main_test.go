@@ -43,3 +43,28 @@ func TestParseRefusesABadValue(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestDialectTables(t *testing.T) {
+	const in = `BenchmarkHubMethodRoundTrip/wasm-go-2         	    2000	    175460 ns/op	       116.0 p50-µs	      1052 p99-µs
+BenchmarkHubMethodRoundTrip/native-2          	    2000	    112725 ns/op	        82.00 p50-µs	       314.0 p99-µs
+BenchmarkDialectTelemetry/generic-2         	   20000	     28060 ns/op	     35638 msg/s
+BenchmarkDialectTelemetry/azure-2           	   20000	     24331 ns/op	     41099 msg/s
+`
+	r, err := parse(strings.NewReader(in), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	writeDialects(&out, r)
+	for _, want := range []string{"| p50 (µs) | 116 | 82 | +34 |", "| p99 (µs) | 1052 | 314 | +738 |",
+		"| msg/s | 35638 | 41099 | - |", "| against generic | 1.00x | 1.15x | - |"} {
+		if !strings.Contains(out.String(), want+"\n") {
+			t.Errorf("tables lack %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	writeDialects(&out, results{})
+	if out.Len() != 0 {
+		t.Errorf("tables without the dialect benchmarks: %q", out.String())
+	}
+}

@@ -14,8 +14,22 @@ import (
 const (
 	dialectAzure    = "azure"
 	dialectWatson   = "watson"
-	dialectObserver = "observer" // a loopback client without credentials: reads everything, publishes nothing
+	// dialectObserver is a loopback client without credentials: it reads
+	// everything, and publishes as a plain MQTT 5 client (the generic
+	// dialect) outside the hubs' namespaces.
+	dialectObserver = "observer"
 )
+
+// reserved reports whether topic is in a hub dialect's namespace, where a
+// plain client may not publish.
+func reserved(topic string) bool {
+	for _, p := range []string{"$", "iot-2/", "iotdevice-1/", "iotdm-1/"} {
+		if strings.HasPrefix(topic, p) {
+			return true
+		}
+	}
+	return false
+}
 
 // hook connects mochi's events to the hub.
 type hook struct {
@@ -130,7 +144,7 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	}
 	switch c.dev.dialect {
 	case dialectObserver:
-		return !write
+		return !write || !reserved(topic)
 	case dialectAzure:
 		return write || azureFilter(topic)
 	case dialectWatson:
@@ -151,7 +165,14 @@ func (k *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	case dialectWatson:
 		return k.h.watsonPublish(c, pk)
 	}
-	return pk, packets.ErrRejectPacket
+	// A plain client (the generic dialect): its publishes are telemetry.
+	props := userProps(pk.Properties.User)
+	if len(props) == 0 {
+		props = nil
+	}
+	k.h.record(Event{Time: time.Now(), Dialect: "generic", Device: cl.ID, Topic: pk.TopicName, QoS: pk.FixedHeader.Qos,
+		ContentType: pk.Properties.ContentType, Props: props, Payload: string(pk.Payload)})
+	return pk, nil
 }
 
 // OnPacketRead sees the acknowledgements of the commands the hub sent.
