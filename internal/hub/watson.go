@@ -403,6 +403,9 @@ func (h *Hub) FirmwareUpdate(ctx context.Context, deviceID string, fw Firmware, 
 	if timeout <= 0 {
 		timeout = 10 * time.Minute
 	}
+	if _, _, err := h.watsonConn(deviceID); err != nil {
+		return FirmwareReport{}, err
+	}
 	var rep FirmwareReport
 	step := func(op string, d any, want int) bool {
 		var raw json.RawMessage
