@@ -42,6 +42,9 @@ type Options struct {
 	// Download fetches for the http capability, into Blobs; nil = not
 	// available.
 	Download *Downloader
+	// MaxHTTPBytes is the operator's cap on one download, whatever a
+	// manifest's limits.http_bytes; 0 = the manifest's.
+	MaxHTTPBytes int64
 	// Progress receives the progress reports of plugins granted dm; nil =
 	// not available.
 	Progress sandbox.Progress
@@ -212,11 +215,15 @@ func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
 			return publish(ctx, topic, payload, qos)
 		}
 	}
+	if (m.Has(CapBlob) || m.Has(CapHTTP)) && r.opts.Blobs == nil {
+		return fmt.Errorf("plugins: %s: capabilities blob and http are not available in this agent", m.Name)
+	}
+	// A plugin's blobs are its own: their names are prefixed with the
+	// plugin's, so that no other plugin can read, replace or delete an
+	// image it verified.
+	own := PluginBlobs(r.opts.Blobs, m.Name)
 	if m.Has(CapBlob) {
-		if r.opts.Blobs == nil {
-			return fmt.Errorf("plugins: %s: capability blob is not available in this agent", m.Name)
-		}
-		cfg.Blobs = r.opts.Blobs
+		cfg.Blobs = own
 	}
 	if m.Has(CapHTTP) {
 		if r.opts.Download == nil {
@@ -226,9 +233,12 @@ func (r *Registry) grant(m *Manifest, cfg *sandbox.Config) error {
 		if max == 0 {
 			max = DefaultHTTPBytes
 		}
+		if r.opts.MaxHTTPBytes > 0 {
+			max = min(max, r.opts.MaxHTTPBytes)
+		}
 		hosts, dl := m.HTTPHosts, r.opts.Download
 		cfg.HTTPGet = func(ctx context.Context, url, blob string, progress func(int, string)) (int64, error) {
-			return dl.Get(ctx, url, blob, hosts, max, progress)
+			return dl.Get(ctx, url, own, blob, hosts, max, progress)
 		}
 	}
 	if m.Has(CapDM) {
@@ -568,6 +578,13 @@ func (r *Registry) Call(ctx context.Context, req *sandbox.Request) *sandbox.Resp
 	}
 	defer v.calls.Done()
 	return v.p.Call(ctx, req)
+}
+
+// Owner is the plugin that serves kind and name, or "".
+func (r *Registry) Owner(kind abi.Kind, name string) string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.claims[claim{kind, name}]
 }
 
 // List describes the installed plugins, by name.

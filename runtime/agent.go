@@ -342,7 +342,8 @@ func (s blobStore) ReadAt(name string, p []byte, off int64) (int, error) {
 	n, err := s.b.ReadAt(name, p, off)
 	return n, blobErr(err)
 }
-func (s blobStore) Remove(name string) error { return blobErr(s.b.Remove(name)) }
+func (s blobStore) Remove(name string) error    { return blobErr(s.b.Remove(name)) }
+func (s blobStore) List(prefix string) []string { return s.b.List(prefix) }
 func (s blobStore) Create(name string) (plugins.BlobWriter, error) {
 	w, err := s.b.Create(name)
 	if err != nil {
@@ -576,7 +577,7 @@ func (a *Agent) dmActions() (watson.Actions, error) {
 		return nil, err
 	}
 	return blobActions{cmds: dm.Commands{"reboot": a.cfg.DM.RebootCommand, "factory_reset": a.cfg.DM.FactoryResetCommand,
-		"install": a.cfg.DM.InstallCommand}, blobs: a.blobs}, nil
+		"install": a.cfg.DM.InstallCommand}, blobs: a.blobs, plugins: a.plugins}, nil
 }
 
 // openBlobs opens the staged files (firmware images) under the data
@@ -591,17 +592,30 @@ func (a *Agent) openBlobs() error {
 }
 
 // blobActions runs the operator's commands, giving the install command the
-// image's path.
+// image's path: the blob of the plugin that serves firmware.update, which
+// checked it.
 type blobActions struct {
-	cmds  dm.Commands
-	blobs *storage.Blobs
+	cmds    dm.Commands
+	blobs   *storage.Blobs
+	plugins *plugins.Registry
 }
 
 func (b blobActions) Has(action string) bool { return b.cmds.Has(action) }
 
+// Drop deletes a staged image once its update is over.
+func (b blobActions) Drop(blob string) {
+	if owner := b.plugins.Owner(abi.KindDMAction, dm.ActionUpdate); owner != "" {
+		_ = b.blobs.Remove(plugins.BlobName(owner, blob))
+	}
+}
+
 func (b blobActions) Run(ctx context.Context, action string, env map[string]string) error {
 	if name, ok := env["OUTPOST_FIRMWARE_BLOB"]; ok {
-		p, err := b.blobs.Path(name)
+		owner := b.plugins.Owner(abi.KindDMAction, dm.ActionUpdate)
+		if owner == "" {
+			return fmt.Errorf("dm: no plugin serves %s, which stages the image", dm.ActionUpdate)
+		}
+		p, err := b.blobs.Path(plugins.BlobName(owner, name))
 		if err != nil {
 			return err
 		}
@@ -759,6 +773,14 @@ func (a *Agent) Close(ctx context.Context) error {
 
 func (a *Agent) close(ctx context.Context) error {
 	var errs []error
+	// The dialects first stop taking work, so that a firmware step the
+	// shutdown cuts is resumed at the next start, not recorded as failed.
+	if a.azure != nil {
+		a.azure.Stop()
+	}
+	if a.watson != nil {
+		a.watson.Stop()
+	}
 	if a.admin != nil {
 		if err := a.admin.Close(ctx); err != nil {
 			errs = append(errs, err)

@@ -172,4 +172,3 @@ func dialectDrain(b *testing.B, dialect string) {
 	}
 	b.ReportMetric(float64(b.N)/el.Seconds(), "msg/s")
 }
-

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 )
 
 // Blobs are large staged files (firmware images), one file each in a
@@ -17,9 +18,9 @@ type Blobs struct {
 	dir string
 }
 
-var blobName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+var blobName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$`)
 
-// ErrBadBlob is returned for a blob name that is not 1 to 128 of A-Z a-z
+// ErrBadBlob is returned for a blob name that is not 1 to 200 of A-Z a-z
 // 0-9 . _ - starting with a letter or digit.
 var ErrBadBlob = errors.New("storage: blob: bad name")
 
@@ -124,6 +125,18 @@ func (b *Blobs) Size(name string) (int64, error) {
 		return 0, err
 	}
 	return fi.Size(), nil
+}
+
+// List returns the names of the blobs that start with prefix.
+func (b *Blobs) List(prefix string) []string {
+	ents, _ := os.ReadDir(b.dir)
+	var out []string
+	for _, e := range ents {
+		if n := e.Name(); !e.IsDir() && !strings.HasPrefix(n, ".") && strings.HasPrefix(n, prefix) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // Remove deletes the blob name; a missing blob is not an error.

@@ -51,7 +51,7 @@ func TestBlobs(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "fw-1")); !os.IsNotExist(err) {
 		t.Fatal("removed blob still there")
 	}
-	for _, bad := range []string{"", "../x", ".hidden", "a/b", string(make([]byte, 200))} {
+	for _, bad := range []string{"", "../x", ".hidden", "a/b", string(make([]byte, 201))} {
 		if _, err := b.Create(bad); !errors.Is(err, ErrBadBlob) {
 			t.Errorf("name %q: %v", bad, err)
 		}

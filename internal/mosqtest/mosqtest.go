@@ -291,9 +291,10 @@ func (b *Broker) LogTail(n int) string {
 // Sub is a mosquitto_sub process of a test: an outside client that prints
 // what the broker delivers, one line per message in its -F format.
 type Sub struct {
-	mu    sync.Mutex
-	lines []string
-	probe string
+	mu     sync.Mutex
+	lines  []string
+	probe  string
+	cursor int // WaitNext's position in Lines
 }
 
 // Subscribe runs mosquitto_sub (MQTT 5, QoS 1, retain as published) on the
@@ -386,6 +387,29 @@ func (s *Sub) Wait(t testing.TB, timeout time.Duration, substr string) string {
 	})
 	if err != nil {
 		t.Fatalf("mosquitto_sub printed no line with %q within %s; it printed:\n%s", substr, timeout, strings.Join(s.Lines(), "\n"))
+	}
+	return found
+}
+
+// WaitNext is Wait for a line after the one WaitNext returned last: the
+// lines are taken in order, each once.
+func (s *Sub) WaitNext(t testing.TB, timeout time.Duration, substr string) string {
+	t.Helper()
+	var found string
+	err := Eventually(timeout, 10*time.Millisecond, func() error {
+		lines := s.Lines()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for i := s.cursor; i < len(lines); i++ {
+			if strings.Contains(lines[i], substr) {
+				found, s.cursor = lines[i], i+1
+				return nil
+			}
+		}
+		return errors.New("no such line")
+	})
+	if err != nil {
+		t.Fatalf("mosquitto_sub printed no new line with %q within %s; it printed:\n%s", substr, timeout, strings.Join(s.Lines(), "\n"))
 	}
 	return found
 }

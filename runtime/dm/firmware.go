@@ -149,8 +149,13 @@ type Params struct {
 // mgmt.firmware): only while no download or update runs.
 func (m *Machine) SetParams(p Params) error {
 	return m.change(func(r *Record) error {
-		if r.State == StateDownloading || r.UpdateStatus == UpdateInProgress {
+		switch {
+		case r.State == StateDownloading || r.UpdateStatus == UpdateInProgress:
 			return &Error{RC: 400, Msg: "a firmware download or update is in progress"}
+		case r.State == StateDownloaded:
+			// The staged image is the old parameters': installing it under
+			// new ones would report the wrong version.
+			return &Error{RC: 400, Msg: "an image is downloaded and waiting to be installed: update first"}
 		}
 		r.Version, r.Name, r.URI, r.Verifier = p.Version, p.Name, p.URI, p.Verifier
 		r.UpdatedDateTime = m.now().UTC().Format(time.RFC3339)

@@ -70,6 +70,9 @@ func TestTransitions(t *testing.T) {
 	if got := rc(m.StartDownload()); got != 400 {
 		t.Fatalf("download with an image waiting: %d, want 400", got)
 	}
+	if got := rc(m.SetParams(Params{Version: "9", URI: "https://other"})); got != 400 || m.Get().Version != "2.0" {
+		t.Fatalf("new parameters with an image waiting: %d %+v, want 400 and unchanged", got, m.Get())
+	}
 	if err := m.StartUpdate(); err != nil || su(m) != [2]int{2, 1} {
 		t.Fatalf("update: %v %v", err, su(m))
 	}

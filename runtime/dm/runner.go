@@ -3,8 +3,11 @@ package dm
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
+	"os/exec"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -89,6 +92,30 @@ func Status(r Result, download bool) int {
 	return UpdateUnsupportedImage
 }
 
+// signaled reports whether a command ended by a signal.
+func signaled(err error) bool {
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		return false
+	}
+	ws, ok := ee.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled()
+}
+
+// Dropper is implemented by Actions that can delete a staged image once
+// its update is over.
+type Dropper interface {
+	Drop(blob string)
+}
+
+// drop deletes the staged image, which is of no use once installed or
+// refused.
+func (r *Runner) drop(blob string) {
+	if d, ok := r.Actions.(Dropper); ok && blob != "" {
+		d.Drop(blob)
+	}
+}
+
 func (r *Runner) changed() {
 	if r.Changed != nil {
 		r.Changed()
@@ -111,6 +138,12 @@ func (r *Runner) Download(then func(ok bool)) {
 	r.Log.Info("firmware download started", "uri", rec.URI, "version", rec.Version, "attempt", rec.Attempts)
 	r.Call(ActionDownload, body, func(res Result) {
 		ok := res.Status >= 200 && res.Status < 300
+		if !ok && r.Ctx.Err() != nil {
+			// The agent is stopping: the download was cut, not failed. The
+			// next start takes it up again (Recover).
+			r.Log.Warn("firmware download cut by the agent stopping: it starts again at the next start")
+			return
+		}
 		if ok {
 			r.stored(r.Machine.Downloaded(r.Blob))
 			r.Log.Info("firmware downloaded", "version", rec.Version)
@@ -130,9 +163,13 @@ func (r *Runner) Download(then func(ok bool)) {
 // updating), then the install command, and records the outcome.
 func (r *Runner) Update(then func(ok bool)) {
 	rec := r.Machine.Get()
-	body, _ := json.Marshal(Request{Version: rec.Version, Name: rec.Name, Blob: rec.Blob})
+	verifier, _ := ParseVerifier(rec.Verifier)
+	body, _ := json.Marshal(Request{Version: rec.Version, Name: rec.Name, Blob: rec.Blob, Verifier: verifier})
 	r.Call(ActionUpdate, body, func(res Result) {
 		switch {
+		case (res.Status < 200 || res.Status >= 300) && r.Ctx.Err() != nil:
+			r.Log.Warn("firmware update cut by the agent stopping: the next start checks the running version")
+			return
 		case res.Status < 200 || res.Status >= 300:
 			st := Status(res, false)
 			r.stored(r.Machine.UpdateFailed(st))
@@ -142,15 +179,22 @@ func (r *Runner) Update(then func(ok bool)) {
 			err := r.Actions.Run(ctx, "install", map[string]string{"OUTPOST_FIRMWARE_BLOB": rec.Blob,
 				"OUTPOST_FIRMWARE_VERSION": rec.Version, "OUTPOST_FIRMWARE_NAME": rec.Name})
 			cancel()
-			if err != nil {
+			switch {
+			case err != nil && (r.Ctx.Err() != nil || signaled(err)):
+				// Stopped, or the reboot the install asked for ended it: the
+				// next start decides by the running version (Recover).
+				r.Log.Warn("firmware install command ended by a signal or the agent stopping: the next start checks the running version", "error", err)
+				return
+			case err != nil:
 				r.Log.Error("firmware install command failed", "error", err)
 				r.stored(r.Machine.UpdateFailed(UpdateUnsupportedImage))
-			} else {
+			default:
 				r.stored(r.Machine.Updated())
 			}
 		default:
 			r.stored(r.Machine.Updated())
 		}
+		r.drop(rec.Blob)
 		ok := r.Machine.Get().UpdateStatus == UpdateSuccess
 		if ok {
 			r.Log.Info("firmware updated", "version", r.Machine.Get().Installed)
@@ -185,6 +229,7 @@ func (r *Runner) Recover(afterDownload func(ok bool)) {
 			r.stored(r.Machine.UpdateFailed(UpdateUnsupportedImage))
 			r.Log.Warn("firmware update cut by a restart and not in place: failed", "version", rec.Version, "running", r.Running)
 		}
+		r.drop(rec.Blob)
 		r.changed()
 	default:
 		if r.Machine.Get().UpdateStatus != 0 || r.Machine.Get().State != StateIdle {

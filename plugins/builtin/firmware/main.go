@@ -146,6 +146,13 @@ func update(r *guest.Request) guest.Response {
 	if size == 0 {
 		return fail(415, unsupportedImage, "the staged image is empty")
 	}
+	if q.Verifier != "" {
+		// Checked again before install: the image must be the one verified.
+		sum, err := digest(q.Blob, size)
+		if err != nil || sum != q.Verifier {
+			return fail(422, unsupportedImage, "the staged image no longer matches its verifier")
+		}
+	}
 	if m := cfg.Magic; m != "" {
 		head := make([]byte, len(m))
 		n, err := guest.BlobRead(q.Blob, head, 0)

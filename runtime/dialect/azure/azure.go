@@ -218,6 +218,10 @@ func (d *Dialect) Attach(l Link) {
 	}
 }
 
+// Stop ends the dialect's work without waiting: no re-authentication,
+// and firmware steps cut now are taken up at the next start.
+func (d *Dialect) Stop() { d.cancel() }
+
 // Close stops re-authentication and waits (bounded by ctx) for the
 // requests in progress to answer.
 func (d *Dialect) Close(ctx context.Context) {

@@ -28,8 +28,11 @@ type managed struct {
 
 	mu          sync.Mutex
 	managed     bool
+	unmanaged   bool // the device asked to be unmanaged: no manage until the next connection
 	manageTimer *time.Timer
 	observing   map[string]bool
+	notifies    []pendingNotify            // waiting their turn, in order
+	notifying   bool                       // a goroutine sends them
 	attrs       map[string]json.RawMessage // location, metadata, deviceInfo set by the platform
 }
 
@@ -39,7 +42,7 @@ func (d *Dialect) newManaged(dev, topicDev Identity) (*managed, error) {
 		return nil, err
 	}
 	mg := &managed{dev: dev, topicDev: topicDev, fw: fw, observing: map[string]bool{}, attrs: map[string]json.RawMessage{}}
-	mg.run = &dm.Runner{Machine: fw, Blob: "firmware-" + dev.Type + "-" + dev.ID, Ctx: d.ctx,
+	mg.run = &dm.Runner{Machine: fw, Blob: fmt.Sprintf("firmware-%d-%s-%s", len(dev.Type), dev.Type, dev.ID), Ctx: d.ctx,
 		Log:     d.log.With("device", dev.String()),
 		Changed: func() { d.notify(mg, "mgmt.firmware") },
 		Call: func(name string, payload []byte, done func(dm.Result)) {
@@ -120,10 +123,16 @@ func parseFields(d json.RawMessage) ([]field, error) {
 	if err := json.Unmarshal(list, &raw); err != nil {
 		return nil, errors.New("fields is not a list")
 	}
+	if len(raw) == 0 {
+		return nil, errors.New("fields is empty")
+	}
 	out := make([]field, 0, len(raw))
 	for _, r := range raw {
 		var name string
 		if json.Unmarshal(r, &name) == nil {
+			if name == "" {
+				return nil, errors.New("a field without a name")
+			}
 			out = append(out, field{Field: name})
 			continue
 		}
@@ -306,7 +315,10 @@ func (d *Dialect) saveObserving(mg *managed) {
 	}
 }
 
-// notify sends the value of a field if the platform observes it.
+// notify sends the value of a field if the platform observes it. The
+// value is taken now, and the notifies of one device go out one at a time
+// in the order they were taken, each waiting for the platform's answer, so
+// the platform's last value is the device's.
 func (d *Dialect) notify(mg *managed, name string) {
 	mg.mu.Lock()
 	on := mg.observing[name]
@@ -316,17 +328,44 @@ func (d *Dialect) notify(mg *managed, name string) {
 	}
 	v, _ := d.fieldValue(mg, name)
 	body := map[string]any{"d": map[string]any{"fields": []field{{Field: name, Value: v}}}}
-	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
-		resp, err := d.deviceRequest(mg, opNotify, body)
+	mg.mu.Lock()
+	mg.notifies = append(mg.notifies, pendingNotify{field: name, body: body})
+	start := !mg.notifying
+	mg.notifying = true
+	mg.mu.Unlock()
+	if start && !d.spawn(func() { d.sendNotifies(mg) }) {
+		mg.mu.Lock()
+		mg.notifying, mg.notifies = false, nil
+		mg.mu.Unlock()
+	}
+}
+
+// pendingNotify is a notify waiting its turn.
+type pendingNotify struct {
+	field string
+	body  map[string]any
+}
+
+// sendNotifies sends mg's queued notifies in order, until none is left.
+func (d *Dialect) sendNotifies(mg *managed) {
+	for {
+		mg.mu.Lock()
+		if len(mg.notifies) == 0 || d.ctx.Err() != nil {
+			mg.notifying, mg.notifies = false, nil
+			mg.mu.Unlock()
+			return
+		}
+		n := mg.notifies[0]
+		mg.notifies = mg.notifies[1:]
+		mg.mu.Unlock()
+		resp, err := d.deviceRequest(mg, opNotify, n.body)
 		switch {
 		case err != nil:
-			d.log.Warn("notify not acknowledged", "device", mg.dev.String(), "field", name, "error", err)
+			d.log.Warn("notify not acknowledged", "device", mg.dev.String(), "field", n.field, "error", err)
 		case resp.RC != 200:
-			d.log.Warn("platform refused a notify", "device", mg.dev.String(), "field", name, "rc", resp.RC, "message", resp.Message)
+			d.log.Warn("platform refused a notify", "device", mg.dev.String(), "field", n.field, "rc", resp.RC, "message", resp.Message)
 		}
-	}()
+	}
 }
 
 // deviceUpdate stores attribute updates (location, metadata, deviceInfo,
@@ -380,7 +419,9 @@ func (d *Dialect) deviceUpdate(mg *managed, req request) (int, string, any, func
 	}
 	return 204, "", nil, func() {
 		for _, f := range fields {
-			d.notify(mg, f.Field)
+			if f.Field != "mgmt.firmware" { // the transition table: parameters stored, no notify
+				d.notify(mg, f.Field)
+			}
 		}
 	}
 }
@@ -390,7 +431,10 @@ func (d *Dialect) call(mg *managed, name string, payload []byte, done func(*sand
 	props := []abi.Property{{Key: "device-type", Value: mg.dev.Type}, {Key: "device-id", Value: mg.dev.ID}}
 	meta := abi.Meta{Kind: abi.KindDMAction, Name: name, Flags: abi.FlagResponseExpected, Deadline: d.o.ActionTimeout,
 		ContentType: "application/json", Props: props}
-	d.wg.Add(1)
+	if !d.hold() {
+		done(&sandbox.Response{Status: abi.StatusUnavailable, Payload: []byte("the agent is stopping")})
+		return
+	}
 	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: payload}, func(r *sandbox.Response) {
 		defer d.wg.Done()
 		done(r)
@@ -408,6 +452,11 @@ func (d *Dialect) deviceAction(mg *managed, op string, req request) (int, string
 	}
 	if !d.o.DeviceActions {
 		return 501, action + " is not supported", nil, nil
+	}
+	if mg == d.self && (d.o.Actions == nil || !d.o.Actions.Has(action)) {
+		// Agreed and never done, the action would never complete: the
+		// host carries it out, and has no command for it.
+		return 501, "no " + action + " command is configured on this device (dm." + action + "_command)", nil, nil
 	}
 	d.call(mg, name, req.D, func(r *sandbox.Response) {
 		rc, msg := rcOf(r)
@@ -574,22 +623,16 @@ func (d *Dialect) deviceResponse(payload []byte) {
 // manage sends the manage request (retried until the platform answers),
 // then again two minutes before the lifetime ends.
 func (d *Dialect) manage(mg *managed) {
-	supports := map[string]any{"deviceActions": d.o.DeviceActions, "firmwareActions": d.o.FirmwareActions}
-	for _, b := range d.o.Bundles {
-		supports[b] = true
-	}
-	info, _ := d.fieldValue(mg, "deviceInfo")
-	body := map[string]any{"d": map[string]any{"lifetime": int(d.o.Lifetime / time.Second), "supports": supports,
-		"deviceInfo": json.RawMessage(info)}}
-	if d.o.Metadata != nil && mg == d.self {
-		body["d"].(map[string]any)["metadata"] = d.o.Metadata
-	}
+	body := d.manageBody(mg)
 	delay := time.Second
 	for d.ctx.Err() == nil {
 		d.mu.Lock()
 		up := d.up
 		d.mu.Unlock()
-		if !up {
+		mg.mu.Lock()
+		unmanaged := mg.unmanaged
+		mg.mu.Unlock()
+		if !up || unmanaged {
 			return // the next connection manages again
 		}
 		resp, err := d.deviceRequest(mg, opManage, body)
@@ -600,11 +643,9 @@ func (d *Dialect) manage(mg *managed) {
 			if mg.manageTimer != nil {
 				mg.manageTimer.Stop()
 			}
-			if d.o.Lifetime > 0 {
+			if d.o.Lifetime > 0 && d.ctx.Err() == nil {
 				mg.manageTimer = time.AfterFunc(d.o.Lifetime-2*time.Minute, func() {
-					d.wg.Add(1)
-					defer d.wg.Done()
-					d.manage(mg)
+					d.spawn(func() { d.manage(mg) })
 				})
 			}
 			mg.mu.Unlock()
@@ -668,15 +709,19 @@ func (d *Dialect) Local(op string, payload []byte) (int, string) {
 	case "clear-logs":
 		err = d.ClearLogs()
 	case "manage":
-		d.mu.Lock()
-		up := d.up
-		d.mu.Unlock()
-		if !up {
-			return 503, uplink.ErrLost.Error()
-		}
-		d.manage(d.self)
-		if !d.self.isManaged() {
-			return 502, "the platform did not accept the manage request"
+		d.self.mu.Lock()
+		d.self.unmanaged = false
+		d.self.mu.Unlock()
+		resp, rerr := d.deviceRequest(d.self, opManage, d.manageBody(d.self))
+		switch {
+		case rerr != nil:
+			err = rerr
+		case resp.RC != 200:
+			return 502, fmt.Sprintf("the platform answered rc %d: %s", resp.RC, resp.Message)
+		default:
+			d.self.mu.Lock()
+			d.self.managed = true
+			d.self.mu.Unlock()
 		}
 	case "unmanage":
 		err = d.Unmanage(d.ctx, Identity{})
@@ -694,12 +739,6 @@ func (d *Dialect) Local(op string, payload []byte) (int, string) {
 	return 502, err.Error()
 }
 
-func (mg *managed) isManaged() bool {
-	mg.mu.Lock()
-	defer mg.mu.Unlock()
-	return mg.managed
-}
-
 // State is the device's DM attributes as JSON: deviceInfo, metadata,
 // location (when set) and mgmt.firmware.
 func (d *Dialect) State() []byte {
@@ -713,6 +752,21 @@ func (d *Dialect) State() []byte {
 	return b
 }
 
+// manageBody is the manage request of mg.
+func (d *Dialect) manageBody(mg *managed) map[string]any {
+	supports := map[string]any{"deviceActions": d.o.DeviceActions, "firmwareActions": d.o.FirmwareActions}
+	for _, b := range d.o.Bundles {
+		supports[b] = true
+	}
+	info, _ := d.fieldValue(mg, "deviceInfo")
+	body := map[string]any{"d": map[string]any{"lifetime": int(d.o.Lifetime / time.Second), "supports": supports,
+		"deviceInfo": json.RawMessage(info)}}
+	if d.o.Metadata != nil && mg == d.self {
+		body["d"].(map[string]any)["metadata"] = d.o.Metadata
+	}
+	return body
+}
+
 // Unmanage tells the platform to stop sending DM requests for the device
 // (or a child).
 func (d *Dialect) Unmanage(ctx context.Context, dev Identity) error {
@@ -722,6 +776,12 @@ func (d *Dialect) Unmanage(ctx context.Context, dev Identity) error {
 			return fmt.Errorf("watson: %s is not a managed child device", dev)
 		}
 	}
+	mg.mu.Lock()
+	mg.unmanaged = true // a manage loop in progress stops
+	if mg.manageTimer != nil {
+		mg.manageTimer.Stop()
+	}
+	mg.mu.Unlock()
 	resp, err := d.deviceRequest(mg, opUnmanage, nil)
 	if err != nil {
 		return err
@@ -731,9 +791,6 @@ func (d *Dialect) Unmanage(ctx context.Context, dev Identity) error {
 	}
 	mg.mu.Lock()
 	mg.managed = false
-	if mg.manageTimer != nil {
-		mg.manageTimer.Stop()
-	}
 	mg.mu.Unlock()
 	return nil
 }

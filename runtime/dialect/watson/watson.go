@@ -115,6 +115,34 @@ type Dialect struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// closeMu orders wg.Add after Close's cancel: nothing starts once
+	// Close waits.
+	closeMu sync.Mutex
+}
+
+// hold counts a piece of work Close waits for, unless the dialect is
+// closing; the caller calls d.wg.Done when the work ends.
+func (d *Dialect) hold() bool {
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.ctx.Err() != nil {
+		return false
+	}
+	d.wg.Add(1)
+	return true
+}
+
+// spawn runs fn in a goroutine Close waits for, unless the dialect is
+// closing.
+func (d *Dialect) spawn(fn func()) bool {
+	if !d.hold() {
+		return false
+	}
+	go func() {
+		defer d.wg.Done()
+		fn()
+	}()
+	return true
 }
 
 // New checks o and returns a dialect.
@@ -206,10 +234,20 @@ func (d *Dialect) Attach(l Link) {
 	}
 }
 
+// Stop ends the dialect's work without waiting: no new requests are
+// served, and steps cut now are taken up at the next start.
+func (d *Dialect) Stop() {
+	d.closeMu.Lock()
+	d.cancel()
+	d.closeMu.Unlock()
+}
+
 // Close stops the dialect's timers and waits (bounded by ctx) for the
 // requests in progress.
 func (d *Dialect) Close(ctx context.Context) {
+	d.closeMu.Lock()
 	d.cancel()
+	d.closeMu.Unlock()
 	for _, mg := range d.all() {
 		mg.mu.Lock()
 		if mg.manageTimer != nil {
@@ -332,11 +370,10 @@ func (d *Dialect) OnConnect() {
 		return
 	}
 	for _, mg := range d.all() {
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			d.manage(mg)
-		}()
+		mg.mu.Lock()
+		mg.unmanaged = false
+		mg.mu.Unlock()
+		d.spawn(func() { d.manage(mg) })
 	}
 }
 
@@ -353,7 +390,7 @@ func (d *Dialect) OnMessage(m *uplink.Inbound) {
 	case strings.HasPrefix(m.Topic, dmRequestPrefix):
 		_ = m.Ack(0)
 		d.serveDM(m.Topic, m.Payload)
-	case strings.HasPrefix(m.Topic, "iot-2/") && strings.HasSuffix(m.Topic, "/notify"):
+	case d.o.Gateway && m.Topic == "iot-2/type/"+d.o.Type+"/id/"+d.o.ID+"/notify":
 		_ = m.Ack(0)
 		d.log.Warn("platform notification for the gateway", "payload", string(m.Payload))
 	default:
@@ -386,7 +423,9 @@ func (d *Dialect) command(m *uplink.Inbound) {
 	if m.Dup {
 		meta.Flags |= abi.FlagRedelivery
 	}
-	d.wg.Add(1)
+	if !d.hold() {
+		return // not acknowledged: the platform sends it again
+	}
 	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: m.Payload}, func(r *sandbox.Response) {
 		defer d.wg.Done()
 		if r.Status >= 300 {

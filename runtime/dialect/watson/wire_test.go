@@ -207,9 +207,14 @@ func (r *wrig) count(substr string) int {
 	return n
 }
 
+// waitNotify waits for the device's next notify, checks that it carries
+// want, and answers it.
 func (r *wrig) waitNotify(t *testing.T, want string) {
 	t.Helper()
-	line := r.sub.Wait(t, 10*time.Second, want)
+	line := r.sub.WaitNext(t, 10*time.Second, "iotdevice-1/notify|")
+	if !strings.Contains(line, want) {
+		t.Fatalf("the next notify is %s, want one with %s", line, want)
+	}
 	r.answer("iotdm-1/", line)
 }
 
@@ -313,7 +318,7 @@ func TestFirmwareStateMachine(t *testing.T) {
 	if resp := r.response("u1"); resp.RC != 202 {
 		t.Fatalf("update: rc %d %s", resp.RC, resp.Message)
 	}
-	r.waitNotify(t, `"updateStatus":1`)
+	r.waitNotify(t, `"state":2,"updateStatus":1`)
 	r.waitNotify(t, `"state":0,"updateStatus":0`)
 	if got := r.acts.list(); got != "install 2.0.0" {
 		t.Errorf("operator commands run: %q, want the install", got)
@@ -338,7 +343,8 @@ func TestFirmwareStateMachine(t *testing.T) {
 		if resp := r.response("df" + id); resp.RC != 202 {
 			t.Fatalf("download of %s: rc %d", c.uri, resp.RC)
 		}
-		r.waitNotify(t, c.want)
+		r.waitNotify(t, `"state":1`)
+		r.waitNotify(t, `"state":0,"updateStatus":`+c.want[len(c.want)-1:])
 	}
 	r.platform("iotdm-1/device/update", `{"reqId":"pbad","d":{"fields":[{"field":"mgmt.firmware","value":{"uri":"ftp://fw.example/x"}}]}}`)
 	r.response("pbad")
