@@ -12,8 +12,8 @@ import (
 
 // Dialects of a connection.
 const (
-	dialectAzure    = "azure"
-	dialectWatson   = "watson"
+	dialectAzure  = "azure"
+	dialectWatson = "watson"
 	// dialectObserver is a loopback client without credentials: it reads
 	// everything, and publishes as a plain MQTT 5 client (the generic
 	// dialect) outside the hubs' namespaces.
