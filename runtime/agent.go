@@ -680,6 +680,7 @@ func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) erro
 	opts.UserProps = d.TelemetryProps
 	opts.NoRequestProps = true
 	opts.NoRetain = true
+	opts.QoS1 = true // a refused QoS 0 message is a DISCONNECT from the hub
 	opts.Subscriptions = d.Subscriptions()
 	opts.OnMessage = d.OnMessage
 	opts.OnConnect = d.OnConnect

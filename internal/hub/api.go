@@ -233,7 +233,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, ErrNoDevice):
 		status = 404
-	case errors.Is(err, ErrOffline):
+	case errors.Is(err, ErrOffline), errors.Is(err, ErrNotManaged):
 		status = 409
 	case errors.Is(err, ErrTimeout):
 		status = 504

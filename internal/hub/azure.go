@@ -245,10 +245,12 @@ func (h *Hub) azureTelemetry(c *conn, pk packets.Packet) (packets.Packet, error)
 	if len(pk.Properties.CorrelationData) > azure.MaxCorrelation {
 		return pk, h.refuse(c, pk, packets.ErrImplementationSpecificError, azure.StatusBadRequest, "Correlation Data over 16 bytes")
 	}
-	if f := h.fault(c.dev.id, "telemetry"); f != nil && !f.Drop {
-		st, err := azure.ParseStatus(f.Status)
-		if err == nil {
-			return pk, h.refuse(c, pk, packets.ErrImplementationSpecificError, st, "injected fault")
+	if f := h.fault(c.dev.id, "telemetry"); f != nil {
+		if f.Drop {
+			return pk, packets.ErrRejectPacket // no acknowledgement at all
+		}
+		if st, err := azure.ParseStatus(f.Status); err == nil {
+			return pk, h.refuse(c, pk, packets.Code{Code: st.Reason(), Reason: st.Name()}, st, "injected fault")
 		}
 	}
 	h.record(Event{Time: time.Now(), Dialect: dialectAzure, Device: c.dev.id, Topic: pk.TopicName, QoS: pk.FixedHeader.Qos,
@@ -386,10 +388,13 @@ func (h *Hub) PatchDesired(deviceID string, patch []byte) (int64, error) {
 	return v, nil
 }
 
-// MethodResult is a direct method's response.
+// MethodResult is a direct method's response: the handler's status
+// (response-code), or the device's status when it answered that it cannot
+// serve the method.
 type MethodResult struct {
-	Status  int    `json:"status"`
-	Payload string `json:"payload"`
+	Status       int    `json:"status"`
+	DeviceStatus string `json:"device_status,omitempty"`
+	Payload      string `json:"payload"`
 }
 
 // Invoke calls a direct method on a connected device and waits for its
@@ -445,17 +450,33 @@ func (h *Hub) azureMethodResponse(c *conn, pk packets.Packet) {
 		return
 	}
 	props := userProps(pk.Properties.User)
-	code, err := strconv.ParseUint(props["response-code"], 10, 32)
-	if err != nil {
-		h.disconnect(c.cl, packets.ErrImplementationSpecificError, packets.UserProperty{Key: "status", Val: "0100"},
-			packets.UserProperty{Key: "reason", Val: "`response-code` is missing or not a u32"})
-		return
+	res := MethodResult{Payload: string(pk.Payload)}
+	if st, ok := props["status"]; ok {
+		// The alternative answer: the device cannot serve the method
+		// (06A0, Target Unavailable).
+		if _, err := azure.ParseStatus(st); err != nil {
+			h.disconnect(c.cl, packets.ErrImplementationSpecificError, packets.UserProperty{Key: "status", Val: "0100"},
+				packets.UserProperty{Key: "reason", Val: "`status` is not four hex digits"})
+			return
+		}
+		res.DeviceStatus = st
+	} else {
+		code, err := strconv.ParseUint(props["response-code"], 10, 32)
+		if err != nil {
+			h.disconnect(c.cl, packets.ErrImplementationSpecificError, packets.UserProperty{Key: "status", Val: "0100"},
+				packets.UserProperty{Key: "reason", Val: "`response-code` is missing or not a u32"})
+			return
+		}
+		res.Status = int(code)
 	}
 	h.mu.Lock()
 	ch := c.dev.methods[string(pk.Properties.CorrelationData)]
 	h.mu.Unlock()
 	if ch != nil {
-		ch <- MethodResult{Status: int(code), Payload: string(pk.Payload)}
+		select {
+		case ch <- res:
+		default: // a second response to one request: ignored
+		}
 	}
 }
 
@@ -472,12 +493,13 @@ type Command struct {
 	State string `json:"state"`
 
 	packetID uint16
+	conn     *conn         // the connection it was delivered on
 	done     chan struct{} // closed at a final state
 }
 
 // Final reports whether the command's fate is settled.
 func (c *Command) Final() bool {
-	return c.State == "completed" || c.State == "rejected" || c.State == "dead-lettered"
+	return c.State == "completed" || c.State == "rejected" || c.State == "dead-lettered" || c.State == "bad-ack"
 }
 
 // maxPending is the hub's bound on a device's pending commands.
@@ -559,7 +581,7 @@ func (h *Hub) deliverCommands(d *device) {
 		}
 		cmd.Deliveries++
 		cmd.State = "delivered"
-		cmd.packetID = uint16(id)
+		cmd.packetID, cmd.conn = uint16(id), c
 		user := []packets.UserProperty{{Key: "sequence-no", Val: strconv.FormatUint(cmd.Seq, 10)},
 			{Key: "enqueued-time", Val: strconv.FormatInt(cmd.Enqueued.UnixMilli(), 10)},
 			{Key: "delivery-count", Val: strconv.Itoa(cmd.Deliveries)}}
@@ -589,7 +611,7 @@ func (h *Hub) azurePuback(c *conn, pk packets.Packet) {
 	h.mu.Lock()
 	var cmd *Command
 	for _, x := range c.dev.commands {
-		if x.State == "delivered" && x.packetID == pk.PacketID {
+		if x.State == "delivered" && x.conn == c && x.packetID == pk.PacketID {
 			cmd = x
 			break
 		}
@@ -603,14 +625,19 @@ func (h *Hub) azurePuback(c *conn, pk packets.Packet) {
 	switch {
 	case pk.ReasonCode == 0:
 		cmd.State = "completed"
-	case status == azure.StatusServerBusy.String():
+	case pk.ReasonCode == 0x83 && status == azure.StatusServerBusy.String():
 		if cmd.Deliveries >= h.o.MaxDeliveries {
 			cmd.State = "dead-lettered"
 		} else {
 			cmd.State, redeliver = "queued", true
 		}
-	default:
+	case pk.ReasonCode == 0x83 && status == azure.StatusBadRequest.String():
 		cmd.State = "rejected"
+	default:
+		// Not one of the three acknowledgements the API defines.
+		cmd.State = "bad-ack"
+		h.log.Warn("a command acknowledged with a reason code and status the API does not define",
+			"device", c.dev.id, "reason_code", pk.ReasonCode, "status", status)
 	}
 	if cmd.Final() {
 		close(cmd.done)
@@ -620,6 +647,18 @@ func (h *Hub) azurePuback(c *conn, pk packets.Packet) {
 		"status", status, "state", cmd.State)
 	if redeliver {
 		h.after(h.o.RedeliveryDelay, func() { h.deliverCommands(c.dev) })
+	}
+}
+
+// requeue puts back the commands a lost connection left unacknowledged:
+// the hub delivers them again on the next connection.
+func (h *Hub) requeue(c *conn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, cmd := range c.dev.commands {
+		if cmd.State == "delivered" && cmd.conn == c {
+			cmd.State, cmd.conn = "queued", nil
+		}
 	}
 }
 

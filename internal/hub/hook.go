@@ -129,6 +129,9 @@ func (k *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	if c.expiry != nil {
 		c.expiry.Stop()
 	}
+	if c.dev.dialect == dialectAzure {
+		h.requeue(c)
+	}
 	if c.dev.dialect != dialectObserver {
 		h.log.Info("device disconnected", "dialect", c.dev.dialect, "device", c.dev.id, "error", err)
 	}

@@ -30,6 +30,7 @@ type watsonState struct {
 	logs     []json.RawMessage
 	waiting  map[string]chan dmReply // platform requests waiting, by reqId
 	notified chan struct{}           // closed and replaced at each notify
+	observed map[string]bool         // fields the platform observes
 }
 
 // dmReply is a DM response.
@@ -182,7 +183,10 @@ func (h *Hub) watsonDM(c *conn, rest string, payload []byte) {
 		ch := w.waiting[id]
 		h.mu.Unlock()
 		if ch != nil {
-			ch <- r
+			select {
+			case ch <- r:
+			default: // a second response to one request: ignored
+			}
 		}
 	case "mgmt/manage":
 		var m struct {
@@ -227,6 +231,13 @@ func (h *Hub) watsonDM(c *conn, rest string, payload []byte) {
 			}{fields.Field, fields.Value})
 		}
 		h.mu.Lock()
+		for _, f := range fields.Fields {
+			if !w.observed[f.Field] {
+				h.mu.Unlock()
+				reply(404, "no observation exists for "+f.Field)
+				return
+			}
+		}
 		for _, f := range fields.Fields {
 			if f.Field == "mgmt.firmware" {
 				var v map[string]any
@@ -343,6 +354,10 @@ func (h *Hub) DMRequest(ctx context.Context, deviceID, op string, d json.RawMess
 		timeout = h.o.MethodTimeout
 	}
 	h.mu.Lock()
+	if !dev.wat.managed {
+		h.mu.Unlock()
+		return DMResult{}, ErrNotManaged
+	}
 	h.seq++
 	id := "hub-" + strconv.FormatUint(h.seq, 10)
 	ch := make(chan dmReply, 1)
@@ -364,11 +379,44 @@ func (h *Hub) DMRequest(ctx context.Context, deviceID, op string, d json.RawMess
 	defer t.Stop()
 	select {
 	case r := <-ch:
+		if r.RC == 200 && (op == "observe" || op == "cancel") {
+			h.track(dev, op, d)
+		}
 		return DMResult{Op: op, RC: r.RC, Message: r.Message, D: r.D}, nil
 	case <-t.C:
 		return DMResult{Op: op}, ErrTimeout
 	case <-ctx.Done():
 		return DMResult{Op: op}, ctx.Err()
+	}
+}
+
+// ErrNotManaged is returned for a DM request to a device that has not
+// managed itself (or unmanaged): the platform sends it none.
+var ErrNotManaged = errors.New("hub: the device is not managed")
+
+// track records the fields an observe or cancel named.
+func (h *Hub) track(dev *device, op string, d json.RawMessage) {
+	var v struct {
+		Fields []json.RawMessage `json:"fields"`
+	}
+	_ = json.Unmarshal(d, &v)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if dev.wat.observed == nil {
+		dev.wat.observed = map[string]bool{}
+	}
+	for _, f := range v.Fields {
+		var name string
+		if json.Unmarshal(f, &name) != nil {
+			var obj struct{ Field string }
+			_ = json.Unmarshal(f, &obj)
+			name = obj.Field
+		}
+		if op == "observe" {
+			dev.wat.observed[name] = true
+		} else {
+			delete(dev.wat.observed, name)
+		}
 	}
 }
 
@@ -485,13 +533,17 @@ func (h *Hub) FirmwareUpdate(ctx context.Context, deviceID string, fw Firmware, 
 		rep.Firmware = h.firmwareOf(dev)
 		return rep, nil
 	}
-	if !step("observe", observe, 200) || !step("mgmt/initiate/firmware/update", nil, 202) {
+	if !step("observe", observe, 200) {
 		rep.Firmware = h.firmwareOf(dev)
 		return rep, nil
 	}
 	h.mu.Lock()
-	dev.wat.firmware = nil
+	dev.wat.firmware = nil // before the update: its first notify may come before its 202
 	h.mu.Unlock()
+	if !step("mgmt/initiate/firmware/update", nil, 202) {
+		rep.Firmware = h.firmwareOf(dev)
+		return rep, nil
+	}
 	updated := wait(func(fw map[string]any) (bool, string) {
 		if fw == nil {
 			return false, ""

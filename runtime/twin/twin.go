@@ -150,10 +150,18 @@ func (t *Twin) JSON() []byte {
 	return b
 }
 
-// SetFull replaces both sections with the hub's (after a full read).
+// SetFull replaces both sections with the hub's (after a full read). A
+// section older than the cached one (a desired patch applied while the
+// read was out) is kept as cached: a version never goes back.
 func (t *Twin) SetFull(desired, reported Doc) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if desired.Version < t.desired.Version {
+		desired = t.desired
+	}
+	if reported.Version < t.reported.Version {
+		reported = t.reported
+	}
 	if err := t.saveLocked(keyDesired, desired); err != nil {
 		return err
 	}

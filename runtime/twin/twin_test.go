@@ -59,6 +59,14 @@ func TestDesiredInOrderAndGaps(t *testing.T) {
 	if got := js(tw.Desired().Props); got != `{"a":2,"n":{"y":2,"z":3}}` {
 		t.Fatalf("desired %s", got)
 	}
+	// A full read older than what is cached (a patch applied while it was
+	// out) does not take the twin back.
+	if err := tw.SetFull(Doc{Props: map[string]any{"a": 1}, Version: 4}, Doc{Props: map[string]any{}, Version: 7}); err != nil {
+		t.Fatal(err)
+	}
+	if d := tw.Desired(); d.Version != 5 || js(d.Props) != `{"a":2,"n":{"y":2,"z":3}}` {
+		t.Fatalf("a stale full read went back to version %d: %s", d.Version, js(d.Props))
+	}
 	if _, err := tw.ApplyDesired([]byte(`[1]`), 6); !errors.Is(err, ErrBadPatch) {
 		t.Fatalf("an array patch: %v", err)
 	}

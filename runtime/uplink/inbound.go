@@ -123,20 +123,25 @@ type ackReply struct {
 // ack records the reply for pub and hands pub to paho, which sends the
 // acknowledgements in order through sessionWrapper.Ack.
 func (s *sessionWrapper) ack(c *paho.Client, pub *paho.Publish, epoch uint64, reason byte, props []Property) error {
+	// s.mu is held from the check to the write: a new connection's
+	// ConAckReceived clears the replies under it, after dial moved the
+	// epoch, so a reply of a lost connection never lands in the next
+	// one's.
+	s.mu.Lock()
 	s.u.mu.Lock()
 	current := epoch == s.u.epoch
 	s.u.mu.Unlock()
 	if !current {
+		s.mu.Unlock()
 		return ErrLost
 	}
 	if reason != 0 || len(props) > 0 {
-		s.mu.Lock()
 		if s.replies == nil {
 			s.replies = map[uint16]ackReply{}
 		}
 		s.replies[pub.PacketID] = ackReply{reason, props}
-		s.mu.Unlock()
 	}
+	s.mu.Unlock()
 	if err := c.Ack(pub); err != nil {
 		return fmt.Errorf("uplink: ack: %w", err)
 	}

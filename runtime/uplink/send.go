@@ -185,8 +185,11 @@ func (u *Uplink) send(l *link, m *storage.Message, gen uint64, scratch *bytes.Bu
 		id:  u.opts.Source.MessageID(m.Seq),
 		qos: min(m.QoS, 1),
 	}
-	if u.opts.QoS0 {
+	switch {
+	case u.opts.QoS0:
 		p.qos = 0
+	case u.opts.QoS1:
+		p.qos = 1
 	}
 	if p.qos > l.maxQoS {
 		u.setErr(errQoS0Only)

@@ -88,6 +88,9 @@ type Options struct {
 	// QoS0 forwards every message at QoS 0 (a hub that takes nothing
 	// else): a message leaves the outbox once written to the connection.
 	QoS0 bool
+	// QoS1 forwards every message at QoS 1, local QoS 0 ones included (a
+	// hub that answers a refused QoS 0 message with a DISCONNECT).
+	QoS1 bool
 	// MaxPayload, when positive, is the largest payload the upstream
 	// accepts: a larger message is dropped (counted as rejected), since
 	// sending it would cost the connection.
@@ -130,6 +133,10 @@ const (
 	// Drop removes the message from the outbox, counted as rejected: sent
 	// again, it would be refused again.
 	Drop
+	// RetryLater pauses as Retry does, then sends the message again on the
+	// same connection: the upstream is throttling, and a reconnection would
+	// only add load.
+	RetryLater
 )
 
 // Stats are the uplink's counters.
@@ -709,6 +716,8 @@ func (u *Uplink) acked(p pending, reason byte, props []Property) {
 			u.wakeLocked()
 			u.mu.Unlock()
 		})
-		u.cut()
+		if verdict != RetryLater {
+			u.cut()
+		}
 	}
 }

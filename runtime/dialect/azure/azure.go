@@ -132,8 +132,9 @@ type Dialect struct {
 	o   Options
 	log *slog.Logger
 
-	mu     sync.Mutex
-	link   Link
+	mu       sync.Mutex
+	reauthMu sync.Mutex
+	link     Link
 	expiry time.Time // of the signature of the current connection
 	reauth *time.Timer
 	ctx    context.Context
@@ -152,6 +153,7 @@ type Dialect struct {
 	corrSeq  uint64
 	wake     chan struct{} // buffered 1: the twin loop has something to do
 	needGet  bool          // the twin must be read whole (reqMu)
+	getAsked uint64        // counts getWhole calls, so a read clears needGet only if none came meanwhile (reqMu)
 	up       bool          // a connection is up (reqMu)
 }
 
@@ -327,18 +329,22 @@ func (d *Dialect) TelemetryProps(dst []uplink.Property, m *storage.Message, id s
 func (d *Dialect) Refusal(reason byte, props []uplink.Property) uplink.Verdict {
 	st, err := ParseStatus(prop(props, PropStatus))
 	if err != nil {
-		// No status (or not one): 135 and 151 may pass later.
-		if reason == 0x87 || reason == 0x97 {
-			return uplink.Retry
+		// No status (or not one): as any MQTT 5 server's refusal, dropped
+		// only when the message itself is invalid.
+		if reason == 0x90 || reason == 0x99 {
+			return uplink.Drop
 		}
-		return uplink.Drop
+		return uplink.Retry
 	}
-	if a := st.Action(); a == Fail {
+	switch st.Action() {
+	case Fail:
 		d.log.Error("hub refused telemetry: dropped", "status", st.String(), "name", st.Name(),
 			"reason", prop(props, PropReason), "trace_id", prop(props, PropTraceID))
 		return uplink.Drop
+	case Reauth:
+		return uplink.Retry // the reconnection signs afresh
 	}
-	return uplink.Retry
+	return uplink.RetryLater // throttled or busy: pause on this connection
 }
 
 // OnServerDisconnect logs the status of a DISCONNECT from the hub. The
@@ -371,10 +377,17 @@ func (d *Dialect) OnConnect() {
 	d.poke()
 }
 
-// OnConnectionDown stops the twin loop's sends until the next connection.
+// OnConnectionDown stops the twin loop's sends until the next connection,
+// and ends the requests waiting for an answer that cannot come.
 func (d *Dialect) OnConnectionDown() {
 	d.reqMu.Lock()
 	d.up = false
+	for _, ch := range d.requests {
+		select {
+		case ch <- nil:
+		default:
+		}
+	}
 	d.reqMu.Unlock()
 }
 
@@ -400,6 +413,11 @@ func (d *Dialect) scheduleReauth() {
 // refusal ends in a DISCONNECT from the hub, and the reconnection signs
 // afresh; any other failure is retried.
 func (d *Dialect) reauthenticate() {
+	if d.o.Key == nil {
+		return // X.509: the certificate does not expire with the connection
+	}
+	d.reauthMu.Lock() // one re-authentication at a time
+	defer d.reauthMu.Unlock()
 	d.mu.Lock()
 	l := d.link
 	d.mu.Unlock()
@@ -425,6 +443,9 @@ func (d *Dialect) reauthenticate() {
 	default:
 		d.log.Warn("re-authentication failed; retrying in 30s", "error", err)
 		d.mu.Lock()
+		if d.reauth != nil {
+			d.reauth.Stop()
+		}
 		if d.ctx.Err() == nil {
 			d.reauth = time.AfterFunc(30*time.Second, d.reauthenticate)
 		}
@@ -497,7 +518,12 @@ func (d *Dialect) method(m *uplink.Inbound, name string, bad error) {
 		return
 	}
 	if name == MethodFirmwareUpdate {
-		d.firmwareMethod(m, corr)
+		// Off paho's receive goroutine: it stores state and sends.
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.firmwareMethod(m, corr)
+		}()
 		return
 	}
 	timeout := d.o.MethodTimeout
@@ -545,9 +571,11 @@ func (d *Dialect) methodResponse(name string, corr []byte, r *sandbox.Response) 
 	d.log.Debug("method answered", "method", name, "status", int(status))
 }
 
-// Command outcomes, from the handler's status: 2xx complete; 429, 503 and
-// 504 (busy, unavailable, out of time) abandon, so the hub delivers the
-// command again later; anything else rejects (dead-letters) it.
+// Command outcomes, from the handler's status: 2xx complete; 429 and 503
+// (the handler did not run, or says it did nothing: busy) abandon, so the
+// hub delivers the command again later; anything else rejects
+// (dead-letters) it, 504 included: a handler out of time may have acted,
+// and must not run twice.
 type outcome byte
 
 const (
@@ -561,7 +589,7 @@ func outcomeOf(st abi.Status) outcome {
 	switch {
 	case st >= 200 && st < 300:
 		return outcomeComplete
-	case st == abi.StatusTooManyRequests || st == abi.StatusUnavailable || st == abi.StatusTimeout:
+	case st == abi.StatusTooManyRequests || st == abi.StatusUnavailable:
 		return outcomeAbandon
 	}
 	return outcomeReject
@@ -616,7 +644,9 @@ func (d *Dialect) command(m *uplink.Inbound) {
 		return
 	}
 	seq, deliveries, name := info.Seq, info.Deliveries, info.Name
-	key := fmt.Sprintf("c/%020d", seq)
+	// Sequence numbers are the hub's, per device: a device provisioned
+	// again, or on another hub, starts them again.
+	key := fmt.Sprintf("c/%s/%s/%020d", d.o.Host, d.ClientID(), seq)
 	log := d.log.With("sequence_no", seq, "command", name, "delivery_count", deliveries)
 
 	d.cmdMu.Lock()

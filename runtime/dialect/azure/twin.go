@@ -51,6 +51,9 @@ func (d *Dialect) request(ctx context.Context, op string, o uplink.Outbound) (*u
 	defer cancel()
 	select {
 	case m := <-ch:
+		if m == nil {
+			return nil, uplink.ErrLost // the connection went down meanwhile
+		}
 		if s := m.Prop(PropStatus); s != "" {
 			st, err := ParseStatus(s)
 			if err != nil {
@@ -111,6 +114,7 @@ func (d *Dialect) desired(m *uplink.Inbound) {
 func (d *Dialect) getWhole() {
 	d.reqMu.Lock()
 	d.needGet = true
+	d.getAsked++
 	d.reqMu.Unlock()
 	d.poke()
 }
@@ -125,17 +129,22 @@ func (d *Dialect) twinLoop() {
 	var delay time.Duration
 	changed := d.o.Twin.Watch()
 	for {
-		var wait <-chan time.Time
 		if delay > 0 {
-			wait = time.After(delay)
-		}
-		select {
-		case <-d.ctx.Done():
-			return
-		case <-d.wake:
-		case <-changed:
-			changed = d.o.Twin.Watch()
-		case <-wait:
+			// After a failure nothing hurries the retry: not a wake-up, not
+			// a new patch.
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+		} else {
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-d.wake:
+			case <-changed:
+				changed = d.o.Twin.Watch()
+			}
 		}
 		ok, err := d.syncTwin()
 		switch {
@@ -216,6 +225,9 @@ func (d *Dialect) failed(err error) (bool, error) {
 
 // readTwin reads the whole twin and replaces the cached one.
 func (d *Dialect) readTwin(ctx context.Context) error {
+	d.reqMu.Lock()
+	asked := d.getAsked
+	d.reqMu.Unlock()
 	m, err := d.request(ctx, "get twin", uplink.Outbound{Topic: TopicTwinGet})
 	if err != nil {
 		return err
@@ -228,7 +240,9 @@ func (d *Dialect) readTwin(ctx context.Context) error {
 		return err
 	}
 	d.reqMu.Lock()
-	d.needGet = false
+	if d.getAsked == asked { // no gap found while the read was out
+		d.needGet = false
+	}
 	d.reqMu.Unlock()
 	d.log.Info("twin read", "desired_version", des.Version, "reported_version", rep.Version)
 	return nil
