@@ -135,11 +135,11 @@ type Dialect struct {
 	mu       sync.Mutex
 	reauthMu sync.Mutex
 	link     Link
-	expiry time.Time // of the signature of the current connection
-	reauth *time.Timer
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	expiry   time.Time // of the signature of the current connection
+	reauth   *time.Timer
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 
 	cmdMu   sync.Mutex      // orders a command's journal read and write
 	running map[uint64]*run // commands being served, by sequence number
