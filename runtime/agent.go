@@ -130,6 +130,15 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
 
+	if cfg.Uplink.Dialect == "azure" && cfg.Uplink.URL != "" {
+		// Before the plugins: a handler may read the twin in its
+		// outpost_init.
+		if err := a.openTwin(); err != nil {
+			_ = a.broker.Close()
+			_ = a.outbox.Close()
+			return nil, fmt.Errorf("runtime: %w", err)
+		}
+	}
 	if err := a.openPlugins(); err != nil {
 		_ = a.broker.Close()
 		_ = a.outbox.Close()
@@ -690,8 +699,11 @@ func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) erro
 	return nil
 }
 
-// openTwin opens the cached twin.
+// openTwin opens the cached twin, once.
 func (a *Agent) openTwin() error {
+	if a.twin != nil {
+		return nil
+	}
 	st, err := a.outbox.State("twin")
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"errors"
+	"net/url"
 
 	"github.com/tetratelabs/wazero/api"
 
@@ -67,10 +68,11 @@ func (p *Plugin) blobFuncs() []hostFn {
 				ret(s, int32(abi.ErrBadArg))
 				return
 			}
-			buf, limit := i32(s[2]), min(i32(s[3]), maxBlobRead)
-			if _, ok := m.Memory().Read(buf, limit); !ok {
-				c.violate("%s: [%d, %d+%d) is outside the guest's %d-byte memory", abi.FuncBlobRead, buf, buf, limit, m.Memory().Size())
+			buf, asked := i32(s[2]), i32(s[3])
+			if _, ok := m.Memory().Read(buf, asked); !ok { // the whole range the guest gave must be its
+				c.violate("%s: [%d, %d+%d) is outside the guest's %d-byte memory", abi.FuncBlobRead, buf, buf, asked, m.Memory().Size())
 			}
+			limit := min(asked, maxBlobRead)
 			tmp := make([]byte, limit)
 			got, err := blobs.ReadAt(n, tmp, off)
 			if err != nil {
@@ -93,6 +95,19 @@ func (p *Plugin) blobFuncs() []hostFn {
 	}
 }
 
+// redact drops a URL's user information and query (tokens) for logs.
+func redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		if len(raw) > 64 {
+			raw = raw[:64] + "..."
+		}
+		return raw
+	}
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return u.String()
+}
+
 func (p *Plugin) httpFuncs() []hostFn {
 	return []hostFn{
 		{name: abi.FuncHTTPGet, params: 4, results: 1, wideResult: true, fn: func(ctx context.Context, c *call, m api.Module, s []uint64) {
@@ -110,11 +125,13 @@ func (p *Plugin) httpFuncs() []hostFn {
 			}
 			size, err := p.cfg.HTTPGet(ctx, url, blob, progress)
 			if err != nil {
-				p.log.Warn("http_get failed", "url", url, "blob", blob, "error", err)
+				if p.logs.allow() { // a guest failing in a loop does not flood the log
+					p.log.Warn("http_get failed", "url", redact(url), "blob", blob, "error", err)
+				}
 				s[0] = api.EncodeI64(int64(errno(err)))
 				return
 			}
-			p.log.Info("http_get downloaded", "url", url, "blob", blob, "bytes", size)
+			p.log.Info("http_get downloaded", "url", redact(url), "blob", blob, "bytes", size)
 			s[0] = api.EncodeI64(size)
 		}},
 	}
@@ -129,6 +146,10 @@ func (p *Plugin) dmFuncs() []hostFn {
 				return
 			}
 			msg := string(read(c, m, abi.FuncProgress, i32(s[1]), i32(s[2])))
+			if !p.reports.allow() {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
 			meta, err := abi.DecodeMeta(c.meta)
 			if err != nil {
 				ret(s, int32(abi.ErrInternal))
@@ -169,6 +190,10 @@ func (p *Plugin) twinFuncs() []hostFn {
 				return
 			}
 			patch := append([]byte(nil), read(c, m, abi.FuncTwinReport, i32(s[0]), i32(s[1]))...)
+			if !p.reports.allow() {
+				ret(s, int32(abi.ErrLimit))
+				return
+			}
 			err := tw.Report(patch)
 			p.logCapErr(abi.FuncTwinReport, err)
 			ret(s, errno(err))

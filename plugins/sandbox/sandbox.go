@@ -120,6 +120,9 @@ type Config struct {
 	noTermination bool
 }
 
+// reportsPerSec bounds the progress reports and twin patches of a plugin.
+const reportsPerSec = 10
+
 // LoadError is why a module was refused at load. Nothing of it ran.
 type LoadError struct {
 	Plugin string
@@ -144,6 +147,7 @@ type Plugin struct {
 	breaker   breaker
 	logs      rateLimiter
 	publishes rateLimiter
+	reports   rateLimiter // progress and twin_report: each ends in a log line or a store write
 	stats     stats
 
 	liveMu sync.Mutex
@@ -221,6 +225,7 @@ func (e *Engine) Load(ctx context.Context, wasm []byte, cfg Config) (*Plugin, er
 	p.breaker.init(lim.BreakerAfter, lim.BreakerOpen)
 	p.logs.init(lim.LogPerSec)
 	p.publishes.init(lim.PublishPerSec)
+	p.reports.init(reportsPerSec)
 	// The first instance proves the module starts; it stays in the pool.
 	inst, err := p.newInstance(ctx)
 	if err != nil {
