@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"strconv"
 	"sync"
@@ -386,4 +387,69 @@ func waitFor(t *testing.T, cond func() bool) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// TestCommandJournal: a command redelivered while it still runs waits for
+// that run and gets its outcome (run once); a command the journal shows
+// started but not finished (the agent was killed during it) is rejected
+// when it comes again, not run twice.
+func TestCommandJournal(t *testing.T) {
+	release := make(chan struct{})
+	dir := t.TempDir()
+	r := newRig(t, dir, func(c dispatch.Call) *sandbox.Response {
+		if string(c.Payload) == "slow" {
+			<-release
+		}
+		return &sandbox.Response{Status: 200}
+	})
+	r.subscribe(t, `{}`)
+	cmd := func(id uint16, seq int, payload string) {
+		r.c.Send(&packets.Publish{Topic: TopicCommands, QoS: 1, PacketID: id, Payload: []byte(payload),
+			Properties: &packets.Properties{User: []packets.User{{Key: PropSequenceNo, Value: strconv.Itoa(seq)},
+				{Key: PropDeliveryCount, Value: "1"}}}})
+	}
+	cmd(1, 5, "slow")
+	waitFor(t, func() bool { return len(r.srv.Calls()) == 1 })
+	cmd(2, 5, "slow") // the same command again while it runs
+	close(release)
+	for _, id := range []uint16{1, 2} {
+		a := mqtttest.Expect[*packets.Puback](r.c)
+		if a.PacketID != id || a.ReasonCode != 0 {
+			t.Fatalf("PUBACK id %d reason %d, want %d completed", a.PacketID, a.ReasonCode, id)
+		}
+	}
+	if n := len(r.srv.Calls()); n != 1 {
+		t.Fatalf("the command ran %d times", n)
+	}
+
+	// A journal entry left "started" by a killed agent.
+	key := fmt.Sprintf("c/%s/%s/%020d", "hub.example", "dev1", 9)
+	if err := r.d.o.Journal.Put(key, []byte{byte(outcomeStarted)}, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	cmd(3, 9, "fast")
+	a := mqtttest.Expect[*packets.Puback](r.c)
+	if st, _ := userProp(a.Properties.User, PropStatus); a.ReasonCode != 131 || st != "0100" {
+		t.Fatalf("a command that was running when the agent stopped: reason %d status %q, want a reject", a.ReasonCode, st)
+	}
+	if n := len(r.srv.Calls()); n != 1 {
+		t.Fatalf("the command cut by a crash ran again (%d calls)", n)
+	}
+}
+
+// TestConnectX509: with no key the CONNECT names X509 and carries no
+// Authentication Data, and no re-authentication is ever attempted.
+func TestConnectX509(t *testing.T) {
+	ob, _ := storage.Open(storage.Options{Dir: t.TempDir(), Routes: []storage.Route{{Name: "telemetry"}}})
+	t.Cleanup(func() { _ = ob.Close() })
+	journal, _ := ob.State("j")
+	d, err := New(Options{Host: "hub.example", DeviceID: "dev1", ModuleID: "mod1", Journal: journal, Server: &fakeServer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := d.Credentials()
+	if err != nil || c.AuthMethod != AuthX509 || c.AuthData != nil || d.ClientID() != "dev1/mod1" {
+		t.Fatalf("credentials %+v %v, client id %q", c, err, d.ClientID())
+	}
+	d.reauthenticate() // a no-op: nothing to sign
 }
