@@ -453,3 +453,37 @@ func TestConnectX509(t *testing.T) {
 	}
 	d.reauthenticate() // a no-op: nothing to sign
 }
+
+// TestBadInputFromHub: an oversized method response is answered 507, a
+// response whose status is not a status fails its request, a desired
+// patch without a version reads the whole twin; the connection stays up.
+func TestBadInputFromHub(t *testing.T) {
+	r := newRig(t, t.TempDir(), func(c dispatch.Call) *sandbox.Response {
+		return &sandbox.Response{Status: 200, Payload: make([]byte, MaxMethodBytes+1)}
+	})
+	r.subscribe(t, `{"desired":{"$version":2},"reported":{"$version":1}}`)
+	r.c.Send(&packets.Publish{Topic: "$iothub/methods/big", Properties: &packets.Properties{CorrelationData: []byte{1}}})
+	resp := mqtttest.Expect[*packets.Publish](r.c)
+	if code, _ := userProp(resp.Properties.User, PropResponseCode); code != "507" || len(resp.Payload) > MaxMethodBytes {
+		t.Fatalf("oversized response: response-code %q, %d bytes", code, len(resp.Payload))
+	}
+	r.c.Send(&packets.Publish{Topic: TopicTwinDesired, Payload: []byte(`{"x":1}`), Properties: &packets.Properties{}})
+	get := mqtttest.Expect[*packets.Publish](r.c)
+	if get.Topic != TopicTwinGet {
+		t.Fatalf("a desired patch without a version: %q, want a twin get", get.Topic)
+	}
+	r.c.Send(&packets.Publish{Topic: TopicResponses, Properties: &packets.Properties{CorrelationData: get.Properties.CorrelationData,
+		User: []packets.User{{Key: PropStatus, Value: "bogus"}}}})
+	// The read failed; it is tried again after a pause, and this time
+	// answered.
+	get = mqtttest.Expect[*packets.Publish](r.c)
+	if get.Topic != TopicTwinGet {
+		t.Fatalf("after a bad status: %q, want the twin get again", get.Topic)
+	}
+	r.c.Send(&packets.Publish{Topic: TopicResponses, Payload: []byte(`{"desired":{"x":1,"$version":3},"reported":{"$version":1}}`),
+		Properties: &packets.Properties{CorrelationData: get.Properties.CorrelationData}})
+	waitFor(t, func() bool { return r.tw.Desired().Version == 3 })
+	if !r.u.Stats().Connected {
+		t.Fatal("the connection did not stay up")
+	}
+}

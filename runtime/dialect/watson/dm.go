@@ -644,7 +644,7 @@ func (d *Dialect) manage(mg *managed) {
 				mg.manageTimer.Stop()
 			}
 			if d.o.Lifetime > 0 && d.ctx.Err() == nil {
-				mg.manageTimer = time.AfterFunc(d.o.Lifetime-2*time.Minute, func() {
+				mg.manageTimer = time.AfterFunc(d.o.Lifetime-d.renewBefore, func() {
 					d.spawn(func() { d.manage(mg) })
 				})
 			}

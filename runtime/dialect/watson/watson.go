@@ -112,6 +112,10 @@ type Dialect struct {
 	reqSeq  uint64
 	reqBase string
 
+	// renewBefore is how long before the lifetime ends manage is sent
+	// again: two minutes, as the SDKs do (tests shorten it).
+	renewBefore time.Duration
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -199,7 +203,7 @@ func New(o Options) (*Dialect, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Dialect{o: o, log: log, children: map[Identity]*managed{}, pending: map[string]chan dmResponse{},
-		reqBase: strconv.FormatInt(time.Now().UnixNano(), 36)}
+		reqBase: strconv.FormatInt(time.Now().UnixNano(), 36), renewBefore: 2 * time.Minute}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	var err error
 	self := Identity{}

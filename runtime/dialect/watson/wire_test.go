@@ -132,6 +132,9 @@ func newWatsonRig(t *testing.T, gateway bool, children ...Identity) *wrig {
 		t.Fatal(err)
 	}
 	d.Attach(u)
+	if rigSetup != nil {
+		rigSetup(d)
+	}
 	if err := u.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -143,6 +146,9 @@ func newWatsonRig(t *testing.T, gateway bool, children ...Identity) *wrig {
 	})
 	return &wrig{t: t, broker: b, sub: sub, d: d, u: u, ob: ob, srv: srv, acts: acts, local: &local}
 }
+
+// rigSetup, when set, adjusts the rig's dialect before it connects.
+var rigSetup func(*Dialect)
 
 // platform publishes as the platform would, with mosquitto_pub (QoS 1).
 func (r *wrig) platform(topic, payload string) {
@@ -479,4 +485,15 @@ func TestGatewayWire(t *testing.T) {
 	if got := r.acts.list(); got != "" {
 		t.Errorf("operator commands ran for a child's reboot: %q", got)
 	}
+}
+
+// TestManageRenewed: manage goes out again before its lifetime ends.
+func TestManageRenewed(t *testing.T) {
+	// The lifetime's floor is an hour; the rig shortens both ends.
+	rigSetup = func(d *Dialect) { d.o.Lifetime, d.renewBefore = 400*time.Millisecond, 200*time.Millisecond }
+	defer func() { rigSetup = nil }()
+	r := newWatsonRig(t, false)
+	r.answer("iotdm-1/", r.sub.WaitNext(t, 10*time.Second, "iotdevice-1/mgmt/manage|"))
+	r.answer("iotdm-1/", r.sub.WaitNext(t, 10*time.Second, "iotdevice-1/mgmt/manage|"))
+	r.sub.WaitNext(t, 10*time.Second, "iotdevice-1/mgmt/manage|")
 }
