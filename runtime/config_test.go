@@ -87,6 +87,19 @@ func TestValidateNamesEveryKey(t *testing.T) {
 		{"unknown key", "storage: {durabilty: fsync}", []string{"field durabilty not found"}},
 		{"log level", "log: {level: verbose}", []string{`log.level: "verbose" is not one of debug, info, warn, error`}},
 		{"several at once", "storage: {durability: x, when_full: y}\nlog: {format: xml}", []string{"storage.durability", "storage.when_full", "log.format"}},
+		{"dialect", "uplink: {dialect: aws}", []string{`uplink.dialect: "aws" is not one of generic, azure, watson`}},
+		{"azure key", "uplink: {dialect: azure, azure: {shared_access_key: 'not base64!'}}", []string{"uplink.azure.shared_access_key: not base64"}},
+		{"azure no auth", "uplink: {dialect: azure}", []string{"uplink.azure.shared_access_key: required, unless X.509"}},
+		{"azure password", "uplink: {dialect: azure, password: p, azure: {shared_access_key: a2V5}}", []string{"uplink.username: not used by the azure dialect"}},
+		{"azure lifetime", "uplink: {dialect: azure, azure: {shared_access_key: a2V5, sas_lifetime: 1s}}", []string{"uplink.azure.sas_lifetime: 1s is below the 10s minimum"}},
+		{"azure module", "uplink: {dialect: azure, azure: {shared_access_key: a2V5, module_id: 'a/b'}}", []string{"uplink.azure.device_id"}},
+		{"watson org", "uplink: {dialect: watson, watson: {org: ABC, type: t, token: x}}", []string{`uplink.watson.org: "ABC"`}},
+		{"watson type", "uplink: {dialect: watson, watson: {org: abc123, type: 'a:b', token: x}}", []string{`uplink.watson.type: "a:b"`}},
+		{"watson token", "uplink: {dialect: watson, watson: {org: abc123, type: t}}", []string{"uplink.watson.token: required"}},
+		{"watson quickstart gateway", "uplink: {dialect: watson, watson: {org: quickstart, type: t, gateway: true}}", []string{"a gateway cannot connect to quickstart"}},
+		{"watson children", "uplink: {dialect: watson, watson: {org: abc123, type: t, token: x, children: [{type: s, id: s1}]}}", []string{"child devices need gateway: true"}},
+		{"watson lifetime", "uplink: {dialect: watson, watson: {org: abc123, type: t, token: x, lifetime: 10m}}", []string{"uplink.watson.lifetime: 10m0s: 0 (never dormant) or at least 1h"}},
+		{"dm command", "dm: {reboot_command: ['']}", []string{"dm.reboot_command: the first element"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
