@@ -133,6 +133,7 @@ type Dialect struct {
 	log *slog.Logger
 
 	mu       sync.Mutex
+	closeMu  sync.Mutex // orders hold's wg.Add before Close's Wait
 	reauthMu sync.Mutex
 	link     Link
 	expiry   time.Time // of the signature of the current connection
@@ -222,12 +223,28 @@ func (d *Dialect) Attach(l Link) {
 
 // Stop ends the dialect's work without waiting: no re-authentication,
 // and firmware steps cut now are taken up at the next start.
-func (d *Dialect) Stop() { d.cancel() }
+func (d *Dialect) Stop() {
+	d.closeMu.Lock()
+	d.cancel()
+	d.closeMu.Unlock()
+}
+
+// hold counts a piece of work Close waits for, unless the dialect is
+// stopping; the caller calls d.wg.Done when the work ends.
+func (d *Dialect) hold() bool {
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.ctx.Err() != nil {
+		return false
+	}
+	d.wg.Add(1)
+	return true
+}
 
 // Close stops re-authentication and waits (bounded by ctx) for the
 // requests in progress to answer.
 func (d *Dialect) Close(ctx context.Context) {
-	d.cancel()
+	d.Stop()
 	d.mu.Lock()
 	if d.reauth != nil {
 		d.reauth.Stop()
@@ -517,9 +534,11 @@ func (d *Dialect) method(m *uplink.Inbound, name string, bad error) {
 		resp(&sandbox.Response{Status: abi.StatusBadRequest, Payload: []byte(bad.Error())})
 		return
 	}
+	if !d.hold() {
+		return // stopping: the caller times out
+	}
 	if name == MethodFirmwareUpdate {
 		// Off paho's receive goroutine: it stores state and sends.
-		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
 			d.firmwareMethod(m, corr)
@@ -532,7 +551,6 @@ func (d *Dialect) method(m *uplink.Inbound, name string, bad error) {
 	}
 	meta := abi.Meta{Kind: abi.KindMethod, Name: name, Flags: abi.FlagResponseExpected, Deadline: timeout,
 		RequestID: hex.EncodeToString(corr), ContentType: m.ContentType, Props: abiProps(m.UserProps)}
-	d.wg.Add(1)
 	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: m.Payload}, func(r *sandbox.Response) {
 		defer d.wg.Done()
 		resp(r)
@@ -637,11 +655,22 @@ const journalTTL = 72 * time.Hour
 // command that ran (or that was running when the agent stopped) not run
 // again.
 func (d *Dialect) command(m *uplink.Inbound) {
+	if !d.hold() {
+		return // stopping: unacknowledged, the hub delivers it again
+	}
+	if !d.serveCommand(m) {
+		d.wg.Done()
+	}
+}
+
+// serveCommand serves a held command; it reports whether a handler runs
+// it (and will release the hold).
+func (d *Dialect) serveCommand(m *uplink.Inbound) bool {
 	info, err := ParseCommand(m.UserProps, d.o.DefaultCommand)
 	if err != nil {
 		d.log.Error("malformed command: rejected", "error", err)
 		d.ack(m, outcomeReject)
-		return
+		return false
 	}
 	seq, deliveries, name := info.Seq, info.Deliveries, info.Name
 	// Sequence numbers are the hub's, per device: a device provisioned
@@ -656,7 +685,7 @@ func (d *Dialect) command(m *uplink.Inbound) {
 		r.waiters = append(r.waiters, m)
 		d.cmdMu.Unlock()
 		log.Info("command redelivered while it runs: it will be acknowledged when the run ends")
-		return
+		return false
 	}
 	prev, err := d.o.Journal.Get(key)
 	if err == nil && len(prev) > 0 {
@@ -669,19 +698,19 @@ func (d *Dialect) command(m *uplink.Inbound) {
 			log.Info("command redelivered after it ran: acknowledged as before, not run again", "outcome", string(prev[0]))
 			d.ack(m, outcome(prev[0]))
 		}
-		return
+		return false
 	}
 	if err != nil && !errors.Is(err, storage.ErrNotFound) {
 		d.cmdMu.Unlock()
 		log.Error("command journal unreadable: abandoned, to be delivered again", "error", err)
 		d.ack(m, outcomeAbandon)
-		return
+		return false
 	}
 	if err := d.o.Journal.Put(key, []byte{byte(outcomeStarted)}, journalTTL); err != nil {
 		d.cmdMu.Unlock()
 		log.Error("command journal not written: abandoned, to be delivered again", "error", err)
 		d.ack(m, outcomeAbandon)
-		return
+		return false
 	}
 	if d.running == nil {
 		d.running = map[uint64]*run{}
@@ -694,11 +723,11 @@ func (d *Dialect) command(m *uplink.Inbound) {
 	if deliveries > 1 || m.Dup {
 		meta.Flags |= abi.FlagRedelivery
 	}
-	d.wg.Add(1)
 	d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: m.Payload}, func(r *sandbox.Response) {
 		defer d.wg.Done()
 		d.finish(seq, key, outcomeOf(r.Status), log.With("status", int(r.Status)))
 	})
+	return true
 }
 
 // finish records a command's outcome and acknowledges its deliveries. An

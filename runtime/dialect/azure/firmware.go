@@ -121,7 +121,10 @@ func (d *Dialect) newFirmware() error {
 		Call: func(name string, payload []byte, done func(dm.Result)) {
 			meta := abi.Meta{Kind: abi.KindDMAction, Name: name, Flags: abi.FlagResponseExpected, Deadline: d.o.ActionTimeout,
 				ContentType: "application/json", Props: []abi.Property{{Key: "device-id", Value: d.o.DeviceID}}}
-			d.wg.Add(1)
+			if !d.hold() {
+				done(dm.Result{Status: abi.StatusUnavailable, Body: []byte("the agent is stopping")})
+				return
+			}
 			d.o.Server.Serve(dispatch.Call{Meta: meta, Payload: payload}, func(r *sandbox.Response) {
 				defer d.wg.Done()
 				done(dm.Result{Status: r.Status, Props: r.Props, Body: r.Payload, Err: r.Err})
