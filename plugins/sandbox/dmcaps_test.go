@@ -53,7 +53,7 @@ func (t *memTwin) Report(p []byte) error {
 // TestDMCapabilities: the blob, http, dm and twin host functions, with
 // their error codes, their bounds and their rate limit.
 func TestDMCapabilities(t *testing.T) {
-	wasm := wasmtest.BuildGo(t, "testdata/capguest")
+	wasm := wasmtest.BuildGo(t, "testdata/dmguest")
 	blobs := memBlobs{"img": []byte("0123456789")}
 	var gets []string
 	var progress []string
@@ -133,7 +133,7 @@ func TestDMCapabilities(t *testing.T) {
 // TestDMCapabilitiesGranted: a module that imports a capability its
 // configuration does not grant is refused at load, naming the module.
 func TestDMCapabilitiesGranted(t *testing.T) {
-	wasm := wasmtest.BuildGo(t, "testdata/capguest")
+	wasm := wasmtest.BuildGo(t, "testdata/dmguest")
 	for _, c := range []struct {
 		cfg  Config
 		want string
@@ -144,7 +144,7 @@ func TestDMCapabilitiesGranted(t *testing.T) {
 		{Config{Blobs: memBlobs{}, HTTPGet: func(context.Context, string, string, func(int, string)) (int64, error) { return 0, nil },
 			Progress: func(abi.Meta, int, string) {}}, abi.ModuleTwin},
 	} {
-		c.cfg.Name = "capguest"
+		c.cfg.Name = "dmguest"
 		_, err := engine(t).Load(context.Background(), wasm, c.cfg)
 		var le *LoadError
 		if !errors.As(err, &le) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "not granted") {
