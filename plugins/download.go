@@ -176,7 +176,7 @@ func (d *Downloader) httpClient() *http.Client {
 func (d *Downloader) Get(ctx context.Context, rawURL string, store BlobStore, blob string, hosts HostList, max int64, progress func(int, string)) (int64, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return 0, fmt.Errorf("%w: %q is not an http(s) URL", sandbox.ErrBadArg, Redact(rawURL))
+		return 0, fmt.Errorf("%w: %q is not an http(s) URL", sandbox.ErrBadArg, sandbox.RedactURL(rawURL))
 	}
 	if !hosts.Allows(u) {
 		return 0, fmt.Errorf("%w: host %q is not in the plugin's http_hosts", sandbox.ErrDenied, u.Host)
@@ -239,19 +239,6 @@ func (d *Downloader) fetch(ctx context.Context, u *url.URL, w BlobWriter, hosts 
 		return n, fmt.Errorf("%w: the body ended after %d of %d bytes", sandbox.ErrUnavailable, n, resp.ContentLength)
 	}
 	return n, nil
-}
-
-// Redact drops a URL's user information and query (tokens) for logs.
-func Redact(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil {
-		if len(raw) > 64 {
-			raw = raw[:64] + "..."
-		}
-		return raw
-	}
-	u.User, u.RawQuery, u.Fragment = nil, "", ""
-	return u.String()
 }
 
 // copyBody streams the body into w within max bytes, reporting progress.

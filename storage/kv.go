@@ -83,9 +83,22 @@ func (kv *KV) Get(k []byte) ([]byte, error) {
 	if err := checkKey(k); err != nil {
 		return nil, err
 	}
+	v, err := kv.o.value(kv.key(k))
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("storage: kv: get: %w", err)
+	}
+	return v, err
+}
+
+// value reads one key's value: ErrNotFound when it has none, ErrClosed
+// once the store is closed.
+func (o *Outbox) value(k []byte) ([]byte, error) {
+	if o.closed.Load() {
+		return nil, ErrClosed
+	}
 	var v []byte
-	err := kv.o.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(kv.key(k))
+	err := o.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(k)
 		if err != nil {
 			return err
 		}
@@ -95,10 +108,7 @@ func (kv *KV) Get(k []byte) ([]byte, error) {
 	if errors.Is(err, badger.ErrKeyNotFound) {
 		return nil, ErrNotFound
 	}
-	if err != nil {
-		return nil, fmt.Errorf("storage: kv: get: %w", err)
-	}
-	return v, nil
+	return v, err
 }
 
 // Set stores v under k, or returns ErrQuota when the namespace would pass

@@ -32,25 +32,11 @@ func (s *State) key(k string) []byte { return append(append([]byte(nil), s.prefi
 
 // Get returns the value of k, or ErrNotFound.
 func (s *State) Get(k string) ([]byte, error) {
-	if s.o.closed.Load() {
-		return nil, ErrClosed
-	}
-	var v []byte
-	err := s.o.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(s.key(k))
-		if err != nil {
-			return err
-		}
-		v, err = item.ValueCopy(nil)
-		return err
-	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return nil, ErrNotFound
-	}
-	if err != nil {
+	v, err := s.o.value(s.key(k))
+	if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("storage: state: get: %w", err)
 	}
-	return v, nil
+	return v, err
 }
 
 // Put stores v under k. A positive ttl makes the entry disappear after

@@ -332,7 +332,7 @@ func (h *Hub) azureTwinRequest(c *conn, pk packets.Packet) {
 		h.failed(c, corr, azure.StatusPreconditionFailed, fmt.Sprintf("if-version %s, the version is %d", ifv, cur))
 		return
 	}
-	mergePatch(d.reported, patch)
+	twin.Merge(d.reported, patch)
 	d.reportedVer++
 	v := d.reportedVer
 	h.mu.Unlock()
@@ -375,7 +375,7 @@ func (h *Hub) PatchDesired(deviceID string, patch []byte) (int64, error) {
 	}
 	h.mu.Lock()
 	d := h.azureDeviceLocked(deviceID)
-	mergePatch(d.desired, p)
+	twin.Merge(d.desired, p)
 	d.desiredVer++
 	v, c := d.desiredVer, d.conn
 	h.mu.Unlock()
@@ -676,25 +676,6 @@ func traceID() string {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	return fmt.Sprintf("%x", b)
-}
-
-// mergePatch applies a JSON merge patch.
-func mergePatch(dst, patch map[string]any) {
-	for k, v := range patch {
-		switch pv := v.(type) {
-		case nil:
-			delete(dst, k)
-		case map[string]any:
-			sub, ok := dst[k].(map[string]any)
-			if !ok {
-				sub = map[string]any{}
-			}
-			mergePatch(sub, pv)
-			dst[k] = sub
-		default:
-			dst[k] = v
-		}
-	}
 }
 
 func clone(m map[string]any) map[string]any {

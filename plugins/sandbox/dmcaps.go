@@ -95,8 +95,9 @@ func (p *Plugin) blobFuncs() []hostFn {
 	}
 }
 
-// redact drops a URL's user information and query (tokens) for logs.
-func redact(raw string) string {
+// RedactURL drops a URL's user information, query and fragment (where
+// tokens are) for logs.
+func RedactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		if len(raw) > 64 {
@@ -126,12 +127,12 @@ func (p *Plugin) httpFuncs() []hostFn {
 			size, err := p.cfg.HTTPGet(ctx, url, blob, progress)
 			if err != nil {
 				if p.logs.allow() { // a guest failing in a loop does not flood the log
-					p.log.Warn("http_get failed", "url", redact(url), "blob", blob, "error", err)
+					p.log.Warn("http_get failed", "url", RedactURL(url), "blob", blob, "error", err)
 				}
 				s[0] = api.EncodeI64(int64(errno(err)))
 				return
 			}
-			p.log.Info("http_get downloaded", "url", redact(url), "blob", blob, "bytes", size)
+			p.log.Info("http_get downloaded", "url", RedactURL(url), "blob", blob, "bytes", size)
 			s[0] = api.EncodeI64(size)
 		}},
 	}

@@ -130,7 +130,7 @@ func (t *Twin) reportedViewLocked() map[string]any {
 	view := clone(t.reported.Props)
 	for _, p := range t.pending {
 		if patch, err := object(p.Patch); err == nil {
-			merge(view, patch)
+			Merge(view, patch)
 		}
 	}
 	return view
@@ -200,7 +200,7 @@ func (t *Twin) ApplyDesired(patch []byte, version int64) (Apply, error) {
 		return Gap, nil
 	}
 	next := clone(t.desired.Props)
-	merge(next, p)
+	Merge(next, p)
 	d := Doc{Props: next, Version: version}
 	if err := t.saveLocked(keyDesired, d); err != nil {
 		return 0, err
@@ -230,7 +230,7 @@ func (t *Twin) Report(patch []byte) (uint64, error) {
 		return 0, fmt.Errorf("%w (%d)", ErrFull, len(t.pending))
 	}
 	view := t.reportedViewLocked()
-	merge(view, p)
+	Merge(view, p)
 	if b, _ := json.Marshal(view); len(b) > MaxSection {
 		return 0, fmt.Errorf("%w: the reported section would be %d bytes", ErrTooLarge, len(b))
 	}
@@ -265,7 +265,7 @@ func (t *Twin) Acked(seq uint64, version int64) error {
 	}
 	next := clone(t.reported.Props)
 	if p, err := object(t.pending[i].Patch); err == nil {
-		merge(next, p)
+		Merge(next, p)
 	}
 	r := Doc{Props: next, Version: max(version, t.reported.Version)}
 	if err := t.saveLocked(keyReported, r); err != nil {
@@ -380,8 +380,8 @@ func object(b []byte) (map[string]any, error) {
 	return m, nil
 }
 
-// merge applies a JSON merge patch to dst.
-func merge(dst, patch map[string]any) {
+// Merge applies a JSON merge patch (RFC 7396) to dst.
+func Merge(dst, patch map[string]any) {
 	for k, v := range patch {
 		switch pv := v.(type) {
 		case nil:
@@ -391,7 +391,7 @@ func merge(dst, patch map[string]any) {
 			if !ok {
 				sub = map[string]any{}
 			}
-			merge(sub, pv)
+			Merge(sub, pv)
 			dst[k] = sub
 		default:
 			dst[k] = v
