@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/hub"
+	"github.com/outpost-edge/outpost/internal/mosqtest"
 	"github.com/outpost-edge/outpost/internal/wasmtest"
 )
 
@@ -155,3 +156,51 @@ func TestAzureFirmwareUpdateMethod(t *testing.T) {
 		return f["installed"] == "3.1.0" && f["state"] == float64(0) && f["updateStatus"] == float64(0)
 	})
 }
+
+// TestDeviceHandler: the first-party device handler agrees to a reboot,
+// which runs the operator's command; refuses a factory reset (off unless
+// the operator turns it on); refuses both while a local client has locked
+// the device; and its diagnostics say so.
+func TestDeviceHandler(t *testing.T) {
+	mosqtest.Require(t, "mosquitto_rr")
+	h := startWatsonHub(t)
+	marker := filepath.Join(t.TempDir(), "rebooted")
+	a := testAgent(t, "", func(c *Config) {
+		watsonConfig(h, nil)(c)
+		c.DM.RebootCommand = []string{"sh", "-c", "echo yes >> " + marker}
+		c.DM.FactoryResetCommand = []string{"true"}
+	})
+	installBuiltin(t, a, "device")
+	dev := "gw:" + deviceID
+	waitUntil(t, "device managed", func() bool { st, err := h.Watson(dev); return err == nil && st.Managed })
+	ctx := context.Background()
+	dm := func(op string) int {
+		t.Helper()
+		r, err := h.DMRequest(ctx, dev, op, nil, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.RC
+	}
+	if rc := dm("mgmt/initiate/device/reboot"); rc != 202 {
+		t.Fatalf("reboot: rc %d", rc)
+	}
+	waitUntil(t, "the reboot command ran", func() bool { b, _ := os.ReadFile(marker); return string(b) == "yes\n" })
+	if rc := dm("mgmt/initiate/device/factory_reset"); rc != 501 {
+		t.Fatalf("factory reset, not allowed by the handler's config: rc %d, want 501", rc)
+	}
+	if st, body := requestLocal(t, a, "outpost/methods/device.lock", "on"); st != "200" {
+		t.Fatalf("lock: %s %s", st, body)
+	}
+	if rc := dm("mgmt/initiate/device/reboot"); rc != 400 {
+		t.Fatalf("reboot while locked: rc %d, want 400 (the handler's 409)", rc)
+	}
+	st, body := requestLocal(t, a, "outpost/methods/device.diagnostics", "")
+	if st != "200" || !strings.Contains(body, `"locked":true`) || !strings.Contains(body, `"last_reboot"`) {
+		t.Fatalf("diagnostics: %s %s", st, body)
+	}
+	if b, _ := os.ReadFile(marker); string(b) != "yes\n" {
+		t.Fatalf("the reboot command ran again while locked: %q", b)
+	}
+}
+
