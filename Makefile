@@ -22,6 +22,7 @@ build: examples ## build the agent into bin/outpost, the example and the first-p
 # sha256 filled in.
 BUILTINS    := plugins/builtin/firmware plugins/builtin/device
 EXAMPLES_GO := examples/handler-go $(BUILTINS)
+RUN_PLUGINS := examples/handler-go $(BUILTINS)
 EXAMPLES_AS := examples/handler-as
 EXAMPLES    := $(EXAMPLES_GO) $(EXAMPLES_AS)
 ASC         := abi/guest-as/node_modules/.bin/asc
@@ -48,7 +49,7 @@ examples: $(ASC) ## build the example handlers (Go, AssemblyScript) and the firs
 # The AssemblyScript example serves the same names as the Go one; make run
 # installs the Go one (bin/outpost plugin install swaps them).
 run: build ## build, then run the agent on its embedded defaults with the Go example handler (Ctrl-C stops it)
-	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(EXAMPLES_GO)))
+	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(RUN_PLUGINS)))
 
 deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when missing
 	@need=; \

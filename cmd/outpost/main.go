@@ -371,9 +371,15 @@ func writeHeapProfile(path string) error {
 	return f.Close()
 }
 
-// firstMethod is the name of the first method among handlers ("kind:name"),
-// or "" when none is a method: the hints call it with mosquitto_rr.
+// firstMethod is the method the hints call with mosquitto_rr: the
+// example's echo when it is installed, else the first method among handlers
+// ("kind:name"), or "" when none is a method.
 func firstMethod(handlers []string) string {
+	for _, h := range handlers {
+		if h == "method:echo" { // the example's, which any payload suits
+			return "echo"
+		}
+	}
 	for _, h := range handlers {
 		if name, ok := strings.CutPrefix(h, "method:"); ok {
 			return name
