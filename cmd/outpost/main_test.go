@@ -292,8 +292,7 @@ func TestConfigValidateAndPrint(t *testing.T) {
 }
 
 // TestHintsCallAMethod: the hints call the echo example (else the first
-// method), and none when the
-// handlers are all commands.
+// method), and none when the handlers are all commands.
 func TestHintsCallAMethod(t *testing.T) {
 	var b strings.Builder
 	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", []string{"command:setpoint", "method:device.lock", "method:echo"})
