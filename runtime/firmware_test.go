@@ -203,4 +203,3 @@ func TestDeviceHandler(t *testing.T) {
 		t.Fatalf("the reboot command ran again while locked: %q", b)
 	}
 }
-

@@ -16,29 +16,12 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/hub"
-	"github.com/outpost-edge/outpost/internal/wasmtest"
 )
 
 // builtinPlugin writes a first-party handler, built, with its manifest,
 // into a plugin directory.
 func builtinPlugin(t *testing.T, name string) string {
-	t.Helper()
-	src := filepath.Join("..", "..", "plugins", "builtin", name)
-	wasm := wasmtest.BuildGo(t, src)
-	tmpl, err := os.ReadFile(filepath.Join(src, "manifest.yaml.in"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256(wasm)
-	dir := t.TempDir()
-	man := strings.ReplaceAll(string(tmpl), "@SHA256@", hex.EncodeToString(sum[:]))
-	if err := os.WriteFile(filepath.Join(dir, "manifest.yaml"), []byte(man), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "module.wasm"), wasm, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return pluginDir(t, filepath.Join("..", "..", "plugins", "builtin", name))
 }
 
 // slowServer serves image at /fw.bin: the first response slowly, 64 KiB

@@ -16,10 +16,14 @@ import (
 
 // examplePlugin writes the Go example handler, built, with its manifest,
 // into a plugin directory.
-func examplePlugin(t *testing.T) string {
+func examplePlugin(t *testing.T) string { return pluginDir(t, "../../examples/handler-go") }
+
+// pluginDir builds the Go handler in src and writes it, with the manifest
+// of src/manifest.yaml.in, into a plugin directory.
+func pluginDir(t *testing.T, src string) string {
 	t.Helper()
-	wasm := wasmtest.BuildGo(t, "../../examples/handler-go")
-	tmpl, err := os.ReadFile("../../examples/handler-go/manifest.yaml.in")
+	wasm := wasmtest.BuildGo(t, src)
+	tmpl, err := os.ReadFile(filepath.Join(src, "manifest.yaml.in"))
 	if err != nil {
 		t.Fatal(err)
 	}
