@@ -107,8 +107,7 @@ func (u *Uplink) onPublish(pr paho.PublishReceived) (bool, error) {
 	u.mu.Unlock()
 	u.received.Add(1)
 	if u.opts.OnMessage == nil {
-		_ = m.Ack(0)
-		return true, nil
+		return true, nil // paho acknowledges it (manual acknowledgement is off)
 	}
 	u.opts.OnMessage(m)
 	return true, nil

@@ -279,7 +279,9 @@ func (u *Uplink) Start() error {
 			ClientID:                   o.ClientID,
 			Session:                    u.sess,
 			OnPublishReceived:          []func(paho.PublishReceived) (bool, error){u.onPublish},
-			EnableManualAcknowledgment: true,
+			// Without a receiver paho acknowledges by itself, and no
+			// ticker runs for it on an idle gateway.
+			EnableManualAcknowledgment: o.OnMessage != nil,
 			SendAcksInterval:           ackInterval,
 			OnServerDisconnect: func(d *paho.Disconnect) {
 				u.setErr(fmt.Errorf("server disconnected: reason 0x%02x %s", d.ReasonCode, reasonString(d.Properties)))
@@ -316,8 +318,9 @@ func (u *Uplink) Start() error {
 }
 
 // ackInterval is how often paho sends the acknowledgements that are ready
-// (in order) of received messages.
-const ackInterval = 5 * time.Millisecond
+// (in order) of received messages: a command's acknowledgement waits for
+// its handler anyway.
+const ackInterval = 20 * time.Millisecond
 
 func reasonString(p *paho.DisconnectProperties) string {
 	if p == nil {
