@@ -55,6 +55,7 @@ type Agent struct {
 	dispatch *dispatch.Dispatcher
 	admin    *admin.Server // nil when the admin API is off
 
+	dmSlots  chan struct{}      // bounds the local DM requests waiting for the platform
 	stopTwin context.CancelFunc // ends publishDesired
 	twinDone chan struct{}
 
@@ -78,7 +79,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	a := &Agent{cfg: cfg, log: log}
+	a := &Agent{cfg: cfg, log: log, dmSlots: make(chan struct{}, maxLocalDM)}
 
 	routes := make([]storage.Route, len(cfg.Routes))
 	rules := make([]router.Rule, len(cfg.Routes))
@@ -208,6 +209,10 @@ func (a *Agent) openPlugins() error {
 	return nil
 }
 
+// maxLocalDM bounds the local device-management requests in progress;
+// more are answered 429.
+const maxLocalDM = 8
+
 // DMFilter is the local request topic of device-initiated device
 // management (Watson): outpost/dm/location, error-code, clear-error-codes,
 // log, clear-logs, manage, unmanage.
@@ -216,7 +221,14 @@ const DMFilter = "outpost/dm/+"
 // localDM serves a local device-management request; it runs in the
 // background, since it waits for the platform.
 func (a *Agent) localDM(r broker.Request) {
+	select {
+	case a.dmSlots <- struct{}{}:
+	default:
+		a.respond(r, abi.StatusTooManyRequests, []byte("too many device-management requests in progress"), "text/plain")
+		return
+	}
 	go func() {
+		defer func() { <-a.dmSlots }()
 		status, msg := 501, "device management needs uplink.dialect watson"
 		if a.watson != nil {
 			status, msg = a.watson.Local(strings.TrimPrefix(r.Topic, "outpost/dm/"), r.Payload)
