@@ -276,9 +276,9 @@ func (u *Uplink) Start() error {
 		ConnectPassword:               o.Password,
 		ConnectPacketBuilder:          u.connectPacket,
 		ClientConfig: paho.ClientConfig{
-			ClientID:                   o.ClientID,
-			Session:                    u.sess,
-			OnPublishReceived:          []func(paho.PublishReceived) (bool, error){u.onPublish},
+			ClientID:          o.ClientID,
+			Session:           u.sess,
+			OnPublishReceived: []func(paho.PublishReceived) (bool, error){u.onPublish},
 			// Without a receiver paho acknowledges by itself, and no
 			// ticker runs for it on an idle gateway.
 			EnableManualAcknowledgment: o.OnMessage != nil,
