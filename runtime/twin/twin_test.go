@@ -3,6 +3,7 @@ package twin
 import (
 	"encoding/json"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -145,4 +146,22 @@ func FuzzParseDoc(f *testing.F) {
 			t.Fatal("nil props without an error")
 		}
 	})
+}
+
+// TestReportQueueBounded: past MaxPending patches waiting for the hub, a
+// report is refused with ErrFull, and nothing queued is lost.
+func TestReportQueueBounded(t *testing.T) {
+	tw, closeFn := openTwin(t, t.TempDir())
+	defer closeFn()
+	for i := range MaxPending {
+		if _, err := tw.Report([]byte(`{"n":` + strconv.Itoa(i) + `}`)); err != nil {
+			t.Fatalf("report %d: %v", i, err)
+		}
+	}
+	if _, err := tw.Report([]byte(`{"n":-1}`)); !errors.Is(err, ErrFull) {
+		t.Fatalf("report past %d waiting: %v, want ErrFull", MaxPending, err)
+	}
+	if p := tw.Pending(); len(p) != MaxPending || string(p[len(p)-1].Patch) != `{"n":999}` {
+		t.Fatalf("%d pending, last %s", len(p), p[len(p)-1].Patch)
+	}
 }

@@ -18,6 +18,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -39,6 +40,20 @@ func record(action string) {
 	_ = guest.KVSet("last/"+action, []byte(time.Now().UTC().Format(time.RFC3339)))
 }
 
+// agree answers a reboot or factory reset: 202 (the host then runs the
+// operator's command) unless the configuration forbids it (501) or the
+// device is locked (409).
+func agree(action string, allowed bool, doing string) guest.Response {
+	switch {
+	case !allowed:
+		return guest.Text(501, strings.ReplaceAll(action, "_", " ")+" is not allowed on this device")
+	case locked():
+		return guest.Text(409, "the device is locked for maintenance")
+	}
+	record(action)
+	return guest.Text(202, doing)
+}
+
 func init() {
 	guest.OnInit(func(c []byte) error {
 		if len(c) == 0 {
@@ -46,25 +61,11 @@ func init() {
 		}
 		return json.Unmarshal(c, &cfg)
 	})
-	guest.DMAction("device.reboot", func(r *guest.Request) guest.Response {
-		switch {
-		case !cfg.AllowReboot:
-			return guest.Text(501, "reboot is not allowed on this device")
-		case locked():
-			return guest.Text(409, "the device is locked for maintenance")
-		}
-		record("reboot")
-		return guest.Text(202, "rebooting")
+	guest.DMAction("device.reboot", func(*guest.Request) guest.Response {
+		return agree("reboot", cfg.AllowReboot, "rebooting")
 	})
-	guest.DMAction("device.factory_reset", func(r *guest.Request) guest.Response {
-		switch {
-		case !cfg.AllowFactoryReset:
-			return guest.Text(501, "factory reset is not allowed on this device")
-		case locked():
-			return guest.Text(409, "the device is locked for maintenance")
-		}
-		record("factory_reset")
-		return guest.Text(202, "resetting")
+	guest.DMAction("device.factory_reset", func(*guest.Request) guest.Response {
+		return agree("factory_reset", cfg.AllowFactoryReset, "resetting")
 	})
 	guest.Method("device.lock", func(r *guest.Request) guest.Response {
 		v := string(r.Payload())

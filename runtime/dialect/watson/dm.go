@@ -27,7 +27,6 @@ type managed struct {
 	run      *dm.Runner
 
 	mu          sync.Mutex
-	managed     bool
 	unmanaged   bool // the device asked to be unmanaged: no manage until the next connection
 	manageTimer *time.Timer
 	observing   map[string]bool
@@ -639,7 +638,6 @@ func (d *Dialect) manage(mg *managed) {
 		switch {
 		case err == nil && resp.RC == 200:
 			mg.mu.Lock()
-			mg.managed = true
 			if mg.manageTimer != nil {
 				mg.manageTimer.Stop()
 			}
@@ -718,10 +716,6 @@ func (d *Dialect) Local(op string, payload []byte) (int, string) {
 			err = rerr
 		case resp.RC != 200:
 			return 502, fmt.Sprintf("the platform answered rc %d: %s", resp.RC, resp.Message)
-		default:
-			d.self.mu.Lock()
-			d.self.managed = true
-			d.self.mu.Unlock()
 		}
 	case "unmanage":
 		err = d.Unmanage(d.ctx, Identity{})
@@ -789,9 +783,6 @@ func (d *Dialect) Unmanage(ctx context.Context, dev Identity) error {
 	if resp.RC != 200 {
 		return fmt.Errorf("watson: unmanage: rc %d %s", resp.RC, resp.Message)
 	}
-	mg.mu.Lock()
-	mg.managed = false
-	mg.mu.Unlock()
 	return nil
 }
 

@@ -87,6 +87,9 @@ func EventTopic(dev Identity, event, format string) string {
 // ParseEventTopic reads an event topic of either form, as a local client
 // of a gateway may publish it.
 func ParseEventTopic(topic string) (dev Identity, event, format string, ok bool) {
+	if !strings.HasPrefix(topic, "iot-2/") {
+		return Identity{}, "", "", false // most local topics: no split on the forwarding path
+	}
 	p := strings.Split(topic, "/")
 	switch {
 	case len(p) == 5 && p[0] == "iot-2" && p[1] == "evt" && p[3] == "fmt":
