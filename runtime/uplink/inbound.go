@@ -235,7 +235,11 @@ func (u *Uplink) Send(ctx context.Context, o Outbound) error {
 	for _, up := range o.UserProps {
 		p.Properties.User = append(p.Properties.User, paho.UserProperty{Key: up.Key, Value: up.Value})
 	}
-	if lim := u.maxPacket(); lim > 0 {
+	lim, up := u.maxPacket()
+	if !up {
+		return ErrLost
+	}
+	if lim > 0 {
 		var b bytes.Buffer
 		if _, err := p.Packet().WriteTo(&b); err != nil {
 			return fmt.Errorf("uplink: send %q: %w", o.Topic, err)
@@ -261,14 +265,15 @@ func (u *Uplink) manager() *autopaho.ConnectionManager {
 	return u.cm
 }
 
-// maxPacket is the current connection's Maximum Packet Size; 0 = none.
-func (u *Uplink) maxPacket() uint32 {
+// maxPacket is the current connection's Maximum Packet Size (0 = none),
+// and false when there is no connection.
+func (u *Uplink) maxPacket() (uint32, bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.link == nil {
-		return 0
+		return 0, false
 	}
-	return u.link.maxPacket
+	return u.link.maxPacket, true
 }
 
 // ReauthError is a re-authentication the upstream refused.

@@ -465,7 +465,6 @@ func (u *Uplink) cut() {
 
 func (u *Uplink) onUp(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 	n := u.connects.Add(1)
-	u.connected.Store(true)
 	u.lastErr.Store("")
 	recvMax := uint16(65535)
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil {
@@ -501,6 +500,9 @@ func (u *Uplink) onUp(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 	l.conn = u.dialled
 	l.ctx, l.cancel = context.WithCancel(u.ctx)
 	u.link = l
+	// Connected only once the link (and its Maximum Packet Size) is in place:
+	// Send checks sizes against it.
+	u.connected.Store(true)
 	u.wakeLocked()
 	epoch := u.epoch
 	u.mu.Unlock()
