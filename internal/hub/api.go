@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -79,6 +80,29 @@ func (h *Hub) routes() http.Handler {
 		}
 		h.AddFault(f)
 		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /api/offline", func(w http.ResponseWriter, _ *http.Request) {
+		if err := h.Offline(); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, 200, map[string]bool{"offline": true})
+	})
+	mux.HandleFunc("POST /api/online", func(w http.ResponseWriter, _ *http.Request) {
+		if err := h.Online(); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, 200, map[string]bool{"offline": false})
+	})
+	mux.HandleFunc("GET /files/{name}", func(w http.ResponseWriter, r *http.Request) {
+		b, ok := h.o.Files[r.PathValue("name")]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		http.ServeContent(w, r, r.PathValue("name"), time.Time{}, bytes.NewReader(b))
 	})
 	h.watsonRoutes(mux)
 	return mux
@@ -235,6 +259,8 @@ func writeErr(w http.ResponseWriter, err error) {
 		status = 404
 	case errors.Is(err, ErrOffline), errors.Is(err, ErrNotManaged):
 		status = 409
+	case errors.Is(err, ErrClosed):
+		status = 503
 	case errors.Is(err, ErrTimeout):
 		status = 504
 	case errors.As(err, new(errString)):

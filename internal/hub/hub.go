@@ -62,6 +62,10 @@ type Options struct {
 	// delivered again. Default 1s.
 	RedeliveryDelay time.Duration
 
+	// Files are served by the API at GET /files/{name}, for devices to
+	// download: firmware images, plugin modules.
+	Files map[string][]byte
+
 	Log *slog.Logger // nil = discard
 }
 
@@ -83,6 +87,7 @@ type Hub struct {
 	seq     uint64 // command sequence numbers, hub-wide
 	stats   Stats
 	closed  bool
+	offline bool // Offline: the MQTT listener is closed
 	wg      sync.WaitGroup
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -94,6 +99,7 @@ type Stats struct {
 	Refused     int64 `json:"refused_connects"`
 	Telemetry   int64 `json:"telemetry"`
 	Disconnects int64 `json:"disconnects_by_hub"` // a device broke the protocol
+	Offline     bool  `json:"offline"`            // in an outage begun by Offline
 }
 
 // conn is one device connection.
@@ -152,7 +158,7 @@ func New(o Options) (*Hub, error) {
 	if err := h.srv.AddHook(&hook{h: h}, nil); err != nil {
 		return nil, fmt.Errorf("hub: %w", err)
 	}
-	tcp := listeners.NewTCP(listeners.Config{ID: "hub", Address: o.Listen, TLSConfig: o.TLS})
+	tcp := listeners.NewTCP(listeners.Config{ID: listenerID, Address: o.Listen, TLSConfig: o.TLS})
 	if err := h.srv.AddListener(tcp); err != nil {
 		return nil, fmt.Errorf("hub: listen on %s: %w", o.Listen, err)
 	}
@@ -200,7 +206,9 @@ func (h *Hub) APIAddr() string {
 func (h *Hub) Stats() Stats {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.stats
+	s := h.stats
+	s.Offline = h.offline
+	return s
 }
 
 // Close stops the API and the broker.

@@ -304,3 +304,78 @@ func TestAPIErrors(t *testing.T) {
 		t.Errorf("twin after a patch: %d %s", st, body)
 	}
 }
+
+// TestOfflineOnline: an outage cuts the device's connection and refuses
+// new ones; once online, the same address serves again.
+func TestOfflineOnline(t *testing.T) {
+	h := startTestHub(t)
+	r := dial(t, h)
+	if rc := azureConnect(t, r, "dev1", nil); rc != 0 {
+		t.Fatalf("CONNACK 0x%02x", rc)
+	}
+	waitDevice(t, h, "dev1", true)
+	if err := h.Offline(); err != nil {
+		t.Fatal(err)
+	}
+	if cp := r.read(); cp != nil {
+		t.Errorf("the outage sent %T; want the connection cut", cp.Content)
+	}
+	if c, err := net.DialTimeout("tcp", h.Addr(), time.Second); err == nil {
+		c.Close()
+		t.Error("a connection was accepted while offline")
+	}
+	if !h.Stats().Offline || h.Devices()[0].Connected {
+		t.Errorf("offline: stats %+v devices %+v", h.Stats(), h.Devices())
+	}
+	if err := h.Offline(); err != nil {
+		t.Errorf("offline twice: %v", err)
+	}
+	if err := h.Online(); err != nil {
+		t.Fatal(err)
+	}
+	if rc := azureConnect(t, dial(t, h), "dev1", nil); rc != 0 {
+		t.Fatalf("CONNACK 0x%02x after online", rc)
+	}
+	waitDevice(t, h, "dev1", true)
+	if h.Stats().Offline {
+		t.Error("still offline after Online")
+	}
+}
+
+func waitDevice(t *testing.T, h *Hub, id string, connected bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		for _, d := range h.Devices() {
+			if d.ID == id && d.Connected == connected {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("device %s connected=%v never seen: %+v", id, connected, h.Devices())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestServedFiles(t *testing.T) {
+	h, err := New(Options{Listen: "127.0.0.1:0", API: "127.0.0.1:0", Files: map[string][]byte{"fw.img": []byte("image")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for path, want := range map[string]int{"/files/fw.img": 200, "/files/other": 404} {
+		resp, err := http.Get("http://" + h.APIAddr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || (want == 200 && string(b) != "image") {
+			t.Errorf("GET %s: %d %q, want %d", path, resp.StatusCode, b, want)
+		}
+	}
+}

@@ -669,7 +669,12 @@ func (h *Hub) watsonRoutes(mux *http.ServeMux) {
 			writeJSON(w, 400, map[string]string{"error": err.Error()})
 			return
 		}
-		rep, err := h.FirmwareUpdate(r.Context(), r.PathValue("id"), fw, timeout)
+		var rep FirmwareReport
+		if id := r.PathValue("id"); h.isWatson(id) {
+			rep, err = h.FirmwareUpdate(r.Context(), id, fw, timeout)
+		} else {
+			rep, err = h.azureFirmwareUpdate(r.Context(), id, fw, timeout)
+		}
 		if err != nil {
 			writeErr(w, err)
 			return
