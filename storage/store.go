@@ -1015,6 +1015,34 @@ func (o *Outbox) read(rs *routeState, after uint64, max int) ([]Message, error) 
 	return msgs, nil
 }
 
+// Oldest returns when the oldest message of each route that holds any was
+// accepted (its Created time). It reads one message per route; messages
+// expired on the way are dropped as Next drops them.
+func (o *Outbox) Oldest() (map[string]time.Time, error) {
+	if o.closed.Load() {
+		return nil, ErrClosed
+	}
+	o.mu.Lock()
+	routes := make([]*routeState, 0, len(o.order))
+	for _, rs := range o.order {
+		if rs.count > 0 {
+			routes = append(routes, rs)
+		}
+	}
+	o.mu.Unlock()
+	out := make(map[string]time.Time, len(routes))
+	for _, rs := range routes {
+		msgs, err := o.read(rs, 0, 1)
+		if err != nil {
+			return out, err
+		}
+		if len(msgs) > 0 {
+			out[rs.Name] = msgs[0].Created
+		}
+	}
+	return out, nil
+}
+
 // doneBits returns a copy of which messages of s are done, or nil if none.
 func (o *Outbox) doneBits(s segment) []uint64 {
 	o.mu.Lock()

@@ -915,3 +915,37 @@ func storedBytes(t *testing.T, ob *Outbox) int64 {
 	}
 	return n
 }
+
+func TestOldest(t *testing.T) {
+	clk := newClock()
+	ob := open(t, Options{Routes: []Route{{Name: "a"}, {Name: "b"}, {Name: "empty"}}, Now: clk.Now})
+	t0 := clk.Now()
+	appendN(t, ob, "a", 1, "x")
+	clk.Add(time.Minute)
+	appendN(t, ob, "a", 1, "x")
+	appendN(t, ob, "b", 2, "y")
+	old, err := ob.Oldest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(old) != 2 || !old["a"].Equal(t0) || !old["b"].Equal(t0.Add(time.Minute)) {
+		t.Fatalf("Oldest = %v; want a at %v, b a minute later, nothing for empty", old, t0)
+	}
+	// Once a's first message is acknowledged, its second is the oldest.
+	msgs, err := ob.Next(Cursor{}, 1)
+	if err != nil || len(msgs) != 1 || msgs[0].Route != "a" {
+		t.Fatal(msgs, err)
+	}
+	if err := ob.Ack(Ref{msgs[0].Route, msgs[0].Seq}); err != nil {
+		t.Fatal(err)
+	}
+	ob.flushAcks()
+	if old, err := ob.Oldest(); err != nil || !old["a"].Equal(t0.Add(time.Minute)) {
+		t.Errorf("after an ack: %v %v; want a a minute later", old, err)
+	}
+	drain(t, ob, true)
+	ob.flushAcks()
+	if old, err := ob.Oldest(); err != nil || len(old) != 0 {
+		t.Errorf("after draining: %v %v; want none", old, err)
+	}
+}

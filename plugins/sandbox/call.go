@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -495,6 +496,19 @@ type Stats struct {
 	LogsDropped int64            `json:"logs_dropped"`
 	BreakerOpen bool             `json:"breaker_open"`
 	Latency     time.Duration    `json:"latency_ns"` // total time in Call
+	// LatencyBuckets counts the calls by time in Call: LatencyBuckets[i]
+	// those that took at most LatencyBounds[i] (not cumulative); the last
+	// element, those that took longer than every bound.
+	LatencyBuckets []int64 `json:"latency_buckets"`
+}
+
+// LatencyBounds are the upper bounds of Stats.LatencyBuckets.
+var LatencyBounds = [...]time.Duration{
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second, 30 * time.Second,
 }
 
 type stats struct {
@@ -503,11 +517,14 @@ type stats struct {
 	failures    [failKindCount]atomic.Int64
 	logsDropped atomic.Int64
 	latency     atomic.Int64
+	buckets     [len(LatencyBounds) + 1]atomic.Int64
 }
 
 func (s *stats) observe(d time.Duration, r *Response) {
 	s.calls.Add(1)
 	s.latency.Add(int64(d))
+	i := sort.Search(len(LatencyBounds), func(i int) bool { return d <= LatencyBounds[i] })
+	s.buckets[i].Add(1)
 	// Err is only ever set by hostResp.
 	if ce, ok := r.Err.(*CallError); ok {
 		for i, k := range failKinds {
@@ -527,6 +544,10 @@ func (p *Plugin) Stats() Stats {
 		LogsDropped: p.stats.logsDropped.Load(),
 		BreakerOpen: p.breaker.isOpen(),
 		Latency:     time.Duration(p.stats.latency.Load()),
+	}
+	st.LatencyBuckets = make([]int64, len(p.stats.buckets))
+	for i := range p.stats.buckets {
+		st.LatencyBuckets[i] = p.stats.buckets[i].Load()
 	}
 	for i, k := range failKinds {
 		st.Failures[k] = p.stats.failures[i].Load()

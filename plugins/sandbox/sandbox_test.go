@@ -140,6 +140,15 @@ func TestHostileGoGuest(t *testing.T) {
 	if st.Failures[FailTimeout] != 2 || st.Failures[FailTrap] != 1 || st.Failures[FailLimit] != 2 {
 		t.Fatalf("failures %v", st.Failures)
 	}
+	// Every call is in one latency bucket; the timed-out ones (at least
+	// their deadline) are not in the first.
+	var n int64
+	for _, b := range st.LatencyBuckets {
+		n += b
+	}
+	if len(st.LatencyBuckets) != len(LatencyBounds)+1 || n != st.Calls || st.LatencyBuckets[0] == st.Calls {
+		t.Errorf("latency buckets %v for %d calls", st.LatencyBuckets, st.Calls)
+	}
 }
 
 // TestWatFixtures: hostile modules written in wasm text, each with its
