@@ -47,9 +47,11 @@ examples: $(ASC) ## build the example handlers (Go, AssemblyScript) and the firs
 	done
 
 # The AssemblyScript example serves the same names as the Go one; make run
-# installs the Go one (bin/outpost plugin install swaps them).
-run: build ## build, then run the agent on its embedded defaults with the Go example handler (Ctrl-C stops it)
-	$(BIN) run --hints $(addprefix --install ,$(addsuffix /build,$(RUN_PLUGINS)))
+# installs the Go one (bin/outpost plugin install swaps them). The
+# walkthrough test (cmd/outpost/walkthrough_test.go) reads this command
+# line with make -n run.
+run: build ## build, then run the local hub and the agent connected to it, with the example and first-party handlers (Ctrl-C stops both)
+	$(BIN) run --hub --hints --admin-http 127.0.0.1:9181 $(addprefix --install ,$(addsuffix /build,$(RUN_PLUGINS)))
 
 deps: ## install what the tests need (mosquitto, mosquitto-clients, wabt) when missing
 	@need=; \

@@ -54,6 +54,8 @@ type Agent struct {
 	plugins  *plugins.Registry
 	dispatch *dispatch.Dispatcher
 	admin    *admin.Server // nil when the admin API is off
+	adminTCP *admin.Server // nil when admin.http is off
+	obs      observer
 
 	dmSlots  chan struct{}      // bounds the local DM requests waiting for the platform
 	stopTwin context.CancelFunc // ends publishDesired
@@ -753,10 +755,17 @@ func (a *Agent) Start() error {
 	}
 	if sock := a.cfg.AdminSocket(); sock != "" {
 		var err error
-		if a.admin, err = admin.Listen(sock, a.plugins, a.log.With("component", "admin")); err != nil {
+		if a.admin, err = admin.Listen(sock, a.plugins, a.observeHandler(), a.log.With("component", "admin")); err != nil {
 			return fmt.Errorf("runtime: admin.socket: %w", err)
 		}
 	}
+	if addr := a.cfg.Admin.HTTP; addr != "" {
+		var err error
+		if a.adminTCP, err = admin.ListenHTTP(addr, a.observeHandler(), a.log.With("component", "admin")); err != nil {
+			return fmt.Errorf("runtime: admin.http: %w", err)
+		}
+	}
+	a.startObserving()
 	if a.twin != nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		a.stopTwin, a.twinDone = cancel, make(chan struct{})
@@ -770,6 +779,7 @@ func (a *Agent) Start() error {
 		a.log.Warn("no uplink configured (uplink.url): messages are stored until one is")
 	}
 	st := a.outbox.Stats()
+	a.obs.ready.Store(true)
 	a.log.Info("outpost ready", "device_id", a.cfg.DeviceID, "data_dir", a.cfg.DataDir,
 		"durability", a.cfg.Storage.Durability, "backlog", st.Messages)
 	return nil
@@ -798,6 +808,8 @@ func (a *Agent) Close(ctx context.Context) error {
 
 func (a *Agent) close(ctx context.Context) error {
 	var errs []error
+	a.obs.ready.Store(false)
+	a.stopObserving()
 	// The dialects first stop taking work, so that a firmware step the
 	// shutdown cuts is resumed at the next start, not recorded as failed.
 	if a.azure != nil {
@@ -806,9 +818,11 @@ func (a *Agent) close(ctx context.Context) error {
 	if a.watson != nil {
 		a.watson.Stop()
 	}
-	if a.admin != nil {
-		if err := a.admin.Close(ctx); err != nil {
-			errs = append(errs, err)
+	for _, srv := range []*admin.Server{a.admin, a.adminTCP} {
+		if srv != nil {
+			if err := srv.Close(ctx); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if a.stopTwin != nil {

@@ -52,6 +52,10 @@ type AdminConfig struct {
 	// Socket is the unix socket of the API, mode 0600. Default
 	// {data_dir}/outpost.sock; "off" disables the API.
 	Socket string `yaml:"socket"`
+	// HTTP is the host:port of a read-only HTTP listener for Prometheus
+	// and health checks: /metrics, /healthz, /readyz, /v1/status. Empty =
+	// off (the socket serves the same routes).
+	HTTP string `yaml:"http"`
 }
 
 // AdminSocket is the admin API's socket path, with the default applied; ""
@@ -329,6 +333,13 @@ func (c *Config) Validate() error {
 			bad(fmt.Sprintf("broker.listeners[%d].address", i), "%q is not host:port (%v)", l.Address, err)
 		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
 			bad(fmt.Sprintf("broker.listeners[%d].address", i), "%q: port must be 0 to 65535", l.Address)
+		}
+	}
+	if c.Admin.HTTP != "" {
+		if _, port, err := net.SplitHostPort(c.Admin.HTTP); err != nil {
+			bad("admin.http", "%q is not host:port (%v)", c.Admin.HTTP, err)
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad("admin.http", "%q: port must be 0 to 65535", c.Admin.HTTP)
 		}
 	}
 	if c.Broker.MaxPacketSize < 0 || c.Broker.MaxPacketSize > 268435455 {

@@ -30,9 +30,12 @@ const hubUsage = `Usage: outpost hub [serve] [flags]            run the hub emul
        outpost hub patch-desired DEVICE JSON      patch the desired properties
        outpost hub telemetry [--follow]           print the telemetry received
        outpost hub firmware-update DEVICE --uri URI [--verifier sha256:HEX] [--version V] [--timeout 10m]
-                                                  run a Watson firmware download and update
+                                                  run a firmware download and update (Watson DM, or
+                                                  Azure's firmwareUpdate method and the reported twin)
        outpost hub dm DEVICE OP [--payload JSON]  send a Watson DM request (e.g. mgmt/initiate/device/reboot)
        outpost hub dm-state DEVICE                print a Watson device's DM state
+       outpost hub offline                        cut every device and refuse connections (an outage)
+       outpost hub online                         end the outage
        outpost hub fault --op OP (--status S | --drop) [--device D] [--count N]
                                                   answer the next OP with an error (telemetry,
                                                   twin.get, twin.reported)
@@ -59,7 +62,7 @@ func cmdHub(args []string, stdout, stderr io.Writer) int {
 	case "serve":
 		return hubServe(args, stdout, stderr)
 	case "devices", "invoke", "send-command", "commands", "twin", "patch-desired", "telemetry", "fault",
-		"firmware-update", "dm", "dm-state":
+		"firmware-update", "dm", "dm-state", "offline", "online":
 		return hubClient(sub, args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, hubUsage)
@@ -123,7 +126,7 @@ func hubServe(args []string, stdout, stderr io.Writer) int {
 }
 
 // hubClient runs one API call against a running hub.
-func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
+func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 	fs := flag.NewFlagSet("outpost hub "+sub, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	api := fs.String("api", envOr("OUTPOST_HUB_API", defaultHubAPI), "the hub's API `address`")
@@ -158,7 +161,7 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 		body = b
 	}
 	want := map[string]int{"devices": 0, "invoke": 2, "send-command": 1, "commands": 1, "twin": 1, "patch-desired": 2, "telemetry": 0,
-		"fault": 0, "firmware-update": 1, "dm": 2, "dm-state": 1}
+		"fault": 0, "firmware-update": 1, "dm": 2, "dm-state": 1, "offline": 0, "online": 0}
 	if len(pos) != want[sub] {
 		fmt.Fprintf(stderr, "outpost hub %s: want %d arguments, got %d\n\n%s", sub, want[sub], len(pos), hubUsage)
 		return 2
@@ -211,6 +214,8 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 		method, path = "POST", "/devices/"+esc(pos[0])+"/dm/"+strings.Trim(pos[1], "/")
 	case "dm-state":
 		method, path = "GET", "/devices/"+esc(pos[0])+"/dm"
+	case "offline", "online":
+		method, path = "POST", "/"+sub
 	case "fault":
 		if fault.Op == "" || (fault.Status == "") == !fault.Drop {
 			fmt.Fprintln(stderr, "outpost hub fault: want --op and one of --status or --drop")
@@ -261,6 +266,15 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 				return 1
 			}
 			return 0
+		}
+	}
+	if sub == "firmware-update" {
+		// The report is printed either way; the exit status says whether
+		// the update took.
+		var rep hub.FirmwareReport
+		if json.Unmarshal(out, &rep) == nil && rep.Result != "success" {
+			defer fmt.Fprintf(stderr, "outpost hub firmware-update: %s\n", rep.Result)
+			defer func() { code = 1 }()
 		}
 	}
 	var pretty bytes.Buffer

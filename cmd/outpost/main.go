@@ -5,6 +5,7 @@
 //	outpost config print [FILE]      print the effective configuration
 //	outpost plugin install|list|inspect|remove|rollback
 //	outpost invoke NAME              call a handler through the running agent
+//	outpost status [--json]          the running agent's state
 //	outpost hub [serve|invoke|...]   the local hub emulator and its operator commands
 //	outpost version                  print the version
 package main
@@ -48,6 +49,7 @@ Usage:
   outpost config print [FILE]      print the effective configuration (defaults filled in)
   outpost plugin ...               install, list, inspect, remove, roll back wasm handlers
   outpost invoke NAME              call a handler through the running agent
+  outpost status [--json]          the running agent's state: broker, backlog, uplink, plugins
   outpost hub ...                  run the local hub emulator, or act on it as the cloud (see 'outpost hub help')
   outpost version                  print the version
 `
@@ -68,6 +70,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdInvoke(args[1:], stdout, stderr)
 	case "hub":
 		return cmdHub(args[1:], stdout, stderr)
+	case "status":
+		return cmdStatus(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "outpost", version)
 		return 0
@@ -85,7 +89,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 // on the command line wins.
 type runFlags struct {
 	config, listen, data, upstream, deviceID, durability, logLevel, logFormat string
-	hints                                                                     bool
+	adminHTTP, hubListen, hubAPI                                              string
+	hints, hub                                                                bool
 	install                                                                   []string
 }
 
@@ -101,7 +106,11 @@ func parseRunFlags(args []string, stderr io.Writer) (*runFlags, error) {
 	fs.StringVar(&f.durability, "durability", "", "process (survives kill -9) or fsync (survives power loss)")
 	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "", "auto, text or json")
+	fs.StringVar(&f.adminHTTP, "admin-http", "", "`address` of the read-only HTTP listener: /metrics, /healthz, /readyz, /v1/status (default: admin.http, off)")
 	fs.BoolVar(&f.hints, "hints", false, "print what to try once the agent is ready")
+	fs.BoolVar(&f.hub, "hub", false, "also run the local hub emulator (outpost hub) in this process, and connect the agent to it")
+	fs.StringVar(&f.hubListen, "hub-listen", defaultHubMQTT, "with --hub: the hub's MQTT `address`")
+	fs.StringVar(&f.hubAPI, "hub-api", defaultHubAPI, "with --hub: the hub's HTTP API `address`")
 	fs.Func("install", "install or upgrade the plugin in `DIR` (manifest.yaml, module.wasm) before serving; repeatable", func(s string) error {
 		f.install = append(f.install, s)
 		return nil
@@ -161,6 +170,9 @@ func (f *runFlags) loadConfig() (runtime.Config, error) {
 	if f.logFormat != "" {
 		cfg.Log.Format = f.logFormat
 	}
+	if f.adminHTTP != "" {
+		cfg.Admin.HTTP = f.adminHTTP
+	}
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %w", err)
 	}
@@ -203,6 +215,18 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	var lh *localHub
+	if f.hub {
+		if lh, err = startLocalHub(&cfg, f.hubListen, f.hubAPI, log); err != nil {
+			log.Error("cannot start the local hub", "error", err)
+			return 1
+		}
+		defer func() {
+			if err := lh.h.Close(); err != nil {
+				log.Error("local hub: close", "error", err)
+			}
+		}()
+	}
 	agent, err := runtime.New(cfg, log)
 	if err != nil {
 		log.Error("cannot start", "error", err)
@@ -231,7 +255,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 				handlers = append(handlers, h.Kind+":"+h.Name)
 			}
 		}
-		printHints(stdout, cfg, agent.BrokerAddrs()[0], handlers)
+		printHints(stdout, cfg, agent.BrokerAddrs()[0], agent.AdminHTTPAddr(), handlers, lh)
 	}
 	<-ctx.Done()
 	stop()
@@ -250,40 +274,6 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
-}
-
-func printHints(w io.Writer, cfg runtime.Config, addr string, handlers []string) {
-	host, port, _ := strings.Cut(addr, ":")
-	up := "none: messages are stored in " + cfg.DataDir + " until an uplink is configured"
-	if cfg.Uplink.URL != "" {
-		up = cfg.Uplink.URL
-	}
-	hs := "none installed (bin/outpost plugin install DIR)"
-	if len(handlers) > 0 {
-		hs = strings.Join(handlers, ", ")
-	}
-	fmt.Fprintf(w, `
-Outpost is running.
-  local broker  %s
-  uplink        %s
-  device id     %s
-  handlers      %s
-
-Try, in another terminal:
-  mosquitto_sub -h %s -p %s -t 'plant/#' -v                    # a local subscriber
-  mosquitto_pub -h %s -p %s -q 1 -t plant/line1/temp -m 21.5   # stored, then forwarded
-`, addr, up, cfg.DeviceID, hs, host, port, host, port)
-	if method := firstMethod(handlers); method != "" {
-		fmt.Fprintf(w, `  mosquitto_rr -h %s -p %s -t outpost/methods/%s -e replies/me -m '' -F '%%P %%p'
-                                                     # call a wasm handler over MQTT 5
-  bin/outpost invoke %s --socket %s     # the same through the admin API
-  bin/outpost plugin list --socket %s
-`, host, port, method, method, cfg.AdminSocket(), cfg.AdminSocket())
-	}
-	fmt.Fprintf(w, `Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for example
-forwarded to any MQTT 5 broker, under outpost/%s/..., with
-  bin/outpost run --upstream mqtt://BROKER:1883
-`, cfg.DataDir, cfg.DeviceID)
 }
 
 // optional returns path if the file exists, else "".

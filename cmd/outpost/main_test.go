@@ -295,12 +295,12 @@ func TestConfigValidateAndPrint(t *testing.T) {
 // method), and none when the handlers are all commands.
 func TestHintsCallAMethod(t *testing.T) {
 	var b strings.Builder
-	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", []string{"command:setpoint", "method:device.lock", "method:echo"})
+	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", "", []string{"command:setpoint", "method:device.lock", "method:echo"}, nil)
 	if !strings.Contains(b.String(), "-t outpost/methods/echo ") || strings.Contains(b.String(), "outpost/methods/command:") {
 		t.Fatalf("hints:\n%s", b.String())
 	}
 	b.Reset()
-	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", []string{"command:setpoint"})
+	printHints(&b, runtime.DefaultConfig(), "127.0.0.1:1883", "", []string{"command:setpoint"}, nil)
 	if strings.Contains(b.String(), "mosquitto_rr") {
 		t.Fatalf("hints call a method where there is none:\n%s", b.String())
 	}

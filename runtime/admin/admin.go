@@ -9,6 +9,10 @@
 //	POST   /v1/plugins/{name}/rollback back to the version before
 //	POST   /v1/invoke                  call a handler: {"kind", "name", "payload"}
 //
+// and the read-only observability routes the agent provides (Observe):
+// GET /v1/status, /metrics, /healthz, /readyz. ListenHTTP serves only
+// those, on TCP, for Prometheus and health checks.
+//
 // Errors are {"error": "..."} with a 4xx or 5xx status.
 package admin
 
@@ -69,7 +73,9 @@ type Server struct {
 
 // Listen binds the unix socket at path (mode 0600). A socket left by an
 // agent that died is replaced; one that answers means another agent runs.
-func Listen(path string, reg *plugins.Registry, log *slog.Logger) (*Server, error) {
+// observe, when not nil, serves the read-only routes (see the package
+// documentation).
+func Listen(path string, reg *plugins.Registry, observe http.Handler, log *slog.Logger) (*Server, error) {
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("admin: %s: another agent is listening there", path)
@@ -98,6 +104,11 @@ func Listen(path string, reg *plugins.Registry, log *slog.Logger) (*Server, erro
 	mux.HandleFunc("DELETE /v1/plugins/{name}", s.remove)
 	mux.HandleFunc("POST /v1/plugins/{name}/rollback", s.rollback)
 	mux.HandleFunc("POST /v1/invoke", s.invoke)
+	if observe != nil {
+		for _, p := range ObservePaths {
+			mux.Handle("GET "+p, observe)
+		}
+	}
 	s.srv = &http.Server{Handler: http.MaxBytesHandler(mux, MaxBody), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -107,10 +118,39 @@ func Listen(path string, reg *plugins.Registry, log *slog.Logger) (*Server, erro
 	return s, nil
 }
 
-// Close stops the API and removes the socket.
+// ObservePaths are the read-only routes.
+var ObservePaths = []string{"/v1/status", "/metrics", "/healthz", "/readyz"}
+
+// ListenHTTP serves the read-only routes of observe on the TCP address
+// addr: the metrics and health checks, nothing that changes the agent.
+func ListenHTTP(addr string, observe http.Handler, log *slog.Logger) (*Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin: http: %w", err)
+	}
+	mux := http.NewServeMux()
+	for _, p := range ObservePaths {
+		mux.Handle("GET "+p, observe)
+	}
+	s := &Server{log: log, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
+	go func() {
+		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("admin HTTP listener stopped", "error", err)
+		}
+	}()
+	log.Info("metrics and health checks listening", "address", ln.Addr().String())
+	return s, nil
+}
+
+// Addr is the address the server listens on.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Close stops the API and removes its socket, if any.
 func (s *Server) Close(ctx context.Context) error {
 	err := s.srv.Shutdown(ctx)
-	_ = os.Remove(s.path)
+	if s.path != "" {
+		_ = os.Remove(s.path)
+	}
 	return err
 }
 

@@ -19,7 +19,7 @@ import (
 func TestListenSocketMode(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "outpost.sock")
-	s, err := Listen(path, nil, slog.New(slog.DiscardHandler))
+	s, err := Listen(path, nil, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,7 +27,7 @@ func TestListenSocketMode(t *testing.T) {
 	if err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket %v, mode %v", err, fi.Mode())
 	}
-	if _, err := Listen(path, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "another agent is listening there") {
+	if _, err := Listen(path, nil, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "another agent is listening there") {
 		t.Fatalf("a second agent on the socket: %v", err)
 	}
 	_ = s.Close(context.Background())
@@ -36,7 +36,7 @@ func TestListenSocketMode(t *testing.T) {
 	if err := os.WriteFile(file, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Listen(file, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+	if _, err := Listen(file, nil, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "is not a socket") {
 		t.Fatalf("a regular file at the path: %v", err)
 	}
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
@@ -58,7 +58,7 @@ func TestStatuses(t *testing.T) {
 	}
 	defer reg.Close(context.Background())
 	path := filepath.Join(t.TempDir(), "admin.sock")
-	s, err := Listen(path, reg, slog.New(slog.DiscardHandler))
+	s, err := Listen(path, reg, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
