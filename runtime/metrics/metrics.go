@@ -31,11 +31,11 @@ type Snapshot struct {
 // Broker is the local broker's state.
 type Broker struct {
 	Listeners []string `json:"listeners"`
-	Clients   int      `json:"clients"`  // connected now
-	Stored    int64    `json:"stored"`   // publishes stored in the outbox
-	Refused   int64    `json:"refused"`  // publishes refused: the outbox was full
-	Failed    int64    `json:"failed"`   // publishes refused: the store failed
-	LocalOnly int64    `json:"local"`    // publishes that matched no route
+	Clients   int      `json:"clients"` // connected now
+	Stored    int64    `json:"stored"`  // publishes stored in the outbox
+	Refused   int64    `json:"refused"` // publishes refused: the outbox was full
+	Failed    int64    `json:"failed"`  // publishes refused: the store failed
+	LocalOnly int64    `json:"local"`   // publishes that matched no route
 	AuthFails int64    `json:"auth_failures,omitempty"`
 }
 
