@@ -52,7 +52,7 @@ type Options struct {
 
 // Stats are the broker's counters.
 type Stats struct {
-	Clients  int   // connected clients
+	Clients  int   // clients connected now
 	Stored   int64 // publishes stored in the outbox
 	Refused  int64 // publishes refused because the outbox was full
 	Failed   int64 // publishes refused because the store failed
@@ -142,8 +142,16 @@ func (b *Broker) Addrs() []string { return append([]string(nil), b.addrs...) }
 
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {
+	connected := 0
+	for id, cl := range b.srv.Clients.GetAll() {
+		// The inline client is the broker's own; a client whose session
+		// outlives its connection is not connected.
+		if id != mqtt.InlineClientId && !cl.Closed() {
+			connected++
+		}
+	}
 	return Stats{
-		Clients:  b.srv.Clients.Len(),
+		Clients:  connected,
 		Stored:   b.hook.stored.Load(),
 		Refused:  b.hook.refused.Load(),
 		Failed:   b.hook.failed.Load(),
