@@ -87,6 +87,10 @@ type PluginsConfig struct {
 type LogConfig struct {
 	Level  string `yaml:"level"`  // debug, info, warn, error
 	Format string `yaml:"format"` // auto (text on a terminal, else JSON), text, json
+	// Components sets levels by component, over Level: broker, uplink,
+	// azure, watson, plugins, dispatch, admin, firmware, hub...
+	// (the "component" of each log line).
+	Components map[string]string `yaml:"components"`
 }
 
 // BrokerConfig configures the local broker.
@@ -324,6 +328,9 @@ func (c *Config) Validate() error {
 	}
 	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	oneOf("log.format", c.Log.Format, "auto", "text", "json")
+	for comp, l := range c.Log.Components {
+		oneOf("log.components."+comp, l, "debug", "info", "warn", "error")
+	}
 
 	if len(c.Broker.Listeners) == 0 {
 		bad("broker.listeners", "at least one listener is required")
@@ -512,6 +519,48 @@ func (c *Config) validateWatson(bad func(key, format string, args ...any)) {
 			bad(fmt.Sprintf("uplink.watson.bundles[%d]", i), "%q: want 1 to 255 of A-Z a-z 0-9 . _ -", b)
 		}
 	}
+}
+
+// Secrets are the configuration's secret values: the uplink's password
+// (also in its URL), the Azure shared access key, the Watson token. The
+// logger redacts them wherever they would appear.
+func (c *Config) Secrets() []string {
+	var out []string
+	add := func(v string) {
+		if v != "" {
+			out = append(out, v)
+		}
+	}
+	add(c.Uplink.Password)
+	add(c.Uplink.Azure.SharedAccessKey)
+	if k, err := base64.StdEncoding.DecodeString(c.Uplink.Azure.SharedAccessKey); err == nil && len(k) > 0 {
+		add(string(k))
+	}
+	add(c.Uplink.Watson.Token)
+	if u, err := url.Parse(c.Uplink.URL); err == nil && u.User != nil {
+		if p, ok := u.User.Password(); ok {
+			add(p)
+		}
+	}
+	return out
+}
+
+// Redacted returns a copy of c with its secrets replaced by "<redacted>",
+// for printing.
+func (c Config) Redacted() Config {
+	const r = "<redacted>"
+	set := func(v *string) {
+		if *v != "" {
+			*v = r
+		}
+	}
+	set(&c.Uplink.Password)
+	set(&c.Uplink.Azure.SharedAccessKey)
+	set(&c.Uplink.Watson.Token)
+	if u, err := url.Parse(c.Uplink.URL); err == nil && u.User != nil {
+		c.Uplink.URL = u.Redacted()
+	}
+	return c
 }
 
 // ParseUplinkURL checks an upstream URL: mqtt:// or mqtts://, a host and a

@@ -145,6 +145,7 @@ type Outbox struct {
 	id   string
 
 	seq atomic.Uint64 // last assigned
+	lim atomic.Pointer[Limits]
 
 	mu      sync.Mutex // guards routes, order, served
 	routes  map[string]*routeState
@@ -230,6 +231,7 @@ func Open(opts Options) (*Outbox, error) {
 		ackWake: make(chan struct{}, 1),
 		notify:  make(chan struct{}, 1),
 	}
+	o.lim.Store(&Limits{MaxBytes: opts.MaxBytes, MaxMessages: opts.MaxMessages, WhenFull: opts.WhenFull, TTL: opts.TTL})
 	for _, r := range opts.Routes {
 		if r.Name == "" || len(r.Name) > 64 {
 			return nil, fmt.Errorf("storage: route %q: name must be 1 to 64 bytes", r.Name)
@@ -360,6 +362,60 @@ func (o *Outbox) sortRoutes() {
 	})
 }
 
+// Limits are the outbox's caps and default time to live, which
+// Reconfigure can change while it runs.
+type Limits struct {
+	MaxBytes    int64         // 0 = no cap
+	MaxMessages int64         // 0 = no cap
+	WhenFull    FullPolicy    // DropOldest or RejectNew
+	TTL         time.Duration // global default time to live; 0 = none
+}
+
+// Reconfigure changes the routes and the limits while the outbox runs.
+// A new route takes messages at once; a route left out takes no more and
+// drains what it holds, last; the priority and TTL of a route apply to
+// what is read and appended from then on (a stored message keeps its
+// expiry). Messages already stored are neither moved nor dropped, even
+// when the new caps are lower: the next append makes room.
+func (o *Outbox) Reconfigure(routes []Route, lim Limits) error {
+	seen := map[string]bool{}
+	for _, r := range routes {
+		if r.Name == "" || len(r.Name) > 64 {
+			return fmt.Errorf("storage: route %q: name must be 1 to 64 bytes", r.Name)
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("storage: route %q defined twice", r.Name)
+		}
+		seen[r.Name] = true
+	}
+	if len(routes) == 0 {
+		return errors.New("storage: at least one route is required")
+	}
+	if o.closed.Load() {
+		return ErrClosed
+	}
+	o.mu.Lock()
+	for name, rs := range o.routes {
+		if !seen[name] && rs.configured {
+			rs.configured = false
+			rs.Priority, rs.TTL = math.MinInt32, 0
+			o.log.Info("route removed: it drains what it holds, last", "route", name, "messages", rs.count)
+		}
+	}
+	for _, r := range routes {
+		if rs := o.routes[r.Name]; rs != nil {
+			rs.Priority, rs.TTL, rs.configured = r.Priority, r.TTL, true
+		} else {
+			o.routes[r.Name] = &routeState{Route: r, configured: true, prefix: routePrefix(r.Name)}
+		}
+	}
+	o.sortRoutes()
+	o.mu.Unlock()
+	l := lim
+	o.lim.Store(&l)
+	return nil
+}
+
 // ID returns the store's random identifier, made when it was created.
 func (o *Outbox) ID() string { return o.id }
 
@@ -411,15 +467,21 @@ func (o *Outbox) Append(m *Message) error {
 func (o *Outbox) AppendAsync(m *Message, done func(seq uint64, err error)) error {
 	o.mu.Lock()
 	rs := o.routes[m.Route]
+	var routeTTL time.Duration
+	configured := rs != nil && rs.configured
+	if configured {
+		routeTTL = rs.TTL
+	}
 	o.mu.Unlock()
-	if rs == nil || !rs.configured {
+	if !configured {
 		return fmt.Errorf("%w %q", ErrUnknownRoute, m.Route)
 	}
+	lim := o.lim.Load()
 	if m.Created.IsZero() {
 		m.Created = o.now()
 	}
 	if m.Expires.IsZero() {
-		if ttl := cmp(rs.TTL, o.opts.TTL); ttl > 0 {
+		if ttl := cmp(routeTTL, lim.TTL); ttl > 0 {
 			m.Expires = m.Created.Add(ttl)
 		}
 	}
@@ -471,7 +533,8 @@ func cmp(a, b time.Duration) time.Duration {
 // makeRoom applies the caps before an append of size bytes. o.roomMu must
 // be held.
 func (o *Outbox) makeRoom(size int64) error {
-	maxB, maxM := o.opts.MaxBytes, o.opts.MaxMessages
+	lim := o.lim.Load()
+	maxB, maxM := lim.MaxBytes, lim.MaxMessages
 	if maxB <= 0 && maxM <= 0 {
 		return nil
 	}
@@ -484,7 +547,7 @@ func (o *Outbox) makeRoom(size int64) error {
 		if (maxB <= 0 || st.bytes+size <= maxB) && (maxM <= 0 || st.count+1 <= maxM) {
 			return nil
 		}
-		if o.opts.WhenFull == RejectNew {
+		if lim.WhenFull == RejectNew {
 			o.drop(ReasonRejected, 1)
 			return ErrFull
 		}

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -947,5 +948,40 @@ func TestOldest(t *testing.T) {
 	ob.flushAcks()
 	if old, err := ob.Oldest(); err != nil || len(old) != 0 {
 		t.Errorf("after draining: %v %v; want none", old, err)
+	}
+}
+
+// TestReconfigure: while the outbox runs, a new route takes messages, a
+// removed one refuses them and drains last, priorities apply to what is
+// read next, and new caps apply to the next append.
+func TestReconfigure(t *testing.T) {
+	ob := open(t, Options{Routes: []Route{{Name: "a", Priority: 1}, {Name: "b"}}})
+	appendN(t, ob, "b", 2, "b")
+	appendN(t, ob, "a", 2, "a")
+	if err := ob.Append(&Message{Route: "c", Topic: "t"}); !errors.Is(err, ErrUnknownRoute) {
+		t.Fatalf("append to c before: %v", err)
+	}
+	if err := ob.Reconfigure([]Route{{Name: "b", Priority: 5}, {Name: "c", Priority: 2}}, Limits{MaxMessages: 5, WhenFull: RejectNew}); err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, ob, "c", 1, "c")
+	if err := ob.Append(&Message{Route: "a", Topic: "t"}); !errors.Is(err, ErrUnknownRoute) {
+		t.Errorf("append to the removed route a: %v, want ErrUnknownRoute", err)
+	}
+	// 5 stored: the cap refuses the sixth.
+	if err := ob.Append(&Message{Route: "b", Topic: "t"}); !errors.Is(err, ErrFull) {
+		t.Errorf("a sixth message under a cap of 5: %v, want ErrFull", err)
+	}
+	var order []string
+	for _, m := range drain(t, ob, true) {
+		order = append(order, m.Route)
+	}
+	if got := strings.Join(order, ","); got != "b,b,c,a,a" {
+		t.Errorf("drain order %s, want b,b,c,a,a (b now first, a drains last)", got)
+	}
+	for name, rs := range map[string][]Route{"none": nil, "twice": {{Name: "x"}, {Name: "x"}}, "unnamed": {{}}} {
+		if err := ob.Reconfigure(rs, Limits{}); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 }

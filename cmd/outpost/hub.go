@@ -19,6 +19,7 @@ import (
 
 	"github.com/outpost-edge/outpost/internal/hub"
 	"github.com/outpost-edge/outpost/runtime"
+	"github.com/outpost-edge/outpost/runtime/logging"
 )
 
 const hubUsage = `Usage: outpost hub [serve] [flags]            run the hub emulator (Ctrl-C stops it)
@@ -104,7 +105,11 @@ func hubServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outpost hub: --key: not base64:", err)
 		return 2
 	}
-	log := newLogger(runtime.LogConfig{Level: *logLevel, Format: "auto"}, stderr)
+	if _, err := logging.ParseLevel(*logLevel); err != nil {
+		fmt.Fprintln(stderr, "outpost hub: --log-level:", err)
+		return 2
+	}
+	log := newLogger(runtime.LogConfig{Level: *logLevel, Format: "auto"}, stderr, *token).Logger
 	h, err := hub.New(hub.Options{Listen: *listen, API: *api, AzureHost: *host, AzureKeys: devKeys, DefaultKey: dk,
 		WatsonOrg: *org, DefaultToken: *token, Log: log})
 	if err == nil {

@@ -16,7 +16,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -30,6 +29,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/outpost-edge/outpost/runtime"
+	"github.com/outpost-edge/outpost/runtime/logging"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -193,7 +193,8 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "outpost run: %s\n", indentErr(err))
 		return 2
 	}
-	log := newLogger(cfg.Log, stderr)
+	logger := newLogger(cfg.Log, stderr, cfg.Secrets()...)
+	log := logger.Logger
 	if _, set := os.LookupEnv("GOMEMLIMIT"); !set && cfg.MemoryLimit > 0 {
 		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
 	}
@@ -310,12 +311,9 @@ func cmdConfig(args []string, stdout, stderr io.Writer) int {
 				return 1
 			}
 		}
-		if cfg.Uplink.Password != "" {
-			cfg.Uplink.Password = "<redacted>"
-		}
 		enc := yaml.NewEncoder(stdout)
 		enc.SetIndent(2)
-		if err := enc.Encode(cfg); err != nil {
+		if err := enc.Encode(cfg.Redacted()); err != nil {
 			fmt.Fprintln(stderr, "outpost config print:", err)
 			return 1
 		}
@@ -331,21 +329,16 @@ func indentErr(err error) string {
 	return strings.ReplaceAll(err.Error(), "\n", "\n  ")
 }
 
-func newLogger(c runtime.LogConfig, w io.Writer) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level))
-	opts := &slog.HandlerOptions{Level: level}
-	format := c.Format
-	if format == "auto" {
-		format = "json"
-		if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			format = "text"
-		}
+// newLogger builds the agent's logger: c's format and levels, with the
+// secrets redacted. The configuration was validated, so it cannot fail but
+// for a bug; then the logger is plain JSON.
+func newLogger(c runtime.LogConfig, w io.Writer, secrets ...string) *logging.Logger {
+	l, err := logging.New(w, logging.Options{Format: c.Format, Level: c.Level, Components: c.Components, Secrets: secrets})
+	if err != nil {
+		l, _ = logging.New(w, logging.Options{Format: "json", Level: "info", Secrets: secrets})
+		l.Error("log configuration", "error", err)
 	}
-	if format == "text" {
-		return slog.New(slog.NewTextHandler(w, opts))
-	}
-	return slog.New(slog.NewJSONHandler(w, opts))
+	return l
 }
 
 func writeHeapProfile(path string) error {
