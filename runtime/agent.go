@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -43,7 +44,8 @@ type Agent struct {
 	cfg      Config
 	log      *slog.Logger
 	outbox   *storage.Outbox
-	router   *router.Router
+	router   atomic.Pointer[router.Router] // replaced by Reload
+	reloadMu sync.Mutex                    // one Reload at a time; guards cfg's live keys
 	broker   *broker.Broker
 	uplink   *uplink.Uplink  // nil when no uplink is configured
 	azure    *azure.Dialect  // the azure dialect, when configured
@@ -83,34 +85,26 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: log, dmSlots: make(chan struct{}, maxLocalDM)}
 
-	routes := make([]storage.Route, len(cfg.Routes))
-	rules := make([]router.Rule, len(cfg.Routes))
-	for i, r := range cfg.Routes {
-		routes[i] = storage.Route{Name: r.Name, Priority: r.Priority, TTL: time.Duration(r.TTL)}
-		rules[i] = router.Rule{Route: r.Name, Match: r.Match}
-	}
+	routes, rules := routesOf(cfg.Routes)
 	rt, err := router.New(rules)
 	if err != nil {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
-	a.router = rt
+	a.router.Store(rt)
 	durability := storage.DurabilityProcess
 	if cfg.Storage.Durability == "fsync" {
 		durability = storage.DurabilityFsync
 	}
-	whenFull := storage.DropOldest
-	if cfg.Storage.WhenFull == "reject_new" {
-		whenFull = storage.RejectNew
-	}
+	lim := limitsOf(cfg.Storage)
 	a.outbox, err = storage.Open(storage.Options{
 		Dir:           filepath.Join(cfg.DataDir, "outbox"),
 		Durability:    durability,
 		NoCompression: cfg.Storage.Compression == "none",
 		Routes:        routes,
-		MaxBytes:      int64(cfg.Storage.MaxBytes),
-		MaxMessages:   cfg.Storage.MaxMessages,
-		WhenFull:      whenFull,
-		TTL:           time.Duration(cfg.Storage.TTL),
+		MaxBytes:      lim.MaxBytes,
+		MaxMessages:   lim.MaxMessages,
+		WhenFull:      lim.WhenFull,
+		TTL:           lim.TTL,
 		Logger:        log.With("component", "storage"),
 	})
 	if err != nil {
@@ -124,7 +118,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	a.broker, err = broker.New(broker.Options{
 		Listeners:     listeners,
 		MaxPacketSize: uint32(cfg.Broker.MaxPacketSize),
-		Route:         rt.Match,
+		Route:         a.match,
 		Store:         a.outbox.AppendAsync,
 		Logger:        log.With("component", "broker"),
 	})
@@ -410,7 +404,7 @@ func (a *Agent) pluginPublish(_ context.Context, topic string, payload []byte, q
 	if a.broker.IsRequestTopic(topic) {
 		return fmt.Errorf("%w: %q is a request topic", sandbox.ErrDenied, topic)
 	}
-	if route, ok := a.router.Match(topic); ok {
+	if route, ok := a.match(topic); ok {
 		err := a.outbox.Append(&storage.Message{Route: route, Topic: topic, Payload: payload, QoS: qos})
 		if errors.Is(err, storage.ErrFull) {
 			return fmt.Errorf("%w: %w", sandbox.ErrLimit, err)

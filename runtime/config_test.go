@@ -169,3 +169,23 @@ func FuzzParseConfig(f *testing.F) {
 		}
 	})
 }
+
+func TestChanges(t *testing.T) {
+	cur := DefaultConfig()
+	next := DefaultConfig()
+	next.Routes = append(next.Routes, RouteConfig{Name: "alarms", Match: []string{"alarms/#"}, Priority: 9})
+	next.Storage.MaxBytes = 2 << 30
+	next.Log.Components = map[string]string{"uplink": "debug"}
+	next.Uplink.Azure.Host = "hub.example"
+	next.Broker.Listeners = []ListenerConfig{{Address: "0.0.0.0:1883"}}
+	live, restart := cur.Changes(&next)
+	if got := strings.Join(live, ","); got != "log.components.uplink,routes,storage.max_bytes" {
+		t.Errorf("live changes %s", got)
+	}
+	if got := strings.Join(restart, ","); got != "broker.listeners,uplink.azure.host" {
+		t.Errorf("restart changes %s", got)
+	}
+	if live, restart := cur.Changes(&cur); len(live)+len(restart) != 0 {
+		t.Errorf("no change: %v %v", live, restart)
+	}
+}

@@ -61,15 +61,27 @@ func startLocalHub(cfg *runtime.Config, listen, api string, log *slog.Logger) (*
 		_ = h.Close()
 		return nil, err
 	}
+	lh := &localHub{h: h, firmware: hex.EncodeToString(sum[:])}
+	if err := lh.configure(cfg); err != nil {
+		_ = h.Close()
+		return nil, err
+	}
+	return lh, nil
+}
+
+// configure points cfg's uplink at the hub: the azure dialect with the
+// emulator's key, a short reconnection back-off, and, unless cfg has its
+// own, firmware commands that install into {data_dir}/firmware. A reload
+// applies it again to the new configuration.
+func (lh *localHub) configure(cfg *runtime.Config) error {
 	u := &cfg.Uplink
-	u.Dialect, u.URL = "azure", "mqtt://"+h.Addr()
+	u.Dialect, u.URL = "azure", "mqtt://"+lh.h.Addr()
 	u.Azure.Host, u.Azure.SharedAccessKey = demoAzureHost, defaultHubKey
 	u.BackoffMin, u.BackoffMax = runtime.Duration(200*time.Millisecond), runtime.Duration(2*time.Second)
 	if len(cfg.DM.InstallCommand) == 0 {
 		dir, err := filepath.Abs(filepath.Join(cfg.DataDir, "firmware"))
 		if err != nil {
-			_ = h.Close()
-			return nil, err
+			return err
 		}
 		// The image goes to {data_dir}/firmware/installed.img, and its
 		// version to .../version, which the version command reads.
@@ -79,10 +91,9 @@ func startLocalHub(cfg *runtime.Config, listen, api string, log *slog.Logger) (*
 		cfg.DM.FirmwareVersion = "1.0.0"
 	}
 	if err := cfg.Validate(); err != nil {
-		_ = h.Close()
-		return nil, fmt.Errorf("config: %w", err)
+		return fmt.Errorf("config: %w", err)
 	}
-	return &localHub{h: h, firmware: hex.EncodeToString(sum[:])}, nil
+	return nil
 }
 
 // defaultHubKeyRaw is defaultHubKey decoded.

@@ -258,7 +258,17 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		}
 		printHints(stdout, cfg, agent.BrokerAddrs()[0], agent.AdminHTTPAddr(), handlers, lh)
 	}
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case <-hup:
+			reload(f, agent, logger, lh)
+		}
+	}
 	stop()
 	// OUTPOST_MEMPROFILE=FILE writes a heap profile at shutdown, before the
 	// agent closes, for finding what holds memory.
@@ -275,6 +285,33 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// reload reads the configuration again (the file, then the same flags)
+// and applies what can change while the agent runs; on any error the
+// running configuration stays, and the log says why.
+func reload(f *runFlags, agent *runtime.Agent, logger *logging.Logger, lh *localHub) {
+	log := logger.Logger
+	log.Info("SIGHUP: reloading the configuration", "file", f.config)
+	next, err := f.loadConfig()
+	if err == nil && lh != nil {
+		err = lh.configure(&next)
+	}
+	if err != nil {
+		log.Error("reload refused, the configuration is not valid; the running one stays", "error", err)
+		return
+	}
+	changed, err := agent.Reload(next)
+	if err != nil {
+		log.Error("reload refused; the running configuration stays", "error", err)
+		return
+	}
+	if err := logger.SetLevels(next.Log.Level, next.Log.Components); err != nil {
+		log.Error("log levels not changed", "error", err)
+	}
+	if len(changed) == 0 {
+		log.Info("reload: nothing changed")
+	}
 }
 
 // optional returns path if the file exists, else "".

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/outpost-edge/outpost/abi"
@@ -80,7 +81,10 @@ type Dispatcher struct {
 	caller Caller
 	reply  func(Reply) error
 	log    *slog.Logger
-	slots  chan struct{}
+	// inflight counts the requests held; limit bounds it (SetLimit
+	// changes it while the dispatcher runs).
+	inflight atomic.Int64
+	limit    atomic.Int64
 	work   chan job      // to a worker waiting for one; unbuffered
 	quit   chan struct{} // closed by Close
 	idle   time.Duration // workerIdle; tests change it
@@ -102,9 +106,14 @@ func New(caller Caller, reply func(Reply) error, concurrent int, log *slog.Logge
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Dispatcher{caller: caller, reply: reply, log: log, slots: make(chan struct{}, concurrent),
-		work: make(chan job), quit: make(chan struct{}), idle: workerIdle}
+	d := &Dispatcher{caller: caller, reply: reply, log: log, work: make(chan job), quit: make(chan struct{}), idle: workerIdle}
+	d.limit.Store(int64(concurrent))
+	return d
 }
+
+// SetLimit changes the bound on the requests served at once; requests
+// already held are served.
+func (d *Dispatcher) SetLimit(concurrent int) { d.limit.Store(int64(concurrent)) }
 
 // Local serves a local request in the background and publishes the
 // response on its response topic. It does not block.
@@ -133,9 +142,8 @@ func (d *Dispatcher) Serve(c Call, done func(*sandbox.Response)) {
 
 // start hands j to an idle worker or a new one.
 func (d *Dispatcher) start(j job) {
-	select {
-	case d.slots <- struct{}{}:
-	default:
+	if d.inflight.Add(1) > d.limit.Load() {
+		d.inflight.Add(-1)
 		j.done(&sandbox.Response{Status: abi.StatusTooManyRequests, Payload: []byte("too many requests in progress"),
 			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
 		return
@@ -148,7 +156,7 @@ func (d *Dispatcher) start(j job) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		<-d.slots
+		d.inflight.Add(-1)
 		j.done(&sandbox.Response{Status: abi.StatusUnavailable, Payload: []byte("the agent is stopping"),
 			Props: []abi.Property{{Key: "outpost-error", Value: sandbox.FailRejected}}})
 		return
@@ -172,7 +180,7 @@ func (d *Dispatcher) worker(j job) {
 		}
 		// The slot is free before the response leaves: a client that
 		// sends its next request on it must not find the bound reached.
-		<-d.slots
+		d.inflight.Add(-1)
 		j.done(resp)
 		idle.Reset(d.idle)
 		select {
