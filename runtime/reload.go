@@ -166,4 +166,3 @@ func limitsOf(s StorageConfig) storage.Limits {
 
 // match is the current router's Match.
 func (a *Agent) match(topic string) (string, bool) { return a.router.Load().Match(topic) }
-

@@ -85,12 +85,12 @@ type Dispatcher struct {
 	// changes it while the dispatcher runs).
 	inflight atomic.Int64
 	limit    atomic.Int64
-	work   chan job      // to a worker waiting for one; unbuffered
-	quit   chan struct{} // closed by Close
-	idle   time.Duration // workerIdle; tests change it
-	mu     sync.Mutex    // orders wg.Add after Close's check
-	closed bool
-	wg     sync.WaitGroup
+	work     chan job      // to a worker waiting for one; unbuffered
+	quit     chan struct{} // closed by Close
+	idle     time.Duration // workerIdle; tests change it
+	mu       sync.Mutex    // orders wg.Add after Close's check
+	closed   bool
+	wg       sync.WaitGroup
 }
 
 // workerIdle is how long a worker waits for another request before it
