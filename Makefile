@@ -9,12 +9,14 @@ LDFLAGS := -X main.version=$(VERSION)
 # Test packages run in parallel up to this many at once; the race detector is on.
 TESTFLAGS ?= -race -shuffle=on -timeout 25m
 
-.PHONY: help build examples run test deps bench lint fuzz clean
+.PHONY: help build agent builtins examples run test deps bench lint fuzz install clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: examples ## build the agent into bin/outpost, the example and the first-party handlers
+build: examples agent ## build the agent into bin/outpost, the example and the first-party handlers
+
+agent: ## build the agent alone into bin/outpost
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/outpost
 
 # Each examples/<name>/ and plugins/builtin/<name>/ builds into its build/:
@@ -30,6 +32,15 @@ ASC         := abi/guest-as/node_modules/.bin/asc
 $(ASC): abi/guest-as/package-lock.json
 	npm ci --prefix abi/guest-as --no-audit --no-fund
 	@touch $(ASC)
+
+builtins: ## build the first-party handlers alone (plugins/builtin/*/build), without npm
+	@for d in $(BUILTINS); do \
+		mkdir -p $$d/build && \
+		(cd $$d && GOOS=wasip1 GOARCH=wasm $(GO) build -buildmode=c-shared -trimpath -o build/module.wasm .) && \
+		sum=$$(sha256sum $$d/build/module.wasm | cut -d' ' -f1) && \
+		sed "s/@SHA256@/$$sum/" $$d/manifest.yaml.in > $$d/build/manifest.yaml && \
+		echo "built $$d/build (sha256 $$sum)" || exit 1; \
+	done
 
 examples: $(ASC) ## build the example handlers (Go, AssemblyScript) and the first-party ones (plugins/builtin) into */build
 	@for d in $(EXAMPLES_GO); do \
@@ -95,6 +106,41 @@ fuzz: ## run each fuzz target for 30s
 	@for f in FuzzParseTopic FuzzParseCommand FuzzParseStatus; do $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime 30s ./runtime/dialect/azure/ || exit 1; done
 	@for f in FuzzParseCommandTopic FuzzParseDMTopic FuzzParseEventTopic FuzzDMRequest; do $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime 30s ./runtime/dialect/watson/ || exit 1; done
 	$(GO) test -run '^$$' -fuzz '^FuzzParseDoc$$' -fuzztime 30s ./runtime/twin/
+
+# make install: the agent, the first-party handlers, a systemd unit with
+# hardening options, the system user, and a default configuration (an
+# existing one is kept). DESTDIR stages it elsewhere (packaging, tests).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR  := $(PREFIX)/bin
+SHAREDIR := $(PREFIX)/share/outpost
+
+install: agent builtins ## install the agent, its first-party handlers, a systemd unit and /etc/outpost/config.yaml (PREFIX, DESTDIR)
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/outpost
+	@for d in $(BUILTINS); do n=$$(basename $$d); \
+		install -D -m 0644 $$d/build/module.wasm $(DESTDIR)$(SHAREDIR)/plugins/$$n/module.wasm && \
+		install -m 0644 $$d/build/manifest.yaml $(DESTDIR)$(SHAREDIR)/plugins/$$n/manifest.yaml || exit 1; \
+	done
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/share/doc/outpost
+	sed -e 's#@BINDIR@#$(BINDIR)#' -e 's#@DOCDIR@#$(PREFIX)/share/doc/outpost#' examples/systemd/outpost.service > $(DESTDIR)/etc/systemd/system/outpost.service
+	chmod 0644 $(DESTDIR)/etc/systemd/system/outpost.service
+	install -m 0644 examples/systemd/outpost.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/outpost.conf
+	install -m 0644 README.md docs/*.md abi/ABI.md $(DESTDIR)$(PREFIX)/share/doc/outpost/
+	install -d -m 0750 $(DESTDIR)/etc/outpost
+	@if [ -e $(DESTDIR)/etc/outpost/config.yaml ]; then \
+		echo "kept $(DESTDIR)/etc/outpost/config.yaml (the new default is examples/configs/outpost.yaml)"; \
+	else install -m 0640 examples/configs/outpost.yaml $(DESTDIR)/etc/outpost/config.yaml; fi
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
+		getent passwd outpost >/dev/null || systemd-sysusers $(PREFIX)/lib/sysusers.d/outpost.conf 2>/dev/null || \
+			useradd --system --home-dir /var/lib/outpost --no-create-home --shell /usr/sbin/nologin outpost; \
+		chgrp outpost /etc/outpost /etc/outpost/config.yaml; \
+		command -v systemctl >/dev/null && systemctl daemon-reload || true; \
+	fi
+	@echo; echo "Installed. Next (docs/OPERATIONS.md):"; \
+	echo "  edit /etc/outpost/config.yaml, then: outpost config validate /etc/outpost/config.yaml"; \
+	echo "  systemctl enable --now outpost"; \
+	echo "  outpost plugin install $(SHAREDIR)/plugins/firmware   # and .../device, once it runs"; \
+	echo "  outpost status"
 
 clean: ## remove build output and the default data directory
 	rm -rf bin data examples/*/build plugins/builtin/*/build

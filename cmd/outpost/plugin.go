@@ -36,8 +36,13 @@ const pluginUsage = `Usage:
                                          call a handler through the running agent
 
 Each talks to the running agent's admin socket: --socket PATH, or $OUTPOST_SOCKET,
-or ./data/outpost.sock (the default data directory).
+or ./data/outpost.sock (the default data directory), or else the installed agent's
+/var/lib/outpost/outpost.sock.
 `
+
+// installedSocket is the admin socket of an agent that make install set
+// up (examples/configs/outpost.yaml).
+const installedSocket = "/var/lib/outpost/outpost.sock"
 
 // adminClient calls the agent's admin API on its unix socket.
 type adminClient struct {
@@ -50,7 +55,13 @@ func newAdminClient(socket string) *adminClient {
 		socket = os.Getenv("OUTPOST_SOCKET")
 	}
 	if socket == "" {
+		// ./data (make run's), else the installed agent's.
 		socket = filepath.Join("data", "outpost.sock")
+		if _, err := os.Stat(socket); err != nil {
+			if _, err := os.Stat(installedSocket); err == nil {
+				socket = installedSocket
+			}
+		}
 	}
 	return &adminClient{socket: socket, http: &http.Client{
 		Timeout: 2 * time.Minute,
