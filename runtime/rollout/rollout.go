@@ -275,12 +275,12 @@ func (r *Rollout) serve(c dispatch.Call, o op) result {
 	case ActionRollback:
 		info, err := r.o.Registry.Rollback(ctx, p.Name)
 		if err != nil {
-			return registryFail(r.ctx, "rollback of "+p.Name, err)
+			return registryFail(r.ctx, "rollback of "+p.Name, err, true)
 		}
 		return done(fmt.Sprintf("rolled %s back to version %s", info.Name, info.Version), info)
 	default:
 		if err := r.o.Registry.Remove(ctx, p.Name); err != nil {
-			return registryFail(r.ctx, "remove "+p.Name, err)
+			return registryFail(r.ctx, "remove "+p.Name, err, false)
 		}
 		return done("removed "+p.Name, map[string]string{"name": p.Name, "removed": "true"})
 	}
@@ -374,7 +374,7 @@ func (r *Rollout) install(ctx context.Context, p Params) result {
 	}
 	info, err := r.o.Registry.Install(ctx, man, wasm, []byte(p.Signature))
 	if err != nil {
-		return registryFail(r.ctx, "install of "+p.Name+" "+m.Version, err)
+		return registryFail(r.ctx, "install of "+p.Name+" "+m.Version, err, true)
 	}
 	res = done(fmt.Sprintf("installed %s %s", info.Name, info.Version), info)
 	if prev != "" {
@@ -387,9 +387,14 @@ func (r *Rollout) install(ctx context.Context, p Params) result {
 }
 
 // registryFail maps a registry's refusal to a status. Whatever it is, the
-// version that served before still serves.
-func registryFail(base context.Context, what string, err error) result {
+// version that served before still serves, which the message says when
+// keeps.
+func registryFail(base context.Context, what string, err error, keeps bool) result {
 	var le *sandbox.LoadError
+	what += " refused"
+	if keeps {
+		what += ", the version before keeps serving"
+	}
 	st := abi.StatusUnprocessable // a manifest, signature or module the registry refused
 	switch {
 	case base.Err() != nil:
@@ -401,14 +406,18 @@ func registryFail(base context.Context, what string, err error) result {
 	case errors.Is(err, plugins.ErrNoPrevious), errors.Is(err, plugins.ErrClaimed):
 		st = abi.StatusConflict
 	case errors.As(err, &le):
-		return result{status: st, err: fmt.Errorf("rollout: %s refused, the version before keeps serving: the module does not load: %s", what, le.Reason)}
+		reason, _, _ := strings.Cut(le.Reason, "\n") // not the wasm stack trace
+		return result{status: st, err: fmt.Errorf("rollout: %s: the module does not load: %s", what, reason)}
 	}
-	return result{status: st, err: fmt.Errorf("rollout: %s refused, the version before keeps serving: %w", what, err)}
+	return result{status: st, err: fmt.Errorf("rollout: %s: %w", what, err)}
 }
 
 // fetch downloads uri within max bytes from the allowed hosts. On failure
 // it returns the result to answer.
 func (r *Rollout) fetch(ctx context.Context, what, uri string, max int64) ([]byte, result, bool) {
+	if u, err := url.Parse(uri); err == nil && !r.o.Hosts.Allows(u) {
+		return nil, fail(403, "download of the %s %s: host %q is not in plugins.rollout.hosts: nothing changed", what, sandbox.RedactURL(uri), u.Host), false
+	}
 	var mem memBlobs
 	_, err := r.dl.Get(ctx, uri, &mem, what, r.o.Hosts, max, nil)
 	if err == nil {
@@ -419,7 +428,7 @@ func (r *Rollout) fetch(ctx context.Context, what, uri string, max int64) ([]byt
 	case r.ctx.Err() != nil:
 		st = abi.StatusUnavailable
 	case errors.Is(err, sandbox.ErrDenied):
-		st = 403
+		st = 403 // a redirect elsewhere
 		err = fmt.Errorf("%w (plugins.rollout.hosts)", err)
 	case errors.Is(err, sandbox.ErrBadArg):
 		st = abi.StatusBadRequest
