@@ -81,6 +81,7 @@ func (h *Hub) routes() http.Handler {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	h.watsonRoutes(mux)
+	h.pluginRoutes(mux)
 	return mux
 }
 
