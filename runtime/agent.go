@@ -33,6 +33,7 @@ import (
 	"github.com/outpost-edge/outpost/runtime/dialect/watson"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/dm"
+	"github.com/outpost-edge/outpost/runtime/rollout"
 	"github.com/outpost-edge/outpost/runtime/router"
 	"github.com/outpost-edge/outpost/runtime/twin"
 	"github.com/outpost-edge/outpost/runtime/uplink"
@@ -62,6 +63,8 @@ type Agent struct {
 	dmSlots  chan struct{}      // bounds the local DM requests waiting for the platform
 	stopTwin context.CancelFunc // ends publishDesired
 	twinDone chan struct{}
+
+	rollout *rollout.Rollout // nil unless plugins.rollout.enabled
 
 	closeOnce sync.Once
 	closeErr  error
@@ -538,12 +541,16 @@ func (a *Agent) openWatson(opts *uplink.Options) error {
 	if err != nil {
 		return err
 	}
+	server, err := a.requestServer(c.Type, id)
+	if err != nil {
+		return err
+	}
 	d, err := watson.New(watson.Options{
 		Org: c.Org, Type: c.Type, ID: id, Token: c.Token, Gateway: c.Gateway, Children: children,
 		Manage: manage, Lifetime: time.Duration(c.Lifetime), DeviceInfo: c.Info, Metadata: c.Metadata,
 		DeviceActions: orTrue(a.cfg.DM.DeviceActions), FirmwareActions: orTrue(a.cfg.DM.FirmwareActions),
-		Bundles: c.Bundles, Installed: a.firmwareVersion(), EventFormat: c.Format,
-		State: st, Server: a.dispatch, Actions: actions,
+		Bundles: a.rolloutBundles(c.Bundles), Installed: a.firmwareVersion(), EventFormat: c.Format,
+		State: st, Server: server, Actions: actions,
 		Local: func(topic string, payload []byte) error { return a.broker.PublishLocal(topic, payload, 1) },
 		Log:   a.log.With("component", "watson"),
 	})
@@ -677,12 +684,16 @@ func (a *Agent) openAzure(opts *uplink.Options, urlHost string, plain bool) erro
 			return err
 		}
 	}
+	server, err := a.requestServer("", "")
+	if err != nil {
+		return err
+	}
 	d, err := azure.New(azure.Options{
 		Host: host, DeviceID: dev, ModuleID: c.ModuleID, Key: key, Policy: c.SASPolicy,
 		SendHost:    plain || net.ParseIP(urlHost) != nil || urlHost != host,
 		SASLifetime: time.Duration(c.SASLifetime), DefaultCommand: c.DefaultCommand,
 		MethodTimeout: time.Duration(c.MethodTimeout), CommandTimeout: time.Duration(c.CommandTimeout),
-		Journal: journal, Twin: a.twin, Server: a.dispatch, Agent: "outpost/" + Version,
+		Journal: journal, Twin: a.twin, Server: server, Agent: "outpost/" + Version,
 		State: dmState, Actions: actions, Running: a.firmwareVersion(),
 		Log: a.log.With("component", "azure"),
 	})
@@ -826,6 +837,7 @@ func (a *Agent) close(ctx context.Context) error {
 	if err := a.broker.Close(); err != nil {
 		errs = append(errs, err)
 	}
+	a.closeRollout(ctx)
 	a.closePlugins(ctx)
 	if a.uplink != nil {
 		if err := a.uplink.Close(ctx); err != nil {

@@ -81,6 +81,26 @@ type PluginsConfig struct {
 	// MaxConcurrent bounds the local requests served at once; more are
 	// answered 429.
 	MaxConcurrent int `yaml:"max_concurrent"`
+	// Rollout lets the cloud install, upgrade, roll back and remove
+	// plugins through the dialect (Azure direct methods, a Watson DM
+	// custom action bundle).
+	Rollout RolloutConfig `yaml:"rollout"`
+}
+
+// RolloutConfig configures remote plugin rollout (docs/DIALECTS.md,
+// "Remote plugin rollout").
+type RolloutConfig struct {
+	// Enabled serves the rollout methods (pluginInstall, pluginRollback,
+	// pluginRemove, pluginList) on Azure and advertises the Watson bundle
+	// outpost-plugins. Default false: installing code is a larger power
+	// than any other request, so an operator turns it on.
+	Enabled bool `yaml:"enabled"`
+	// Hosts are the hosts modules and manifests may be downloaded from
+	// (redirects too): host, host:port, *.domain, or "*" for any. Required
+	// when Enabled.
+	Hosts []string `yaml:"hosts"`
+	// MaxBytes bounds a downloaded module. Default 32MiB.
+	MaxBytes ByteSize `yaml:"max_bytes"`
 }
 
 // LogConfig configures logging.
@@ -319,6 +339,19 @@ func (c *Config) Validate() error {
 	}
 	if c.Plugins.MaxConcurrent < 1 || c.Plugins.MaxConcurrent > 100000 {
 		bad("plugins.max_concurrent", "%d: want 1 to 100000", c.Plugins.MaxConcurrent)
+	}
+	if r := c.Plugins.Rollout; r.Enabled {
+		if len(r.Hosts) == 0 {
+			bad("plugins.rollout.hosts", "at least one host is required when plugins.rollout.enabled is true (\"*\" for any)")
+		}
+		for i, h := range r.Hosts {
+			if h == "" || strings.ContainsAny(h, "/?#@ ") {
+				bad(fmt.Sprintf("plugins.rollout.hosts[%d]", i), "%q: want a host, host:port, *.domain or *", h)
+			}
+		}
+	}
+	if m := c.Plugins.Rollout.MaxBytes; m < 0 || m > 1<<30 || (m > 0 && m < 64<<10) {
+		bad("plugins.rollout.max_bytes", "%d: want 64KiB to 1GiB (0 = 32MiB)", m)
 	}
 	if c.DataDir == "" {
 		bad("data_dir", "must not be empty")

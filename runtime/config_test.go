@@ -99,6 +99,9 @@ func TestValidateNamesEveryKey(t *testing.T) {
 		{"watson quickstart gateway", "uplink: {dialect: watson, watson: {org: quickstart, type: t, gateway: true}}", []string{"a gateway cannot connect to quickstart"}},
 		{"watson children", "uplink: {dialect: watson, watson: {org: abc123, type: t, token: x, children: [{type: s, id: s1}]}}", []string{"child devices need gateway: true"}},
 		{"watson lifetime", "uplink: {dialect: watson, watson: {org: abc123, type: t, token: x, lifetime: 10m}}", []string{"uplink.watson.lifetime: 10m0s: 0 (never dormant) or at least 1h"}},
+		{"rollout hosts", "plugins: {rollout: {enabled: true}}", []string{"plugins.rollout.hosts: at least one host is required"}},
+		{"rollout host", "plugins: {rollout: {enabled: true, hosts: ['http://x/']}}", []string{`plugins.rollout.hosts[0]: "http://x/"`}},
+		{"rollout max_bytes", "plugins: {rollout: {max_bytes: 1KiB}}", []string{"plugins.rollout.max_bytes: 1024: want 64KiB to 1GiB"}},
 		{"dm command", "dm: {reboot_command: ['']}", []string{"dm.reboot_command: the first element"}},
 	}
 	for _, tc := range tests {

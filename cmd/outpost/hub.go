@@ -40,8 +40,16 @@ const hubUsage = `Usage: outpost hub [serve] [flags]            run the hub emul
        outpost hub fault --op OP (--status S | --drop) [--device D] [--count N]
                                                   answer the next OP with an error (telemetry,
                                                   twin.get, twin.reported)
+       outpost hub plugin-install DEVICE --name N --uri URI --sha256 HEX (--manifest FILE | --manifest-uri URI)
+                                  [--signature FILE] [--version V] [--timeout 60s]
+                                                  install or upgrade a plugin on the device
+       outpost hub plugin-rollback DEVICE --name N    go back to the plugin's previous version
+       outpost hub plugin-remove DEVICE --name N      remove the plugin
+       outpost hub plugin-list DEVICE                 list the device's plugins
 
 The client commands talk to a running hub's API (--api, default ` + defaultHubAPI + `).
+The plugin commands need plugins.rollout on the agent; ` + "`outpost hub --serve DIR`" + ` serves
+DIR's files at http://API/files/NAME for devices to download.
 A payload of @FILE reads the file. Azure devices are named by their device id,
 Watson devices by TYPE:ID.
 `
@@ -63,7 +71,7 @@ func cmdHub(args []string, stdout, stderr io.Writer) int {
 	case "serve":
 		return hubServe(args, stdout, stderr)
 	case "devices", "invoke", "send-command", "commands", "twin", "patch-desired", "telemetry", "fault",
-		"firmware-update", "dm", "dm-state", "offline", "online":
+		"firmware-update", "dm", "dm-state", "offline", "online", "plugin-install", "plugin-rollback", "plugin-remove", "plugin-list":
 		return hubClient(sub, args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, hubUsage)
@@ -92,6 +100,7 @@ func hubServe(args []string, stdout, stderr io.Writer) int {
 		devKeys[id] = b
 		return nil
 	})
+	serve := fs.String("serve", "", "serve this `directory`'s files at http://API/files/NAME (plugins, firmware)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -110,7 +119,7 @@ func hubServe(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(runtime.LogConfig{Level: *logLevel, Format: "auto"}, stderr, *token).Logger
-	h, err := hub.New(hub.Options{Listen: *listen, API: *api, AzureHost: *host, AzureKeys: devKeys, DefaultKey: dk,
+	h, err := hub.New(hub.Options{Listen: *listen, API: *api, FilesDir: *serve, AzureHost: *host, AzureKeys: devKeys, DefaultKey: dk,
 		WatsonOrg: *org, DefaultToken: *token, Log: log})
 	if err == nil {
 		err = h.Start()
@@ -142,10 +151,14 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 	follow := fs.Bool("follow", false, "print telemetry as it arrives")
 	format := fs.String("format", "", "a Watson command's format (default json)")
 	var fw hub.Firmware
-	fs.StringVar(&fw.URI, "uri", "", "firmware-update: the image's http(s) URI")
+	fs.StringVar(&fw.URI, "uri", "", "firmware-update, plugin-install: the image's or module's http(s) URI")
 	fs.StringVar(&fw.Verifier, "verifier", "", "firmware-update: sha256:HEX of the image")
-	fs.StringVar(&fw.Version, "version", "", "firmware-update: the image's version")
-	fs.StringVar(&fw.Name, "name", "", "firmware-update: the image's name")
+	fs.StringVar(&fw.Version, "version", "", "firmware-update, plugin-install: the image's or plugin's version")
+	fs.StringVar(&fw.Name, "name", "", "firmware-update: the image's name; plugin-*: the plugin's")
+	sha := fs.String("sha256", "", "plugin-install: the module's sha256 (64 hex digits)")
+	manifest := fs.String("manifest", "", "plugin-install: the manifest `file` (sent inline)")
+	manifestURI := fs.String("manifest-uri", "", "plugin-install: the manifest's http(s) URI")
+	signature := fs.String("signature", "", "plugin-install: the manifest's signature `file` (base64 ed25519)")
 	var fault hub.Fault
 	fs.StringVar(&fault.Op, "op", "", "fault: the operation")
 	fs.StringVar(&fault.Status, "status", "", "fault: the status to answer (Azure: 4 hex digits)")
@@ -166,7 +179,8 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 		body = b
 	}
 	want := map[string]int{"devices": 0, "invoke": 2, "send-command": 1, "commands": 1, "twin": 1, "patch-desired": 2, "telemetry": 0,
-		"fault": 0, "firmware-update": 1, "dm": 2, "dm-state": 1, "offline": 0, "online": 0}
+		"fault": 0, "firmware-update": 1, "dm": 2, "dm-state": 1, "offline": 0, "online": 0,
+		"plugin-install": 1, "plugin-rollback": 1, "plugin-remove": 1, "plugin-list": 1}
 	if len(pos) != want[sub] {
 		fmt.Fprintf(stderr, "outpost hub %s: want %d arguments, got %d\n\n%s", sub, want[sub], len(pos), hubUsage)
 		return 2
@@ -221,6 +235,36 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 		method, path = "GET", "/devices/"+esc(pos[0])+"/dm"
 	case "offline", "online":
 		method, path = "POST", "/"+sub
+	case "plugin-install", "plugin-rollback", "plugin-remove", "plugin-list":
+		action := strings.TrimPrefix(sub, "plugin-")
+		p := hub.PluginParams{Name: fw.Name, Version: fw.Version, URI: fw.URI, SHA256: *sha, ManifestURI: *manifestURI}
+		switch {
+		case action != "list" && p.Name == "":
+			fmt.Fprintf(stderr, "outpost hub %s: --name is required\n", sub)
+			return 2
+		case action == "install" && (p.URI == "" || p.SHA256 == "" || (*manifest == "") == (*manifestURI == "")):
+			fmt.Fprintln(stderr, "outpost hub plugin-install: want --uri, --sha256 and one of --manifest or --manifest-uri")
+			return 2
+		}
+		for _, f := range []struct {
+			file string
+			dst  *string
+		}{{*manifest, &p.Manifest}, {*signature, &p.Signature}} {
+			if f.file == "" {
+				continue
+			}
+			b, err := os.ReadFile(f.file)
+			if err != nil {
+				fmt.Fprintf(stderr, "outpost hub %s: %v\n", sub, err)
+				return 1
+			}
+			*f.dst = string(b)
+		}
+		method, path = "POST", "/devices/"+esc(pos[0])+"/plugins/"+action
+		body, _ = json.Marshal(p)
+		if *timeout > 0 {
+			q.Set("timeout", timeout.String())
+		}
 	case "fault":
 		if fault.Op == "" || (fault.Status == "") == !fault.Drop {
 			fmt.Fprintln(stderr, "outpost hub fault: want --op and one of --status or --drop")
@@ -261,6 +305,25 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 			fmt.Fprintf(stderr, "outpost hub %s: HTTP %d %s\n", sub, resp.StatusCode, out)
 		}
 		return 1
+	}
+	if strings.HasPrefix(sub, "plugin-") {
+		var r hub.PluginResult
+		if json.Unmarshal(out, &r) == nil {
+			fmt.Fprintf(stderr, "status %d\n", r.Status)
+			if r.Status >= 300 {
+				fmt.Fprintf(stderr, "outpost hub %s: %s\n", sub, r.Message)
+				return 1
+			}
+			if len(r.Payload) > 0 {
+				var pretty bytes.Buffer
+				if json.Indent(&pretty, r.Payload, "", "  ") == nil {
+					fmt.Fprintln(stdout, pretty.String())
+					return 0
+				}
+			}
+			fmt.Fprintln(stdout, r.Message)
+			return 0
+		}
 	}
 	if sub == "invoke" {
 		var r hub.MethodResult

@@ -98,13 +98,19 @@ func (h *Hub) routes() http.Handler {
 	mux.HandleFunc("GET /files/{name}", func(w http.ResponseWriter, r *http.Request) {
 		b, ok := h.o.Files[r.PathValue("name")]
 		if !ok {
-			http.NotFound(w, r)
+			if h.o.FilesDir == "" {
+				http.NotFound(w, r)
+				return
+			}
+			// http.Dir keeps the name inside the directory.
+			http.StripPrefix("/files", http.FileServer(http.Dir(h.o.FilesDir))).ServeHTTP(w, r)
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
 		http.ServeContent(w, r, r.PathValue("name"), time.Time{}, bytes.NewReader(b))
 	})
 	h.watsonRoutes(mux)
+	h.pluginRoutes(mux)
 	return mux
 }
 

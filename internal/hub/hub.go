@@ -37,6 +37,10 @@ type Options struct {
 	TLS *tls.Config
 	// API is the HTTP API's address. Default 127.0.0.1:8080; "off" = none.
 	API string
+	// FilesDir is a directory the API serves at /files/NAME, for devices
+	// to download plugins (and firmware) from; "" = none. Files wins for a
+	// name in both.
+	FilesDir string
 
 	// AzureHost is the host name Azure devices sign their SAS with.
 	// Default "outpost-hub.local".

@@ -1,0 +1,55 @@
+package runtime
+
+import (
+	"context"
+
+	"github.com/outpost-edge/outpost/plugins"
+	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/dispatch"
+	"github.com/outpost-edge/outpost/runtime/rollout"
+)
+
+// requestServer serves the hub's requests: the dispatcher, behind the
+// remote plugin rollout when plugins.rollout.enabled (the host serves the
+// rollout's methods and DM actions itself). The Watson identity, when set,
+// is the one whose rollout actions are served.
+func (a *Agent) requestServer(watsonType, watsonID string) (interface {
+	Serve(dispatch.Call, func(*sandbox.Response))
+}, error) {
+	r := a.cfg.Plugins.Rollout
+	if !r.Enabled {
+		return a.dispatch, nil
+	}
+	if a.rollout == nil {
+		ro, err := rollout.New(rollout.Options{Registry: a.plugins, Next: a.dispatch, Hosts: plugins.HostList(r.Hosts),
+			MaxBytes: int64(r.MaxBytes), DeviceType: watsonType, DeviceID: watsonID,
+			Log: a.log})
+		if err != nil {
+			return nil, err
+		}
+		a.rollout = ro
+	}
+	return a.rollout, nil
+}
+
+// rolloutBundles are the Watson custom action bundles to advertise: the
+// configured ones, and the rollout's when it is enabled.
+func (a *Agent) rolloutBundles(bundles []string) []string {
+	if !a.cfg.Plugins.Rollout.Enabled {
+		return bundles
+	}
+	for _, b := range bundles {
+		if b == rollout.Bundle {
+			return bundles
+		}
+	}
+	return append(append([]string(nil), bundles...), rollout.Bundle)
+}
+
+// closeRollout ends the rollout operations in progress, before the
+// plugins close.
+func (a *Agent) closeRollout(ctx context.Context) {
+	if a.rollout != nil {
+		a.rollout.Close(ctx)
+	}
+}

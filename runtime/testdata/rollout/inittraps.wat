@@ -1,0 +1,8 @@
+;; A version of "versioned" whose start traps: outpost_init reaches
+;; unreachable.
+(module
+  (memory (export "memory") 1)
+  (func (export "outpost_abi_v1"))
+  (func (export "outpost_init") (param i32) (result i32) unreachable)
+  (func (export "outpost_handle") (param i32 i32) (result i32)
+    (i32.const 200)))
