@@ -310,12 +310,26 @@ func (d *Dialect) TelemetryTopic(*storage.Message) string { return TopicTelemetr
 // set itself (PROTOCOLS.md 3.6); message-id is the agent's.
 var systemProps = map[string]bool{"content-encoding": true, "user-id": true, "correlation-id": true}
 
+// PropTopic is the application property that carries a telemetry
+// message's local topic (all telemetry shares one topic upstream).
+const PropTopic = "@topic"
+
+func hasProp(ps []storage.Property, key string) bool {
+	for _, p := range ps {
+		if p.Key == key {
+			return true
+		}
+	}
+	return false
+}
+
 // TelemetryProps maps a stored message's user properties to the API's:
 // a known system property passes (creation-time only as a decimal
 // millisecond time), any other becomes an application property ("@" put
-// before its name unless it has one); then message-id, the message's
-// stable id, and creation-time, when it was accepted locally, unless the
-// publisher gave one. The hub refuses an unknown property without "@".
+// before its name unless it has one); then @topic, the local topic, unless
+// the publisher gave one; message-id, the message's stable id; and
+// creation-time, when it was accepted locally, unless the publisher gave
+// one. The hub refuses an unknown property without "@".
 func (d *Dialect) TelemetryProps(dst []uplink.Property, m *storage.Message, id string) []uplink.Property {
 	created := false
 	for _, p := range m.UserProps {
@@ -331,6 +345,9 @@ func (d *Dialect) TelemetryProps(dst []uplink.Property, m *storage.Message, id s
 		default:
 			dst = append(dst, uplink.Property{Key: "@" + p.Key, Value: p.Value})
 		}
+	}
+	if !hasProp(m.UserProps, PropTopic) {
+		dst = append(dst, uplink.Property{Key: PropTopic, Value: m.Topic})
 	}
 	dst = append(dst, uplink.Property{Key: PropMessageID, Value: id})
 	if !created && !m.Created.IsZero() {

@@ -87,6 +87,8 @@ func (d *Dialect) reportFirmware(progress string) {
 		"installed": rec.Installed, "updatedDateTime": rec.UpdatedDateTime}
 	if progress != "" {
 		v["progress"] = progress
+	} else if rec.State == 0 {
+		v["progress"] = nil // idle: a patch's null removes the last step's
 	}
 	b, _ := json.Marshal(map[string]any{"firmware": v})
 	if _, err := d.o.Twin.Report(b); err != nil {

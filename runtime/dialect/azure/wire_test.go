@@ -293,7 +293,7 @@ func TestTelemetryWire(t *testing.T) {
 		got[u.Key] = u.Value
 	}
 	id := r.ob.MessageID(m.Seq)
-	want := map[string]string{"@unit": "C", "@site": "hall3", "content-encoding": "utf-8", "@message-id": "local-1",
+	want := map[string]string{"@unit": "C", "@site": "hall3", "content-encoding": "utf-8", "@message-id": "local-1", "@topic": m.Topic,
 		"message-id": id, "creation-time": strconv.FormatInt(m.Created.UnixMilli(), 10)}
 	if len(got) != len(want) {
 		t.Errorf("user properties %v, want %v", got, want)
