@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"strings"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/outpost-edge/outpost/runtime/router"
 )
 
 // ACL lists the topic filters a client may publish to and subscribe to.
@@ -38,8 +38,8 @@ func CheckACLFilter(f string) error {
 		}
 		rest = rest[i+2:]
 	}
-	if !mqtt.IsValidFilter(strings.NewReplacer("%u", "x", "%c", "x").Replace(f), false) {
-		return fmt.Errorf("broker: ACL filter %q is not a valid MQTT topic filter", f)
+	if err := router.ValidFilter(strings.NewReplacer("%u", "x", "%c", "x").Replace(f)); err != nil {
+		return fmt.Errorf("broker: ACL filter %q is not a valid MQTT topic filter: %w", f, err)
 	}
 	return nil
 }
