@@ -6,6 +6,7 @@
 //	outpost plugin install|list|inspect|remove|rollback
 //	outpost invoke NAME              call a handler through the running agent
 //	outpost hub [serve|invoke|...]   the local hub emulator and its operator commands
+//	outpost passwd                   hash a local broker password (read from stdin)
 //	outpost version                  print the version
 package main
 
@@ -49,6 +50,7 @@ Usage:
   outpost plugin ...               install, list, inspect, remove, roll back wasm handlers
   outpost invoke NAME              call a handler through the running agent
   outpost hub ...                  run the local hub emulator, or act on it as the cloud (see 'outpost hub help')
+  outpost passwd                   hash a local broker password read from stdin (see 'outpost passwd -h')
   outpost version                  print the version
 `
 
@@ -68,6 +70,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdInvoke(args[1:], stdout, stderr)
 	case "hub":
 		return cmdHub(args[1:], stdout, stderr)
+	case "passwd":
+		return cmdPasswd(args[1:], os.Stdin, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "outpost", version)
 		return 0
