@@ -26,7 +26,6 @@ const dummyHash = "$2a$10$T.zIqJ7D7A4SLtGPYTJySeMeWBxugd9En2cCl2gdM0m1bAZfS.bWG"
 var v3Refusal = map[byte]byte{
 	packets.ErrClientIdentifierNotValid.Code: 0x02, // identifier rejected
 	packets.ErrBadUsernameOrPassword.Code:    0x04, // bad user name or password
-	packets.ErrNotAuthorized.Code:            0x05, // not authorized
 	packets.ErrConnectionRateExceeded.Code:   0x03, // server unavailable
 }
 
@@ -95,7 +94,8 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 		h.anonRefused.Add(1)
 		h.log.Warn("refused anonymous client: the listener is not on loopback and allow_anonymous is off",
 			"client", cl.ID, "remote", cl.Net.Remote, "listener", cl.Net.Listener)
-		return h.refuseConnect(cl, packets.ErrNotAuthorized)
+		// mochi's answer, as before users existed: 0x86, MQTT 3.1.1 0x05.
+		return false
 	}
 	if old, ok := h.srv.Clients.Get(cl.ID); ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl)) {
 		h.log.Warn("refused a client whose id belongs to another user's session",
