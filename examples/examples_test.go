@@ -82,3 +82,14 @@ func conformance(t *testing.T, wasm []byte, manifestIn string) {
 		t.Fatalf("setpoint with a bad payload: %q", out)
 	}
 }
+
+// TestSecureConfig: the secure broker example is a valid configuration.
+func TestSecureConfig(t *testing.T) {
+	cfg, err := runtime.LoadConfig("configs/secure.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Broker.Users) != 2 || !cfg.Broker.Listeners[1].RequireClientCert {
+		t.Fatalf("broker %+v", cfg.Broker)
+	}
+}

@@ -114,17 +114,13 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
 
-	listeners := make([]broker.Listener, len(cfg.Broker.Listeners))
-	for i, l := range cfg.Broker.Listeners {
-		listeners[i] = broker.Listener{Address: l.Address, AllowAnonymous: l.AllowAnonymous}
+	bopts, err := brokerOptions(&cfg)
+	if err != nil {
+		_ = a.outbox.Close()
+		return nil, fmt.Errorf("runtime: %w", err)
 	}
-	a.broker, err = broker.New(broker.Options{
-		Listeners:     listeners,
-		MaxPacketSize: uint32(cfg.Broker.MaxPacketSize),
-		Route:         a.match,
-		Store:         a.outbox.AppendAsync,
-		Logger:        log.With("component", "broker"),
-	})
+	bopts.Route, bopts.Store, bopts.Logger = a.match, a.outbox.AppendAsync, log.With("component", "broker")
+	a.broker, err = broker.New(bopts)
 	if err != nil {
 		_ = a.outbox.Close()
 		return nil, fmt.Errorf("runtime: %w", err)
@@ -155,6 +151,39 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	return a, nil
+}
+
+// brokerOptions translates the broker's configuration; it reads
+// broker.users_file.
+func brokerOptions(cfg *Config) (broker.Options, error) {
+	bc := &cfg.Broker
+	o := broker.Options{
+		MaxPacketSize: uint32(bc.MaxPacketSize),
+		MaxClients:    bc.MaxClients,
+		UserACL:       broker.ACL(bc.ACL),
+		RateLimit:     broker.RateLimit{MessagesPerSecond: bc.RateLimit.MessagesPerSecond, Burst: bc.RateLimit.Burst},
+		AuthBackoff:   broker.AuthBackoff{FreeFailures: bc.AuthBackoff.FreeFailures, Max: time.Duration(bc.AuthBackoff.Max)},
+	}
+	for _, l := range bc.Listeners {
+		bl := broker.Listener{Address: l.Address, AllowAnonymous: l.AllowAnonymous}
+		if l.CertFile != "" {
+			bl.TLS = &broker.TLS{CertFile: l.CertFile, KeyFile: l.KeyFile, ClientCAFile: l.ClientCAFile,
+				RequireClientCert: l.RequireClientCert}
+		}
+		o.Listeners = append(o.Listeners, bl)
+	}
+	if bc.AnonymousACL != nil {
+		acl := broker.ACL(*bc.AnonymousACL)
+		o.AnonymousACL = &acl
+	}
+	users, err := cfg.BrokerUsers()
+	if err != nil {
+		return o, err
+	}
+	for _, u := range users {
+		o.Users = append(o.Users, broker.User{Username: u.Username, PasswordHash: string(u.PasswordHash), ACL: broker.ACL(u.ACL)})
+	}
+	return o, nil
 }
 
 // openPlugins loads the installed plugins and serves local requests with

@@ -19,6 +19,7 @@ import (
 
 	"github.com/outpost-edge/outpost/internal/units"
 
+	"github.com/outpost-edge/outpost/runtime/broker"
 	"github.com/outpost-edge/outpost/runtime/router"
 )
 
@@ -113,18 +114,146 @@ type LogConfig struct {
 	Components map[string]string `yaml:"components"`
 }
 
-// BrokerConfig configures the local broker.
+// BrokerConfig configures the local broker (docs/SECURITY.md).
 type BrokerConfig struct {
-	Listeners     []ListenerConfig `yaml:"listeners"`
-	MaxPacketSize ByteSize         `yaml:"max_packet_size"` // 0 = no limit
+	// Listeners are the TCP (or TLS) listeners. Default: 127.0.0.1:1883.
+	Listeners []ListenerConfig `yaml:"listeners"`
+	// MaxPacketSize is the largest packet a client may send. Default 1MiB;
+	// 0 = no limit.
+	MaxPacketSize ByteSize `yaml:"max_packet_size"`
+	// MaxClients bounds the connected clients, on all listeners; more are
+	// refused with CONNACK 0x89 Server busy. Default 1000; 0 = no limit.
+	MaxClients int `yaml:"max_clients"`
+	// Users are the accounts clients log in with, besides those of
+	// UsersFile. A client that sends a username or password must match one,
+	// on any listener (when there are no users at all, credentials are
+	// ignored and every client is anonymous).
+	Users []BrokerUser `yaml:"users"`
+	// UsersFile is a YAML file with a "users:" list shaped as Users, read
+	// at start (and by 'outpost config validate').
+	UsersFile string `yaml:"users_file"`
+	// ACL applies to every user, in addition to the user's own: typically
+	// patterns such as devices/%u/#. A user may do only what an ACL allows.
+	ACL BrokerACL `yaml:"acl"`
+	// AnonymousACL, when set, limits anonymous clients. Unset, they may
+	// publish and subscribe to anything (they are on loopback, or on a
+	// listener where the operator allowed them).
+	AnonymousACL *BrokerACL `yaml:"anonymous_acl"`
+	// RateLimit bounds each client's publishes. Default: no limit.
+	RateLimit RateLimitConfig `yaml:"rate_limit"`
+	// AuthBackoff slows password guessing from one address.
+	AuthBackoff AuthBackoffConfig `yaml:"auth_backoff"`
 }
 
-// ListenerConfig is one TCP listener.
+// ListenerConfig is one TCP listener, with TLS when CertFile is set.
 type ListenerConfig struct {
+	// Address is host:port; port 0 picks a free port.
 	Address string `yaml:"address"`
 	// AllowAnonymous admits clients without credentials on a non-loopback
 	// address. Loopback listeners always admit them.
 	AllowAnonymous bool `yaml:"allow_anonymous"`
+	// CertFile and KeyFile are the PEM server certificate (chain) and key;
+	// set, the listener speaks TLS (1.2 or later) only.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ClientCAFile holds the PEM CA certificates client certificates must
+	// chain to; a client that presents a certificate is verified.
+	ClientCAFile string `yaml:"client_ca_file"`
+	// RequireClientCert refuses clients without a valid client certificate
+	// (the TLS handshake fails). Needs ClientCAFile.
+	RequireClientCert bool `yaml:"require_client_cert"`
+}
+
+// BrokerUser is an account of the local broker.
+type BrokerUser struct {
+	// Username is unique, without '/', '+' or '#'.
+	Username string `yaml:"username"`
+	// PasswordHash is a bcrypt ($2a$...) or argon2id ($argon2id$...) hash,
+	// as 'outpost passwd' prints it. Never the password itself.
+	PasswordHash PasswordHash `yaml:"password_hash"`
+	// ACL is what this user may do besides broker.acl.
+	ACL BrokerACL `yaml:"acl"`
+}
+
+// PasswordHash is a password hash. 'outpost config print' shows it as
+// "<hash>".
+type PasswordHash string
+
+// MarshalYAML redacts the hash.
+func (h PasswordHash) MarshalYAML() (any, error) {
+	if h == "" {
+		return "", nil
+	}
+	return "<hash>", nil
+}
+
+// BrokerACL lists topic filters a client may publish to and subscribe to.
+// %u stands for the username and %c for the client id; a rule whose
+// substituted value is empty or contains '/', '+' or '#' matches nothing.
+type BrokerACL struct {
+	// Publish are the filters of the topics the client may publish to.
+	Publish []string `yaml:"publish"`
+	// Subscribe are the filters the client may subscribe within, and so
+	// the topics it may receive.
+	Subscribe []string `yaml:"subscribe"`
+}
+
+// RateLimitConfig bounds each client's publishes (a token bucket). Over
+// the limit, an MQTT 5 QoS 1 publish gets PUBACK 0x96 Message rate too high,
+// a QoS 0 publish is dropped, and a QoS 2 publish or an MQTT 3.1.1 client's
+// QoS 1 or 2 publish closes the connection (DISCONNECT 0x96 for MQTT 5).
+type RateLimitConfig struct {
+	// MessagesPerSecond is the sustained rate. 0 = no limit.
+	MessagesPerSecond float64 `yaml:"messages_per_second"`
+	// Burst is how many publishes may come at once. 0 = the rate rounded
+	// up.
+	Burst int `yaml:"burst"`
+}
+
+// AuthBackoffConfig slows password guessing: after FreeFailures failed
+// logins from one IP address, each further failure locks it out for a
+// backoff doubling from 1s up to Max, during which its logins are refused
+// (CONNACK 0x9F) even with the right password.
+type AuthBackoffConfig struct {
+	// FreeFailures are the failed logins allowed before the backoff.
+	// Default 3.
+	FreeFailures int `yaml:"free_failures"`
+	// Max caps the lockout. Default 30s; 0 turns the backoff off.
+	Max Duration `yaml:"max"`
+}
+
+// usersFile is the shape of broker.users_file.
+type usersFile struct {
+	Users []BrokerUser `yaml:"users"`
+}
+
+// LoadUsersFile reads a broker users file.
+func LoadUsersFile(path string) ([]BrokerUser, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: users file: %w", err)
+	}
+	var f usersFile
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("config: users file %s: %w", path, err)
+	}
+	return f.Users, nil
+}
+
+// BrokerUsers returns the broker's users: broker.users, then those of
+// broker.users_file.
+func (c *Config) BrokerUsers() ([]BrokerUser, error) {
+	users := append([]BrokerUser(nil), c.Broker.Users...)
+	if c.Broker.UsersFile != "" {
+		more, err := LoadUsersFile(c.Broker.UsersFile)
+		if err != nil {
+			return nil, err
+		}
+		users = append(users, more...)
+	}
+	return users, nil
 }
 
 // StorageConfig configures the outbox.
@@ -257,6 +386,8 @@ func DefaultConfig() Config {
 		Broker: BrokerConfig{
 			Listeners:     []ListenerConfig{{Address: "127.0.0.1:1883"}},
 			MaxPacketSize: 1 << 20,
+			MaxClients:    1000,
+			AuthBackoff:   AuthBackoffConfig{FreeFailures: 3, Max: Duration(30 * time.Second)},
 		},
 		Storage: StorageConfig{
 			Durability:  "process",
@@ -374,6 +505,16 @@ func (c *Config) Validate() error {
 		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
 			bad(fmt.Sprintf("broker.listeners[%d].address", i), "%q: port must be 0 to 65535", l.Address)
 		}
+		key := fmt.Sprintf("broker.listeners[%d]", i)
+		if (l.CertFile == "") != (l.KeyFile == "") {
+			bad(key+".cert_file", "cert_file and key_file go together")
+		}
+		if l.ClientCAFile != "" && l.CertFile == "" {
+			bad(key+".client_ca_file", "client certificates need TLS: set cert_file and key_file")
+		}
+		if l.RequireClientCert && l.ClientCAFile == "" {
+			bad(key+".require_client_cert", "needs client_ca_file (the CA that client certificates chain to)")
+		}
 	}
 	if c.Admin.HTTP != "" {
 		if _, port, err := net.SplitHostPort(c.Admin.HTTP); err != nil {
@@ -385,6 +526,7 @@ func (c *Config) Validate() error {
 	if c.Broker.MaxPacketSize < 0 || c.Broker.MaxPacketSize > 268435455 {
 		bad("broker.max_packet_size", "%d is out of range (0 = no limit, at most 268435455 bytes)", c.Broker.MaxPacketSize)
 	}
+	c.validateBrokerSecurity(bad)
 
 	oneOf("storage.durability", c.Storage.Durability, "process", "fsync")
 	oneOf("storage.when_full", c.Storage.WhenFull, "drop_oldest", "reject_new")
@@ -470,6 +612,72 @@ func (c *Config) Validate() error {
 		bad("uplink.tls", "cert_file and key_file go together")
 	}
 	return errors.Join(errs...)
+}
+
+// validateBrokerSecurity checks the broker's users, ACLs and limits.
+func (c *Config) validateBrokerSecurity(bad func(key, format string, args ...any)) {
+	br := &c.Broker
+	if br.MaxClients < 0 {
+		bad("broker.max_clients", "%d must not be negative (0 = no limit)", br.MaxClients)
+	}
+	if br.RateLimit.MessagesPerSecond < 0 {
+		bad("broker.rate_limit.messages_per_second", "%g must not be negative (0 = no limit)", br.RateLimit.MessagesPerSecond)
+	}
+	if br.RateLimit.Burst < 0 {
+		bad("broker.rate_limit.burst", "%d must not be negative (0 = the rate rounded up)", br.RateLimit.Burst)
+	} else if br.RateLimit.Burst > 0 && br.RateLimit.MessagesPerSecond == 0 {
+		bad("broker.rate_limit.burst", "needs broker.rate_limit.messages_per_second")
+	}
+	if br.AuthBackoff.FreeFailures < 0 {
+		bad("broker.auth_backoff.free_failures", "%d must not be negative", br.AuthBackoff.FreeFailures)
+	}
+	if br.AuthBackoff.Max < 0 {
+		bad("broker.auth_backoff.max", "must not be negative (0 = no backoff)")
+	} else if br.AuthBackoff.Max > 0 && br.AuthBackoff.Max < Duration(time.Second) {
+		bad("broker.auth_backoff.max", "%s is below the 1s minimum (0 = no backoff)", time.Duration(br.AuthBackoff.Max))
+	}
+	checkACL := func(key string, a BrokerACL) {
+		for j, f := range a.Publish {
+			if err := broker.CheckACLFilter(f); err != nil {
+				bad(fmt.Sprintf("%s.publish[%d]", key, j), "%v", err)
+			}
+		}
+		for j, f := range a.Subscribe {
+			if err := broker.CheckACLFilter(f); err != nil {
+				bad(fmt.Sprintf("%s.subscribe[%d]", key, j), "%v", err)
+			}
+		}
+	}
+	checkACL("broker.acl", br.ACL)
+	if br.AnonymousACL != nil {
+		checkACL("broker.anonymous_acl", *br.AnonymousACL)
+	}
+	seen := map[string]string{}
+	checkUsers := func(key string, users []BrokerUser) {
+		for i, u := range users {
+			k := fmt.Sprintf("%s[%d]", key, i)
+			switch {
+			case u.Username == "" || strings.ContainsAny(u.Username, "/+#"):
+				bad(k+".username", "%q: want a non-empty name without '/', '+', '#' (it may stand for %%u in a topic)", u.Username)
+			case seen[u.Username] != "":
+				bad(k+".username", "%q is also %s", u.Username, seen[u.Username])
+			default:
+				seen[u.Username] = k
+			}
+			if err := broker.CheckHash(string(u.PasswordHash)); err != nil {
+				bad(k+".password_hash", "%v", err)
+			}
+			checkACL(k+".acl", u.ACL)
+		}
+	}
+	checkUsers("broker.users", br.Users)
+	if br.UsersFile != "" {
+		users, err := LoadUsersFile(br.UsersFile)
+		if err != nil {
+			bad("broker.users_file", "%v", err)
+		}
+		checkUsers("broker.users_file: users", users)
+	}
 }
 
 // validateAzure checks the azure dialect's settings.

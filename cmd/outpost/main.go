@@ -7,6 +7,7 @@
 //	outpost invoke NAME              call a handler through the running agent
 //	outpost status [--json]          the running agent's state
 //	outpost hub [serve|invoke|...]   the local hub emulator and its operator commands
+//	outpost passwd                   hash a local broker password (read from stdin)
 //	outpost version                  print the version
 package main
 
@@ -51,6 +52,7 @@ Usage:
   outpost invoke NAME              call a handler through the running agent
   outpost status [--json]          the running agent's state: broker, backlog, uplink, plugins
   outpost hub ...                  run the local hub emulator, or act on it as the cloud (see 'outpost hub help')
+  outpost passwd                   hash a local broker password read from stdin (see 'outpost passwd -h')
   outpost version                  print the version
 `
 
@@ -72,6 +74,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdHub(args[1:], stdout, stderr)
 	case "status":
 		return cmdStatus(args[1:], stdout, stderr)
+	case "passwd":
+		return cmdPasswd(args[1:], os.Stdin, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "outpost", version)
 		return 0

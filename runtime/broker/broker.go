@@ -1,14 +1,21 @@
 // Package broker embeds the local MQTT broker (mochi-mqtt: MQTT 3.1.1 and 5
-// over TCP) that plant devices and apps connect to, with a durable ingest
-// hook: a PUBLISH that matches a route is stored before it is acknowledged.
+// over TCP or TLS) that plant devices and apps connect to, with a durable
+// ingest hook: a PUBLISH that matches a route is stored before it is
+// acknowledged. Clients authenticate with a username and a hashed password
+// (or connect anonymously where a listener allows it), are held to per-user
+// ACLs and to a publish rate, and password guessing is slowed
+// (docs/SECURITY.md).
 package broker
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	goruntime "runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,11 +37,42 @@ type Listener struct {
 	// is not bound to a loopback address. Loopback listeners always admit
 	// anonymous clients.
 	AllowAnonymous bool
+	// TLS, when set, makes this a TLS listener.
+	TLS *TLS
+}
+
+// User is an account of the local broker.
+type User struct {
+	// Username is what the client sends in CONNECT; unique, without '/',
+	// '+' or '#' (it may be substituted into ACL filters).
+	Username string
+	// PasswordHash is a bcrypt or argon2id hash (see CheckHash).
+	PasswordHash string
+	// ACL is what the user may do besides Options.UserACL; nothing else is
+	// allowed.
+	ACL ACL
 }
 
 // Options configure a Broker.
 type Options struct {
 	Listeners []Listener
+	// Users are the accounts clients log in with. A client that sends a
+	// username or password must match one (on any listener); when there are
+	// no users, credentials are ignored and clients are anonymous.
+	Users []User
+	// UserACL applies to every user, in addition to the user's own ACL:
+	// typically patterns with %u such as devices/%u/#.
+	UserACL ACL
+	// AnonymousACL, when set, limits anonymous clients; nil lets them
+	// publish and subscribe to anything.
+	AnonymousACL *ACL
+	// MaxClients bounds the connected clients; more are refused (CONNACK
+	// 0x89 Server busy, MQTT 3.1.1 0x03 Server unavailable). 0 = no limit.
+	MaxClients int
+	// RateLimit bounds each client's publishes.
+	RateLimit RateLimit
+	// AuthBackoff slows password guessing.
+	AuthBackoff AuthBackoff
 	// MaxPacketSize is the largest MQTT packet accepted from a client, in
 	// bytes, announced in CONNACK; larger packets close the connection with
 	// reason 0x95 (Packet too large). 0 = no limit.
@@ -48,6 +86,10 @@ type Options struct {
 	// (storage.ErrFull: the store is full) and done is not called.
 	Store  func(m *storage.Message, done func(seq uint64, err error)) error
 	Logger *slog.Logger // nil = discard
+
+	// now and sleep replace the clock in tests.
+	now   func() time.Time
+	sleep func(d time.Duration, done <-chan struct{})
 }
 
 // Stats are the broker's counters.
@@ -58,6 +100,14 @@ type Stats struct {
 	Failed   int64 // publishes refused because the store failed
 	Local    int64 // publishes that matched no route (delivered locally only)
 	Listener []string
+
+	AuthFailures int64 // logins refused for a wrong username or password
+	AuthLocked   int64 // logins refused because their address was locked out
+	Anonymous    int64 // anonymous logins refused (listener does not allow them)
+	Busy         int64 // logins refused because max_clients were connected
+	ACLDenied    int64 // publishes, subscriptions and deliveries the ACL refused
+	RateLimited  int64 // publishes over a client's rate limit
+	TLSFailures  int64 // TLS handshakes that failed (e.g. no client certificate)
 }
 
 // Broker is the embedded local MQTT broker. Its methods are safe for
@@ -84,8 +134,17 @@ func New(opts Options) (*Broker, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if opts.now == nil {
+		opts.now = time.Now
+	}
+	if opts.sleep == nil {
+		opts.sleep = sleep
+	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = opts.MaxPacketSize
+	if opts.MaxClients > 0 {
+		caps.MaximumClients = int64(opts.MaxClients)
+	}
 	srv := mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		InlineClient: true,
@@ -93,11 +152,22 @@ func New(opts Options) (*Broker, error) {
 	})
 
 	h := &ingestHook{
+		srv:       srv,
 		maxPacket: opts.MaxPacketSize,
 		route:     opts.Route,
 		store:     opts.Store,
 		log:       log,
 		anonymous: map[string]bool{},
+		users:     map[string]*user{},
+		rate:      opts.RateLimit,
+		guard:     newAuthGuard(opts.AuthBackoff, opts.now),
+		now:       opts.now,
+		sleep:     opts.sleep,
+		done:      make(chan struct{}),
+		verifying: make(chan struct{}, max(1, min(4, goruntime.GOMAXPROCS(0)))),
+	}
+	if err := h.setUsers(opts); err != nil {
+		return nil, err
 	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add ingest hook: %w", err)
@@ -112,18 +182,53 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: listener %q: %w", l.Address, err)
 		}
 		h.anonymous[id] = loopback || l.AllowAnonymous
-		tcp := &batchedTCP{TCP: listeners.NewTCP(listeners.Config{ID: id, Address: l.Address}), srv: srv, log: log}
+		cfg := listeners.Config{ID: id, Address: l.Address}
+		if l.TLS != nil {
+			if cfg.TLSConfig, err = l.TLS.config(); err != nil {
+				_ = srv.Close()
+				return nil, fmt.Errorf("broker: listener %q: tls: %w", l.Address, err)
+			}
+		}
+		tcp := &batchedTCP{TCP: listeners.NewTCP(cfg), srv: srv, log: log, hook: h}
 		if err := srv.AddListener(tcp); err != nil {
 			_ = srv.Close()
 			return nil, fmt.Errorf("broker: listen on %s: %w", l.Address, err)
 		}
 		b.addrs = append(b.addrs, tcp.Address())
-		if !h.anonymous[id] {
-			log.Warn("listener is not on loopback and anonymous access is off: clients without credentials are refused",
-				"listener", tcp.Address())
-		}
+		warnListener(log, tcp.Address(), l, loopback, len(h.users) > 0)
 	}
 	return b, nil
+}
+
+// warnListener says what a listener's settings mean when they are risky or
+// will refuse everyone.
+func warnListener(log *slog.Logger, addr string, l Listener, loopback, users bool) {
+	switch {
+	case loopback:
+	case l.AllowAnonymous:
+		log.Warn("listener is not on loopback and allow_anonymous is on: anyone who reaches it can connect without credentials",
+			"listener", addr)
+	case !users:
+		log.Warn("listener is not on loopback, anonymous access is off and no broker users are configured: every client is refused",
+			"listener", addr)
+	}
+	if !loopback && users && l.TLS == nil {
+		log.Warn("listener is not on loopback and has no TLS: passwords cross the network in the clear (set cert_file and key_file)",
+			"listener", addr)
+	}
+}
+
+// sleep waits d, or until done is closed.
+func sleep(d time.Duration, done <-chan struct{}) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-done:
+	}
 }
 
 // Start serves the listeners in the background.
@@ -150,13 +255,21 @@ func (b *Broker) Stats() Stats {
 			connected++
 		}
 	}
+	h := b.hook
 	return Stats{
-		Clients:  connected,
-		Stored:   b.hook.stored.Load(),
-		Refused:  b.hook.refused.Load(),
-		Failed:   b.hook.failed.Load(),
-		Local:    b.hook.local.Load(),
-		Listener: b.Addrs(),
+		Clients:      connected,
+		Stored:       h.stored.Load(),
+		Refused:      h.refused.Load(),
+		Failed:       h.failed.Load(),
+		Local:        h.local.Load(),
+		Listener:     b.Addrs(),
+		AuthFailures: h.authFailures.Load(),
+		AuthLocked:   h.authLocked.Load(),
+		Anonymous:    h.anonRefused.Load(),
+		Busy:         h.busy.Load(),
+		ACLDenied:    h.aclDenied.Load(),
+		RateLimited:  h.rateLimited.Load(),
+		TLSFailures:  h.tlsFailures.Load(),
 	}
 }
 
@@ -165,6 +278,7 @@ func (b *Broker) Stats() Stats {
 func (b *Broker) Close() error {
 	var err error
 	b.closeOnce.Do(func() {
+		close(b.hook.done)
 		if cerr := b.srv.Close(); cerr != nil {
 			err = fmt.Errorf("broker: close: %w", cerr)
 		}
@@ -177,9 +291,13 @@ func (b *Broker) Close() error {
 // the largest cost of ingest in a profile (docs/DECISIONS.md).
 type batchedTCP struct {
 	*listeners.TCP
-	srv *mqtt.Server
-	log *slog.Logger
+	srv  *mqtt.Server
+	log  *slog.Logger
+	hook *ingestHook
 }
+
+// handshakeTimeout bounds a client's TLS handshake.
+const handshakeTimeout = 10 * time.Second
 
 // Close stops the listener and disconnects its clients (DISCONNECT 0x8B,
 // server shutting down). It does what mochi's own closer does without
@@ -196,7 +314,10 @@ func (l *batchedTCP) Close(listeners.CloseFn) {
 	})
 }
 
-// Serve wraps each accepted connection before mochi takes it.
+// Serve wraps each accepted connection before mochi takes it. On a TLS
+// listener it completes the handshake first, within handshakeTimeout, so
+// that a client refused by TLS (no or a bad client certificate) is counted
+// and logged as such.
 // A client that closes its socket without DISCONNECT (most command-line
 // clients do) ends with io.EOF; mochi would log that as a warning with no
 // message, for every such client. It is logged here at debug level, and
@@ -204,16 +325,46 @@ func (l *batchedTCP) Close(listeners.CloseFn) {
 func (l *batchedTCP) Serve(establish listeners.EstablishFn) {
 	l.TCP.Serve(func(id string, c net.Conn) error {
 		remote := c.RemoteAddr().String()
+		if tc, ok := c.(*tls.Conn); ok {
+			ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+			err := tc.HandshakeContext(ctx)
+			cancel()
+			if err != nil {
+				l.hook.tlsFailures.Add(1)
+				if every(&l.hook.lastTLSWarn, 10*time.Second) {
+					l.log.Warn("TLS handshake failed (logged once per 10s)", "remote", remote, "listener", id,
+						"tls_failures_total", l.hook.tlsFailures.Load(), "error", err)
+				}
+				_ = c.Close()
+				return nil
+			}
+		}
 		err := establish(id, batchconn.New(c))
 		switch {
 		case err == nil:
 		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
 			l.log.Debug("client connection closed", "remote", remote, "listener", id, "error", err)
+		case errors.Is(err, packets.ErrBadUsernameOrPassword):
+			// Refused by the hook, which logged why.
+		case errors.Is(err, packets.ErrServerBusy):
+			l.hook.busy.Add(1)
+			if every(&l.hook.lastBusyWarn, 10*time.Second) {
+				l.log.Warn("broker.max_clients are connected: refusing new clients (logged once per 10s)",
+					"remote", remote, "listener", id, "refused_total", l.hook.busy.Load())
+			}
 		default:
 			l.log.Warn("client connection ended with an error", "remote", remote, "listener", id, "error", err)
 		}
 		return nil
 	})
+}
+
+// every reports whether d has passed since the time in last (unix nanos),
+// and if so sets last to now; it lets one of many callers log.
+func every(last *atomic.Int64, d time.Duration) bool {
+	now := time.Now().UnixNano()
+	l := last.Load()
+	return now-l >= int64(d) && last.CompareAndSwap(l, now)
 }
 
 // ingestHook stores routed publishes before their acknowledgement reaches
@@ -223,8 +374,13 @@ func (l *batchedTCP) Serve(establish listeners.EstablishFn) {
 // PUBACK, and everything written after it, leaves only once the message is
 // stored. The read goroutine goes on meanwhile, so the publishes a client
 // has in flight are stored together in one write (docs/DECISIONS.md).
+//
+// It also authenticates clients, applies the ACLs and the rate limit
+// (security.go): mochi admits a client when any hook does, so one hook
+// decides.
 type ingestHook struct {
 	mqtt.HookBase
+	srv       *mqtt.Server
 	maxPacket uint32
 	route     func(string) (string, bool)
 	store     func(*storage.Message, func(uint64, error)) error
@@ -235,8 +391,24 @@ type ingestHook struct {
 	requestFilters []string
 	requests       *router.Router
 
+	// Read-only after New.
+	users     map[string]*user
+	userRules *aclRules // Options.UserACL, with no user's own rules
+	anonRules *aclRules // nil = anonymous clients may do anything
+	rate      RateLimit
+	guard     *authGuard
+	now       func() time.Time
+	sleep     func(time.Duration, <-chan struct{})
+	done      chan struct{} // closed by Close: delayed refusals end
+	verifying chan struct{} // bounds concurrent password verifications
+	buckets   sync.Map      // *mqtt.Client -> *bucket
+	refusals  sync.Map      // *mqtt.Client -> packets.Code for its CONNACK
+
 	stored, refused, failed, local atomic.Int64
 	lastWarn                       atomic.Int64 // unix nanos of the last "full" warning
+
+	authFailures, authLocked, anonRefused, busy, aclDenied, rateLimited, tlsFailures atomic.Int64
+	lastTLSWarn, lastBusyWarn, lastACLWarn, lastRateWarn                             atomic.Int64
 }
 
 func (h *ingestHook) ID() string { return "outpost-ingest" }
@@ -248,38 +420,37 @@ func (h *ingestHook) Provides(b byte) bool {
 
 // OnPacketEncode announces the maximum packet size in CONNACK to MQTT 5
 // clients [MQTT-3.2.2.3.6], which mochi enforces but does not announce.
+// It also gives a refused client the CONNACK reason the hook chose
+// (refuse), which mochi cannot express: it answers every failed
+// authentication with 0x86, or 0x05 to MQTT 3.1.1.
 func (h *ingestHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
-	if pk.FixedHeader.Type == packets.Connack && h.maxPacket > 0 && cl.Properties.ProtocolVersion == 5 {
+	if pk.FixedHeader.Type != packets.Connack {
+		return pk
+	}
+	if h.maxPacket > 0 && cl.Properties.ProtocolVersion == 5 {
 		pk.Properties.MaximumPacketSize = h.maxPacket
+	}
+	if v, ok := h.refusals.LoadAndDelete(cl); ok {
+		code := v.(packets.Code)
+		if cl.Properties.ProtocolVersion < 5 {
+			pk.ReasonCode = v3Refusal[code.Code]
+		} else {
+			pk.ReasonCode, pk.Properties.ReasonString = code.Code, code.Reason
+		}
 	}
 	return pk
 }
 
 // OnDisconnect says why a client that sent an oversized packet was cut off:
-// mochi closes such connections without a DISCONNECT.
+// mochi closes such connections without a DISCONNECT. It also forgets the
+// client's rate limit.
 func (h *ingestHook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
+	h.buckets.Delete(cl)
 	if errors.Is(err, packets.ErrPacketTooLarge) {
 		h.log.Warn("client sent a packet larger than broker.max_packet_size: disconnected",
 			"client", cl.ID, "remote", cl.Net.Remote, "max_packet_size", h.maxPacket)
 	}
 }
-
-// OnConnectAuthenticate admits anonymous clients on listeners that allow
-// them. Users and passwords come with the local security work.
-func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
-	if cl.Net.Inline {
-		return true
-	}
-	ok := h.anonymous[cl.Net.Listener]
-	if !ok {
-		h.log.Warn("refused anonymous client", "client", cl.ID, "remote", cl.Net.Remote, "listener", cl.Net.Listener)
-	}
-	return ok
-}
-
-// OnACLCheck allows every topic to admitted clients (per-user ACLs come with
-// the local security work).
-func (h *ingestHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 
 // OnPublish stores a routed publish. When the store refuses it at once
 // (full), the publisher gets a negative acknowledgement (MQTT 5: PUBACK 0x97
@@ -288,8 +459,20 @@ func (h *ingestHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 // so that it publishes again later. When the write fails later, the
 // connection is closed before the acknowledgement leaves.
 func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	// The agent's own publishes (responses) and requests stay local.
-	if cl.Net.Inline || h.isRequest(pk.TopicName) {
+	if cl.Net.Inline {
+		h.local.Add(1)
+		return pk, nil
+	}
+	if h.rate.MessagesPerSecond > 0 && !h.takeToken(cl) {
+		return h.refuse(cl, pk, packets.ErrMessageRateTooHigh)
+	}
+	// Requests stay local; the agent answers on their response topic as
+	// the requester could have published itself.
+	if h.isRequest(pk.TopicName) {
+		if rt := pk.Properties.ResponseTopic; rt != "" && !h.allowed(cl, rt, true) {
+			h.warnACL(cl, "response topic", rt)
+			return h.refuse(cl, pk, packets.ErrNotAuthorized)
+		}
 		h.local.Add(1)
 		return pk, nil
 	}

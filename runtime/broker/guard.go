@@ -1,0 +1,162 @@
+package broker
+
+import (
+	"net"
+	"sync"
+	"time"
+)
+
+// AuthBackoff slows password guessing from one remote address.
+//
+// After FreeFailures failed logins from an IP address, each further failure
+// locks the address out for a backoff that doubles from one second up to
+// Max: while it is locked out, every login from it is refused at once
+// (MQTT 5 CONNACK 0x9F Connection rate exceeded, MQTT 3.1.1 0x03 Server
+// unavailable) without checking the password, even a right one. The CONNACK
+// of a failed login is also delayed by the backoff, at most two seconds. A
+// successful login clears the address's failures; so do 15 minutes without
+// a failure.
+type AuthBackoff struct {
+	// FreeFailures are the failures allowed before the backoff begins.
+	FreeFailures int
+	// Max caps the lockout. 0 turns the backoff off.
+	Max time.Duration
+}
+
+const (
+	backoffBase      = time.Second
+	maxConnackDelay  = 2 * time.Second
+	forgetFailures   = 15 * time.Minute
+	maxTrackedRemote = 16384
+)
+
+// authGuard counts failed logins by remote IP address. It is safe for
+// concurrent use.
+type authGuard struct {
+	cfg AuthBackoff
+	now func() time.Time
+
+	mu    sync.Mutex
+	peers map[string]*failures
+}
+
+type failures struct {
+	n     int
+	last  time.Time // of the last failure
+	until time.Time // locked out until
+}
+
+func newAuthGuard(cfg AuthBackoff, now func() time.Time) *authGuard {
+	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}}
+}
+
+// remoteIP is the address part of a remote host:port.
+func remoteIP(remote string) string {
+	if host, _, err := net.SplitHostPort(remote); err == nil {
+		return host
+	}
+	return remote
+}
+
+// locked reports whether ip is locked out now.
+func (g *authGuard) locked(ip string) bool {
+	if g.cfg.Max <= 0 {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f := g.peers[ip]
+	return f != nil && g.now().Before(f.until)
+}
+
+// fail records a failed login from ip and returns how long to delay its
+// refusal.
+func (g *authGuard) fail(ip string) time.Duration {
+	if g.cfg.Max <= 0 {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	now := g.now()
+	f := g.peers[ip]
+	if f == nil || now.Sub(f.last) > forgetFailures {
+		if len(g.peers) >= maxTrackedRemote {
+			g.sweepLocked(now)
+		}
+		f = &failures{}
+		g.peers[ip] = f
+	}
+	f.n++
+	f.last = now
+	over := f.n - g.cfg.FreeFailures
+	if over <= 0 {
+		return 0
+	}
+	d := g.cfg.Max
+	if over <= 30 && backoffBase<<(over-1) < d {
+		d = backoffBase << (over - 1)
+	}
+	f.until = now.Add(d)
+	return min(d, maxConnackDelay)
+}
+
+// succeed clears ip's failures.
+func (g *authGuard) succeed(ip string) {
+	if g.cfg.Max <= 0 {
+		return
+	}
+	g.mu.Lock()
+	delete(g.peers, ip)
+	g.mu.Unlock()
+}
+
+// sweepLocked forgets addresses without a recent failure; when all are
+// recent (many addresses guessing at once), it forgets them all rather
+// than grow without bound.
+func (g *authGuard) sweepLocked(now time.Time) {
+	for ip, f := range g.peers {
+		if now.Sub(f.last) > forgetFailures && !now.Before(f.until) {
+			delete(g.peers, ip)
+		}
+	}
+	if len(g.peers) >= maxTrackedRemote {
+		clear(g.peers)
+	}
+}
+
+// RateLimit bounds the publishes of each client.
+type RateLimit struct {
+	// MessagesPerSecond is the sustained rate; 0 = no limit.
+	MessagesPerSecond float64
+	// Burst is how many publishes may come at once above the rate; 0 =
+	// MessagesPerSecond rounded up (at least 1).
+	Burst int
+}
+
+// bucket is a token bucket. It is not safe for concurrent use: mochi reads
+// one client's packets on one goroutine.
+type bucket struct {
+	rate, burst, tokens float64
+	last                time.Time
+}
+
+func newBucket(r RateLimit, now time.Time) *bucket {
+	burst := float64(r.Burst)
+	if burst <= 0 {
+		burst = max(1, float64(int(r.MessagesPerSecond+0.999999)))
+	}
+	return &bucket{rate: r.MessagesPerSecond, burst: burst, tokens: burst, last: now}
+}
+
+// take takes a token, or returns false when none is left.
+func (b *bucket) take(now time.Time) bool {
+	if el := now.Sub(b.last); el > 0 {
+		b.tokens = min(b.burst, b.tokens+el.Seconds()*b.rate)
+		b.last = now
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}

@@ -1,0 +1,221 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// user is a User ready to check.
+type user struct {
+	name  string
+	hash  string
+	rules *aclRules // the user's own rules and Options.UserACL
+}
+
+// dummyHash is verified for an unknown username, so that a refusal takes as
+// long whether or not the user exists.
+const dummyHash = "$2a$10$T.zIqJ7D7A4SLtGPYTJySeMeWBxugd9En2cCl2gdM0m1bAZfS.bWG"
+
+// v3Refusal maps the MQTT 5 CONNACK reasons the hook refuses with to MQTT
+// 3.1.1 return codes.
+var v3Refusal = map[byte]byte{
+	packets.ErrClientIdentifierNotValid.Code: 0x02, // identifier rejected
+	packets.ErrBadUsernameOrPassword.Code:    0x04, // bad user name or password
+	packets.ErrConnectionRateExceeded.Code:   0x03, // server unavailable
+}
+
+// setUsers checks and compiles the users and the ACLs.
+func (h *ingestHook) setUsers(opts Options) error {
+	var errs []error
+	var err error
+	if h.userRules, err = compileACL(opts.UserACL); err != nil {
+		errs = append(errs, fmt.Errorf("user ACL: %w", err))
+	}
+	if opts.AnonymousACL != nil {
+		if h.anonRules, err = compileACL(*opts.AnonymousACL); err != nil {
+			errs = append(errs, fmt.Errorf("anonymous ACL: %w", err))
+		}
+	}
+	for _, u := range opts.Users {
+		switch {
+		case u.Username == "" || strings.ContainsAny(u.Username, "/+#"):
+			errs = append(errs, fmt.Errorf("user %q: a username is not empty and has no '/', '+', '#'", u.Username))
+			continue
+		case h.users[u.Username] != nil:
+			errs = append(errs, fmt.Errorf("user %q: defined twice", u.Username))
+			continue
+		}
+		if err := CheckHash(u.PasswordHash); err != nil {
+			errs = append(errs, fmt.Errorf("user %q: %w", u.Username, err))
+		}
+		rules, err := compileACL(u.ACL, opts.UserACL)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("user %q: %w", u.Username, err))
+		}
+		h.users[u.Username] = &user{name: u.Username, hash: u.PasswordHash, rules: rules}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	return nil
+}
+
+// userOf returns the user a client logged in as, or nil for an anonymous
+// client. A client that sent a username was refused unless it is a user's
+// (or there are no users, and then it is anonymous).
+func (h *ingestHook) userOf(cl *mqtt.Client) *user {
+	if len(cl.Properties.Username) == 0 {
+		return nil
+	}
+	return h.users[string(cl.Properties.Username)]
+}
+
+// OnConnectAuthenticate admits a client with a user's right password, or an
+// anonymous client on a listener that allows them. A client that sends
+// credentials must match a user, on any listener, unless there are no
+// users. Failed logins lock the remote address out for a while (AuthBackoff).
+// A client may not take over a session (client id) of another user.
+func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	c := &pk.Connect
+	switch {
+	case len(h.users) > 0 && (c.UsernameFlag || c.PasswordFlag):
+		if !h.login(cl, pk) {
+			return false
+		}
+	case !h.anonymous[cl.Net.Listener]:
+		h.anonRefused.Add(1)
+		h.log.Warn("refused anonymous client: the listener is not on loopback and allow_anonymous is off",
+			"client", cl.ID, "remote", cl.Net.Remote, "listener", cl.Net.Listener)
+		// mochi's answer, as before users existed: 0x86, MQTT 3.1.1 0x05.
+		return false
+	}
+	if old, ok := h.srv.Clients.Get(cl.ID); ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl)) {
+		h.log.Warn("refused a client whose id belongs to another user's session",
+			"client", cl.ID, "username", string(cl.Properties.Username), "remote", cl.Net.Remote)
+		return h.refuseConnect(cl, packets.ErrClientIdentifierNotValid)
+	}
+	return true
+}
+
+// login checks a client's username and password.
+func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
+	ip := remoteIP(cl.Net.Remote)
+	name := string(pk.Connect.Username)
+	if h.guard.locked(ip) {
+		h.authLocked.Add(1)
+		h.log.Warn("refused a login from a locked-out address (too many failed logins)",
+			"username", name, "client", cl.ID, "remote", cl.Net.Remote)
+		return h.refuseConnect(cl, packets.ErrConnectionRateExceeded)
+	}
+	u := h.users[name]
+	hash := dummyHash
+	if u != nil {
+		hash = u.hash
+	}
+	select {
+	case h.verifying <- struct{}{}:
+	case <-h.done:
+		return false
+	}
+	ok := verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
+	<-h.verifying
+	if ok {
+		h.guard.succeed(ip)
+		return true
+	}
+	h.authFailures.Add(1)
+	delay := h.guard.fail(ip)
+	h.log.Warn("refused a login: bad username or password",
+		"username", name, "known_user", u != nil, "client", cl.ID, "remote", cl.Net.Remote, "delay", delay)
+	h.sleep(delay, h.done)
+	return h.refuseConnect(cl, packets.ErrBadUsernameOrPassword)
+}
+
+// refuseConnect makes the client's CONNACK carry code (see OnPacketEncode)
+// and returns false.
+func (h *ingestHook) refuseConnect(cl *mqtt.Client, code packets.Code) bool {
+	h.refusals.Store(cl, code)
+	return false
+}
+
+// OnACLCheck applies the ACLs: write is a publish to topic; otherwise topic
+// is a subscription's filter or the topic of a message to deliver.
+func (h *ingestHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if h.allowed(cl, topic, write) {
+		return true
+	}
+	what := "subscribe or receive"
+	if write {
+		what = "publish"
+	}
+	h.warnACL(cl, what, topic)
+	return false
+}
+
+// allowed reports whether the ACLs let cl publish to topic (write) or
+// subscribe to it or receive it.
+func (h *ingestHook) allowed(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	rules, name := h.anonRules, ""
+	if u := h.userOf(cl); u != nil {
+		rules, name = u.rules, u.name
+	}
+	if write {
+		return rules.allowPublish(name, cl.ID, topic)
+	}
+	return rules.allowSubscribe(name, cl.ID, topic)
+}
+
+// warnACL counts a refusal and logs it at most once every 10s.
+func (h *ingestHook) warnACL(cl *mqtt.Client, what, topic string) {
+	h.aclDenied.Add(1)
+	if every(&h.lastACLWarn, 10*time.Second) {
+		h.log.Warn("ACL refused (logged once per 10s)", "action", what, "topic", topic, "client", cl.ID,
+			"username", string(cl.Properties.Username), "acl_denied_total", h.aclDenied.Load())
+	}
+}
+
+// takeToken takes one publish from the client's rate limit.
+func (h *ingestHook) takeToken(cl *mqtt.Client) bool {
+	b, ok := h.buckets.Load(cl)
+	if !ok {
+		b, _ = h.buckets.LoadOrStore(cl, newBucket(h.rate, h.now()))
+	}
+	if b.(*bucket).take(h.now()) {
+		return true
+	}
+	h.rateLimited.Add(1)
+	if every(&h.lastRateWarn, 10*time.Second) {
+		h.log.Warn("client publishes over broker.rate_limit (logged once per 10s)", "client", cl.ID,
+			"remote", cl.Net.Remote, "rate_limited_total", h.rateLimited.Load())
+	}
+	return false
+}
+
+// refuse answers a publish the broker will not take: a QoS 0 publish is
+// dropped; MQTT 5 QoS 1 gets a PUBACK with code; MQTT 5 QoS 2 gets a
+// DISCONNECT with code (mochi would answer it with a PUBACK, a protocol
+// error); an MQTT 3.1.1 client, which has no reason codes, is disconnected.
+func (h *ingestHook) refuse(cl *mqtt.Client, pk packets.Packet, code packets.Code) (packets.Packet, error) {
+	switch {
+	case pk.FixedHeader.Qos == 0:
+		return pk, packets.ErrRejectPacket
+	case cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1:
+		return pk, code
+	case cl.Properties.ProtocolVersion == 5:
+		_ = h.srv.DisconnectClient(cl, code)
+	default:
+		cl.Stop(code)
+	}
+	return pk, packets.ErrRejectPacket
+}

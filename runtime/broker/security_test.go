@@ -1,0 +1,804 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/outpost-edge/outpost/internal/mosqtest"
+	"github.com/outpost-edge/outpost/storage"
+)
+
+// testHash is a cheap bcrypt hash of password for tests.
+func testHash(t testing.TB, password string) string {
+	t.Helper()
+	h, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(h)
+}
+
+// fakeClock is the broker's clock in tests: it moves only when told.
+type fakeClock struct {
+	ns     atomic.Int64
+	mu     sync.Mutex
+	sleeps []time.Duration
+}
+
+func newFakeClock() *fakeClock {
+	c := &fakeClock{}
+	c.ns.Store(time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+func (c *fakeClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+func (c *fakeClock) sleep(d time.Duration, _ <-chan struct{}) {
+	c.mu.Lock()
+	c.sleeps = append(c.sleeps, d)
+	c.mu.Unlock()
+}
+func (c *fakeClock) slept() []time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]time.Duration(nil), c.sleeps...)
+}
+
+// secureBroker starts a broker with two device users and the ACL every
+// device gets: its own topics (%u) and its client's (%c).
+func secureBroker(t *testing.T, configure func(*Options)) *Broker {
+	t.Helper()
+	opts := Options{
+		Listeners: []Listener{{Address: "127.0.0.1:0"}},
+		Route:     func(string) (string, bool) { return "r", true },
+		Store:     func(_ *storage.Message, done func(uint64, error)) error { done(1, nil); return nil },
+		Users: []User{
+			{Username: "device-a", PasswordHash: testHash(t, "secret-a")},
+			{Username: "device-b", PasswordHash: testHash(t, "secret-b")},
+			{Username: "app", PasswordHash: testHash(t, "secret-app"),
+				ACL: ACL{Publish: []string{"outpost/methods/+"}, Subscribe: []string{"outpost/responses/%c/#"}}},
+		},
+		UserACL: ACL{
+			Publish:   []string{"devices/%u/#", "clients/%c/#"},
+			Subscribe: []string{"devices/%u/#", "clients/%c/#"},
+		},
+	}
+	if configure != nil {
+		configure(&opts)
+	}
+	b, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	return b
+}
+
+// login connects an MQTT 5 client with a username and password (none when
+// username is ""), returning the CONNACK.
+func login(addr, id, username, password string, configure func(*paho.ClientConfig)) (*paho.Client, *paho.Connack, error) {
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	return loginConn(conn, id, username, password, configure)
+}
+
+func loginConn(conn net.Conn, id, username, password string, configure func(*paho.ClientConfig)) (*paho.Client, *paho.Connack, error) {
+	cfg := paho.ClientConfig{ClientID: id, Conn: conn}
+	if configure != nil {
+		configure(&cfg)
+	}
+	c := paho.NewClient(cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cp := &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30}
+	if username != "" {
+		cp.Username, cp.UsernameFlag = username, true
+		cp.Password, cp.PasswordFlag = []byte(password), true
+	}
+	ack, err := c.Connect(ctx, cp)
+	if err != nil {
+		conn.Close()
+		return nil, ack, err
+	}
+	return c, ack, nil
+}
+
+// mustLogin is login that fails the test on a refusal, and disconnects
+// with the test.
+func mustLogin(t *testing.T, addr, id, username, password string, configure func(*paho.ClientConfig)) *paho.Client {
+	t.Helper()
+	c, ack, err := login(addr, id, username, password, configure)
+	if err != nil {
+		t.Fatalf("login %s as %q: %v (connack %+v)", id, username, err, ack)
+	}
+	t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+	return c
+}
+
+// connackCode is the reason code of a refused login.
+func connackCode(t *testing.T, addr, id, username, password string) byte {
+	t.Helper()
+	c, ack, err := login(addr, id, username, password, nil)
+	if err == nil {
+		_ = c.Disconnect(&paho.Disconnect{})
+		t.Fatalf("login %s as %q was accepted", id, username)
+	}
+	if ack == nil {
+		t.Fatalf("login %s as %q: no CONNACK: %v", id, username, err)
+	}
+	return ack.ReasonCode
+}
+
+// connackV311 sends an MQTT 3.1.1 CONNECT and returns the CONNACK's return
+// code.
+func connackV311(t *testing.T, addr, id, username, password string) byte {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: id,
+			UsernameFlag: username != "", Username: []byte(username), PasswordFlag: username != "", Password: []byte(password)}}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	ack := make([]byte, 4)
+	if _, err := io.ReadFull(conn, ack); err != nil {
+		t.Fatalf("reading CONNACK: %v", err)
+	}
+	if ack[0] != 0x20 || ack[1] != 2 {
+		t.Fatalf("not a CONNACK: % x", ack)
+	}
+	return ack[3]
+}
+
+func publish(c *paho.Client, topic string, qos byte, props *paho.PublishProperties) (*paho.PublishResponse, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return c.Publish(ctx, &paho.Publish{Topic: topic, QoS: qos, Payload: []byte(topic), Properties: props})
+}
+
+func subscribe(t *testing.T, c *paho.Client, filter string) byte {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ack, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: 1}}})
+	if ack == nil || len(ack.Reasons) != 1 {
+		t.Fatalf("subscribe %q: %+v, %v", filter, ack, err)
+	}
+	return ack.Reasons[0]
+}
+
+// received collects the topics a client receives.
+func received() (func(*paho.ClientConfig), <-chan string) {
+	ch := make(chan string, 100)
+	return func(cfg *paho.ClientConfig) {
+		cfg.OnPublishReceived = []func(paho.PublishReceived) (bool, error){func(p paho.PublishReceived) (bool, error) {
+			ch <- p.Packet.Topic
+			return true, nil
+		}}
+	}, ch
+}
+
+func next(t *testing.T, ch <-chan string) string {
+	t.Helper()
+	select {
+	case s := <-ch:
+		return s
+	case <-time.After(10 * time.Second):
+		t.Fatal("no message received")
+		return ""
+	}
+}
+
+const notAuthorized = 0x87
+
+// TestACLDeviceCannotReachAnotherDevice: device A may publish and subscribe
+// under devices/device-a/ (%u) and clients/a-1/ (%c), and neither publish
+// into nor subscribe to device B's topics; B receives only what is its own.
+func TestACLDeviceCannotReachAnotherDevice(t *testing.T) {
+	b := secureBroker(t, nil)
+	addr := b.Addrs()[0]
+	onB, gotB := received()
+	devB := mustLogin(t, addr, "b-1", "device-b", "secret-b", onB)
+	if code := subscribe(t, devB, "devices/device-b/#"); code != 1 {
+		t.Fatalf("B subscribing to its own topics: reason 0x%02x, want granted QoS 1", code)
+	}
+	if code := subscribe(t, devB, "clients/b-1/#"); code != 1 {
+		t.Fatalf("B subscribing to its client's topics: reason 0x%02x, want granted QoS 1", code)
+	}
+	devA := mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+
+	t.Run("publish", func(t *testing.T) {
+		for _, topic := range []string{"devices/device-b/telemetry", "clients/b-1/cmd", "devices/other"} {
+			resp, err := publish(devA, topic, 1, nil)
+			if resp == nil || resp.ReasonCode != notAuthorized {
+				t.Errorf("A publishing QoS 1 to %s: %+v, %v; want PUBACK 0x87", topic, resp, err)
+			}
+			// QoS 0 has no answer: the broker drops it (the marker below
+			// shows B never got it).
+			if _, err := publish(devA, topic, 0, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, topic := range []string{"devices/device-a/telemetry", "clients/a-1/x"} {
+			if resp, err := publish(devA, topic, 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+				t.Errorf("A publishing to its own %s: %+v, %v", topic, resp, err)
+			}
+		}
+		// B's own publish comes back to it; had A's gone through, they
+		// would have arrived first.
+		if _, err := publish(devB, "devices/device-b/marker", 1, nil); err != nil {
+			t.Fatal(err)
+		}
+		if got := next(t, gotB); got != "devices/device-b/marker" {
+			t.Fatalf("B received %q, want only its own marker", got)
+		}
+	})
+
+	t.Run("subscribe", func(t *testing.T) {
+		for _, f := range []string{"devices/device-b/#", "devices/+/telemetry", "devices/#", "#", "clients/b-1/#",
+			"$share/g/devices/device-b/#", "+/device-b/telemetry"} {
+			if code := subscribe(t, devA, f); code != notAuthorized {
+				t.Errorf("A subscribing to %q: reason 0x%02x, want 0x87", f, code)
+			}
+		}
+		for _, f := range []string{"devices/device-a/#", "devices/device-a/+/x", "clients/a-1/#", "$share/g/devices/device-a/x"} {
+			if code := subscribe(t, devA, f); code >= 0x80 {
+				t.Errorf("A subscribing to its own %q: reason 0x%02x", f, code)
+			}
+		}
+	})
+
+	t.Run("session takeover", func(t *testing.T) {
+		// A connecting with B's client id would inherit B's session.
+		if code := connackCode(t, addr, "b-1", "device-a", "secret-a"); code != 0x85 {
+			t.Fatalf("A connecting as client b-1: CONNACK 0x%02x, want 0x85 Client identifier not valid", code)
+		}
+	})
+	if st := b.Stats(); st.ACLDenied < 13 {
+		t.Fatalf("stats %+v: want at least 13 ACL refusals", st)
+	}
+}
+
+// TestACLRequestTopics: the agent's request topics work for a user the ACL
+// allows, and the agent answers only on a response topic the requester
+// could publish to itself.
+func TestACLRequestTopics(t *testing.T) {
+	served := make(chan string, 10)
+	b := secureBroker(t, nil)
+	if err := b.HandleRequests("outpost/methods/+", 1, func(r Request) {
+		served <- r.Topic + " -> " + r.ResponseTopic
+		_ = b.Respond(Response{Topic: r.ResponseTopic, Payload: []byte("ok"), QoS: 1, CorrelationData: r.CorrelationData})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	addr := b.Addrs()[0]
+	onApp, gotApp := received()
+	app := mustLogin(t, addr, "app-1", "app", "secret-app", onApp)
+	for _, f := range []string{"outpost/responses/app-1/#", "clients/app-1/#"} {
+		if code := subscribe(t, app, f); code >= 0x80 {
+			t.Fatalf("app subscribing to %s: 0x%02x", f, code)
+		}
+	}
+	// The app may not publish to outpost/responses/... itself, so the
+	// agent does not answer there on its behalf.
+	resp, err := publish(app, "outpost/methods/echo", 1, &paho.PublishProperties{ResponseTopic: "outpost/responses/app-1/1"})
+	if resp == nil || resp.ReasonCode != notAuthorized {
+		t.Fatalf("request with a response topic the app may not publish to: %+v, %v; want PUBACK 0x87", resp, err)
+	}
+	devA := mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+	if resp, err := publish(devA, "outpost/methods/echo", 1, nil); resp == nil || resp.ReasonCode != notAuthorized {
+		t.Fatalf("device A calling a method it has no ACL for: %+v, %v; want PUBACK 0x87", resp, err)
+	}
+	resp, err = publish(app, "outpost/methods/echo", 1, &paho.PublishProperties{ResponseTopic: "clients/app-1/r"})
+	if err != nil || resp.ReasonCode >= 0x80 {
+		t.Fatalf("request: %+v, %v", resp, err)
+	}
+	// The handler sees requests in order: the refused ones would come
+	// first.
+	if got := next(t, served); got != "outpost/methods/echo -> clients/app-1/r" {
+		t.Fatalf("request served: %q, want only the allowed one", got)
+	}
+	if got := next(t, gotApp); got != "clients/app-1/r" {
+		t.Fatalf("app received %q, want the response on clients/app-1/r", got)
+	}
+}
+
+// TestAnonymousLoopback: with users configured, an anonymous client on a
+// loopback listener still connects and may do anything, unless
+// AnonymousACL says otherwise; off loopback it is refused.
+func TestAnonymousLoopback(t *testing.T) {
+	b := secureBroker(t, nil)
+	c := mustLogin(t, b.Addrs()[0], "anon", "", "", nil)
+	if resp, err := publish(c, "devices/device-b/x", 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+		t.Fatalf("anonymous loopback publish: %+v, %v", resp, err)
+	}
+	if code := subscribe(t, c, "#"); code >= 0x80 {
+		t.Fatalf("anonymous loopback subscribe: 0x%02x", code)
+	}
+
+	limited := secureBroker(t, func(o *Options) {
+		o.AnonymousACL = &ACL{Publish: []string{"public/%c/#"}, Subscribe: []string{"public/#"}}
+	})
+	c = mustLogin(t, limited.Addrs()[0], "anon", "", "", nil)
+	if resp, _ := publish(c, "devices/device-b/x", 1, nil); resp == nil || resp.ReasonCode != notAuthorized {
+		t.Fatalf("anonymous publish outside anonymous_acl: %+v, want 0x87", resp)
+	}
+	if resp, err := publish(c, "public/anon/x", 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+		t.Fatalf("anonymous publish inside anonymous_acl: %+v, %v", resp, err)
+	}
+	if code := subscribe(t, c, "#"); code != notAuthorized {
+		t.Fatalf("anonymous subscribe outside anonymous_acl: 0x%02x, want 0x87", code)
+	}
+
+	// A listener on every address is not loopback: anonymous clients are
+	// refused there (0x86, MQTT 3.1.1 0x05 Not authorized) unless allow_anonymous is on,
+	// while users still log in.
+	for _, allow := range []bool{false, true} {
+		wide := secureBroker(t, func(o *Options) { o.Listeners = []Listener{{Address: "0.0.0.0:0", AllowAnonymous: allow}} })
+		_, port, _ := net.SplitHostPort(wide.Addrs()[0])
+		addr := net.JoinHostPort("127.0.0.1", port)
+		if allow {
+			mustLogin(t, addr, "anon", "", "", nil)
+			continue
+		}
+		if code := connackCode(t, addr, "anon", "", ""); code != 0x86 {
+			t.Fatalf("anonymous client off loopback: CONNACK 0x%02x, want 0x86", code)
+		}
+		if code := connackV311(t, addr, "anon", "", ""); code != 0x05 {
+			t.Fatalf("anonymous MQTT 3.1.1 client off loopback: CONNACK 0x%02x, want 0x05", code)
+		}
+		mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+		if st := wide.Stats(); st.Anonymous != 2 {
+			t.Fatalf("stats %+v, want 2 anonymous refusals", st)
+		}
+	}
+}
+
+// TestWrongPasswordRefused: a wrong password or an unknown user gets
+// CONNACK 0x86 (MQTT 5) or 0x04 (MQTT 3.1.1), and is counted; the right
+// one connects.
+func TestWrongPasswordRefused(t *testing.T) {
+	b := secureBroker(t, func(o *Options) { o.AuthBackoff = AuthBackoff{} })
+	addr := b.Addrs()[0]
+	tests := []struct{ name, user, pass string }{
+		{"wrong password", "device-a", "secret-b"},
+		{"unknown user", "device-z", "secret-a"},
+		{"username in another case", "Device-A", "secret-a"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if code := connackCode(t, addr, "a-1", tc.user, tc.pass); code != 0x86 {
+				t.Fatalf("MQTT 5 CONNACK 0x%02x, want 0x86 Bad username or password", code)
+			}
+			if code := connackV311(t, addr, "a-1", tc.user, tc.pass); code != 0x04 {
+				t.Fatalf("MQTT 3.1.1 CONNACK 0x%02x, want 0x04 bad user name or password", code)
+			}
+		})
+	}
+	if code := connackV311(t, addr, "a-1", "device-a", "secret-a"); code != 0 {
+		t.Fatalf("MQTT 3.1.1 with the right password: CONNACK 0x%02x", code)
+	}
+	mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+	if st := b.Stats(); st.AuthFailures != 6 {
+		t.Fatalf("stats %+v, want 6 auth failures", st)
+	}
+}
+
+// TestMosquittoClientsWithACL: Mosquitto's command-line clients, MQTT 5,
+// see the same: a wrong password is refused, device A cannot subscribe to
+// device B's topics, and a publish of A's into B's topics never reaches B.
+func TestMosquittoClientsWithACL(t *testing.T) {
+	mosqtest.Require(t, "mosquitto_pub", "mosquitto_sub")
+	b := secureBroker(t, nil)
+	host, port, _ := net.SplitHostPort(b.Addrs()[0])
+	run := func(tool string, args ...string) (string, error) {
+		path, err := mosqtest.LookPath(tool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		out, err := execCommand(ctx, path, append([]string{"-h", host, "-p", port, "-V", "mqttv5"}, args...)...)
+		return out, err
+	}
+	out, err := run("mosquitto_pub", "-i", "a-1", "-u", "device-a", "-P", "wrong", "-t", "devices/device-a/x", "-m", "x")
+	if err == nil {
+		t.Fatalf("mosquitto_pub with a wrong password succeeded: %s", out)
+	}
+	t.Logf("wrong password: %s", out)
+	out, err = run("mosquitto_sub", "-i", "a-1", "-u", "device-a", "-P", "secret-a", "-t", "devices/device-b/#", "-C", "1", "-W", "5")
+	if !strings.Contains(out, "denied") {
+		t.Fatalf("mosquitto_sub on B's topics as A: %v %q, want the subscription denied", err, out)
+	}
+
+	onB, gotB := received()
+	devB := mustLogin(t, b.Addrs()[0], "b-1", "device-b", "secret-b", onB)
+	if code := subscribe(t, devB, "devices/device-b/#"); code >= 0x80 {
+		t.Fatalf("B subscribing: 0x%02x", code)
+	}
+	if out, err := run("mosquitto_pub", "-i", "a-1", "-u", "device-a", "-P", "secret-a", "-q", "1",
+		"-t", "devices/device-b/intruder", "-m", "x"); err != nil {
+		t.Logf("A publishing into B's topics: %v %s", err, out)
+	}
+	if out, err := run("mosquitto_pub", "-i", "b-2", "-u", "device-b", "-P", "secret-b", "-q", "1",
+		"-t", "devices/device-b/marker", "-m", "x"); err != nil {
+		t.Fatalf("B publishing: %v %s", err, out)
+	}
+	if got := next(t, gotB); got != "devices/device-b/marker" {
+		t.Fatalf("B received %q first, want its own marker", got)
+	}
+}
+
+// TestLoginBackoff: after the free failures, each failure locks the
+// address out for a doubling backoff; while locked out even the right
+// password is refused (0x9F, MQTT 3.1.1 0x03); once the backoff has passed
+// on the broker's clock, it connects and the failures are forgotten.
+func TestLoginBackoff(t *testing.T) {
+	clock := newFakeClock()
+	b := secureBroker(t, func(o *Options) {
+		o.AuthBackoff = AuthBackoff{FreeFailures: 2, Max: 3 * time.Second}
+		o.now, o.sleep = clock.now, clock.sleep
+	})
+	addr := b.Addrs()[0]
+	for i := range 2 {
+		if code := connackCode(t, addr, "a-1", "device-a", "guess"); code != 0x86 {
+			t.Fatalf("free failure %d: CONNACK 0x%02x, want 0x86", i, code)
+		}
+	}
+	if got := clock.slept(); len(got) != 2 || got[0] != 0 || got[1] != 0 {
+		t.Fatalf("free failures delayed %v, want no delay", got)
+	}
+	if code := connackCode(t, addr, "a-1", "device-a", "guess"); code != 0x86 {
+		t.Fatalf("third failure: CONNACK 0x%02x, want 0x86", code)
+	}
+	// Locked out for 1s: the right password is refused without a check.
+	if code := connackCode(t, addr, "a-1", "device-a", "secret-a"); code != 0x9F {
+		t.Fatalf("right password while locked out: CONNACK 0x%02x, want 0x9F Connection rate exceeded", code)
+	}
+	if code := connackV311(t, addr, "a-1", "device-a", "secret-a"); code != 0x03 {
+		t.Fatalf("MQTT 3.1.1 while locked out: CONNACK 0x%02x, want 0x03", code)
+	}
+	clock.advance(time.Second)
+	if code := connackCode(t, addr, "a-1", "device-a", "guess"); code != 0x86 {
+		t.Fatalf("fourth failure: CONNACK 0x%02x, want 0x86", code)
+	}
+	clock.advance(time.Second) // the lockout is now 2s
+	if code := connackCode(t, addr, "a-1", "device-a", "secret-a"); code != 0x9F {
+		t.Fatalf("1s into a 2s lockout: CONNACK 0x%02x, want 0x9F", code)
+	}
+	clock.advance(time.Second)
+	if code := connackCode(t, addr, "a-1", "device-a", "guess"); code != 0x86 {
+		t.Fatalf("fifth failure: CONNACK 0x%02x, want 0x86", code)
+	}
+	if got, want := clock.slept(), []time.Duration{0, 0, time.Second, 2 * time.Second, 2 * time.Second}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("refusals delayed %v, want %v (doubling, lockout capped at 3s, delay at 2s)", got, want)
+	}
+	clock.advance(3 * time.Second)
+	mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+	// The success cleared the failures: the next failure is free again
+	// (not delayed, and the right password then connects).
+	if code := connackCode(t, addr, "a-2", "device-a", "guess"); code != 0x86 {
+		t.Fatalf("failure after a success: CONNACK 0x%02x", code)
+	}
+	if got := clock.slept(); got[len(got)-1] != 0 {
+		t.Fatalf("the failure after a success was delayed %v", got[len(got)-1])
+	}
+	mustLogin(t, addr, "a-2", "device-a", "secret-a", nil)
+	if st := b.Stats(); st.AuthFailures != 6 || st.AuthLocked != 3 {
+		t.Fatalf("stats %+v, want 6 failures and 3 lockout refusals", st)
+	}
+}
+
+// TestRateLimit: over its rate, an MQTT 5 QoS 1 publish gets PUBACK 0x96
+// Message rate too high, a QoS 0 one is dropped, and both are counted; an
+// MQTT 3.1.1 client is disconnected. The clock does not move, so no token
+// comes back.
+func TestRateLimit(t *testing.T) {
+	clock := newFakeClock()
+	b := secureBroker(t, func(o *Options) {
+		o.RateLimit = RateLimit{MessagesPerSecond: 1, Burst: 2}
+		o.now, o.sleep = clock.now, clock.sleep
+	})
+	c := mustLogin(t, b.Addrs()[0], "a-1", "device-a", "secret-a", nil)
+	for i := range 2 {
+		if resp, err := publish(c, "devices/device-a/x", 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+			t.Fatalf("publish %d within the burst: %+v, %v", i, resp, err)
+		}
+	}
+	resp, err := publish(c, "devices/device-a/x", 1, nil)
+	if resp == nil || resp.ReasonCode != 0x96 {
+		t.Fatalf("publish over the rate: %+v, %v; want PUBACK 0x96", resp, err)
+	}
+	if _, err := publish(c, "devices/device-a/x", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := mosqtest.Eventually(10*time.Second, 10*time.Millisecond, func() error {
+		if st := b.Stats(); st.RateLimited != 2 || st.Stored != 2 {
+			return fmt.Errorf("stats %+v, want 2 rate limited, 2 stored", st)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	clock.advance(time.Second)
+	if resp, err := publish(c, "devices/device-a/x", 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+		t.Fatalf("publish a second later: %+v, %v", resp, err)
+	}
+	if resp, _ := publish(c, "devices/device-a/x", 1, nil); resp == nil || resp.ReasonCode != 0x96 {
+		t.Fatalf("the next publish: %+v, want PUBACK 0x96", resp)
+	}
+
+	// MQTT 3.1.1 has no reason code in PUBACK: the client is disconnected.
+	conn, err := net.DialTimeout("tcp", b.Addrs()[0], 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	writeV311 := func(pk packets.Packet, encode func(*packets.Packet, *bytes.Buffer) error) {
+		t.Helper()
+		var buf bytes.Buffer
+		if err := encode(&pk, &buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Write(buf.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeV311(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "v3",
+			UsernameFlag: true, Username: []byte("device-a"), PasswordFlag: true, Password: []byte("secret-a")}},
+		(*packets.Packet).ConnectEncode)
+	for i := range 3 {
+		writeV311(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, ProtocolVersion: 4,
+			TopicName: "devices/device-a/v3", PacketID: uint16(i + 1), Payload: []byte("x")}, (*packets.Packet).PublishEncode)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	all, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading until the broker closes: %v", err)
+	}
+	// CONNACK accepted, two PUBACKs, then the connection closes.
+	want := []byte{0x20, 2, 0, 0, 0x40, 2, 0, 1, 0x40, 2, 0, 2}
+	if !bytes.Equal(all, want) {
+		t.Fatalf("MQTT 3.1.1 client read % x, want % x then EOF", all, want)
+	}
+}
+
+// TestMaxClients: beyond max_clients a client gets CONNACK 0x89 Server
+// busy.
+func TestMaxClients(t *testing.T) {
+	b := secureBroker(t, func(o *Options) { o.MaxClients = 1 })
+	mustLogin(t, b.Addrs()[0], "a-1", "device-a", "secret-a", nil)
+	if code := connackCode(t, b.Addrs()[0], "b-1", "device-b", "secret-b"); code != 0x89 {
+		t.Fatalf("second client: CONNACK 0x%02x, want 0x89", code)
+	}
+	if err := mosqtest.Eventually(10*time.Second, 10*time.Millisecond, func() error {
+		if st := b.Stats(); st.Busy != 1 {
+			return fmt.Errorf("stats %+v, want 1 busy", st)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTLSClientCertRequired: on a TLS listener that requires a client
+// certificate, a client without one is refused by the handshake (and
+// counted), one with a certificate from another CA too, and one with a
+// certificate from the configured CA connects and logs in.
+func TestTLSClientCertRequired(t *testing.T) {
+	pki := newPKI(t)
+	b := secureBroker(t, func(o *Options) {
+		o.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: &TLS{CertFile: pki.serverCert, KeyFile: pki.serverKey,
+			ClientCAFile: pki.caFile, RequireClientCert: true}}}
+	})
+	addr := b.Addrs()[0]
+	dial := func(certs []tls.Certificate) (*paho.Client, error) {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.roots, Certificates: certs, ServerName: "127.0.0.1"})
+		if err != nil {
+			return nil, err
+		}
+		c, _, err := loginConn(conn, "a-1", "device-a", "secret-a", nil)
+		return c, err
+	}
+	if c, err := dial(nil); err == nil {
+		_ = c.Disconnect(&paho.Disconnect{})
+		t.Fatal("a client without a certificate connected")
+	}
+	if c, err := dial([]tls.Certificate{pki.otherClient}); err == nil {
+		_ = c.Disconnect(&paho.Disconnect{})
+		t.Fatal("a client with a certificate from another CA connected")
+	}
+	c, err := dial([]tls.Certificate{pki.client})
+	if err != nil {
+		t.Fatalf("a client with a certificate: %v", err)
+	}
+	defer c.Disconnect(&paho.Disconnect{})
+	if resp, err := publish(c, "devices/device-a/x", 1, nil); err != nil || resp.ReasonCode >= 0x80 {
+		t.Fatalf("publish over TLS: %+v, %v", resp, err)
+	}
+	// Plain TCP to the TLS listener is not MQTT.
+	if _, _, err := login(addr, "plain", "device-a", "secret-a", nil); err == nil {
+		t.Fatal("a plain TCP client connected to the TLS listener")
+	}
+	if err := mosqtest.Eventually(10*time.Second, 10*time.Millisecond, func() error {
+		if st := b.Stats(); st.TLSFailures != 3 {
+			return fmt.Errorf("stats %+v, want 3 TLS failures", st)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNewRefusesBadUsers: New reports every bad user and ACL at once.
+func TestNewRefusesBadUsers(t *testing.T) {
+	_, err := New(Options{
+		Listeners: []Listener{{Address: "127.0.0.1:0"}},
+		Route:     func(string) (string, bool) { return "r", true },
+		Store:     func(*storage.Message, func(uint64, error)) error { return nil },
+		Users: []User{
+			{Username: "a/b", PasswordHash: testHash(t, "x")},
+			{Username: "dup", PasswordHash: "plain"},
+			{Username: "dup", PasswordHash: testHash(t, "x")},
+			{Username: "c", PasswordHash: testHash(t, "x"), ACL: ACL{Publish: []string{"a/#/b"}, Subscribe: []string{"x/%d"}}},
+		},
+	})
+	if err == nil {
+		t.Fatal("New accepted bad users")
+	}
+	for _, want := range []string{`user "a/b"`, `user "dup": defined twice`, `user "dup": broker: password hash is neither`,
+		`"a/#/b" is not a valid`, `"x/%d": % must be followed`} {
+		if !bytes.Contains([]byte(err.Error()), []byte(want)) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+}
+
+// TestHashes: HashPassword and HashPasswordArgon2id make hashes that
+// CheckHash accepts and that verify only the right password.
+func TestHashes(t *testing.T) {
+	bc, err := HashPassword([]byte("pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ar, err := HashPasswordArgon2id([]byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range []string{bc, ar} {
+		if err := CheckHash(h); err != nil {
+			t.Fatalf("CheckHash(%q): %v", h, err)
+		}
+		if !verifyPassword(h, []byte("pw")) || verifyPassword(h, []byte("pw2")) || verifyPassword(h, nil) {
+			t.Fatalf("%q verifies the wrong passwords", h)
+		}
+	}
+	for _, bad := range []string{"", "pw", "$2a$10$short", "$argon2id$v=19$m=1048576,t=3,p=2$c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5a2V5",
+		"$argon2i$v=19$m=65536,t=3,p=2$c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5a2V5"} {
+		if CheckHash(bad) == nil {
+			t.Errorf("CheckHash(%q) accepted it", bad)
+		}
+	}
+}
+
+// testPKI is a CA with a server certificate for 127.0.0.1 and a client
+// certificate, and a client certificate of another CA.
+type testPKI struct {
+	caFile, serverCert, serverKey string
+	roots                         *x509.CertPool
+	client, otherClient           tls.Certificate
+}
+
+func newPKI(t *testing.T) *testPKI {
+	t.Helper()
+	dir := t.TempDir()
+	ca, caKey := makeCert(t, "test CA", nil, nil)
+	srv, srvKey := makeCert(t, "127.0.0.1", ca, caKey)
+	cli, cliKey := makeCert(t, "device-a", ca, caKey)
+	other, otherKey := makeCert(t, "other CA", nil, nil)
+	oc, ocKey := makeCert(t, "device-a", other, otherKey)
+	p := &testPKI{roots: x509.NewCertPool()}
+	p.roots.AddCert(ca)
+	write := func(name, typ string, der []byte) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	keyDER := func(k *ecdsa.PrivateKey) []byte {
+		der, err := x509.MarshalECPrivateKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	p.caFile = write("ca.pem", "CERTIFICATE", ca.Raw)
+	p.serverCert = write("server.pem", "CERTIFICATE", srv.Raw)
+	p.serverKey = write("server-key.pem", "EC PRIVATE KEY", keyDER(srvKey))
+	p.client = tls.Certificate{Certificate: [][]byte{cli.Raw}, PrivateKey: cliKey}
+	p.otherClient = tls.Certificate{Certificate: [][]byte{oc.Raw}, PrivateKey: ocKey}
+	return p
+}
+
+// makeCert makes a certificate signed by parent, or a self-signed CA when
+// parent is nil.
+func makeCert(t *testing.T, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	signer, signerKey := tmpl, key
+	if parent == nil {
+		tmpl.IsCA, tmpl.BasicConstraintsValid = true, true
+		tmpl.KeyUsage |= x509.KeyUsageCertSign
+		tmpl.ExtKeyUsage = nil
+	} else {
+		signer, signerKey = parent, parentKey
+	}
+	if ip := net.ParseIP(cn); ip != nil {
+		tmpl.IPAddresses = []net.IP{ip}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert, key
+}
+
+// execCommand runs a program and returns its combined output.
+func execCommand(ctx context.Context, path string, args ...string) (string, error) {
+	out, err := exec.CommandContext(ctx, path, args...).CombinedOutput()
+	return string(out), err
+}
