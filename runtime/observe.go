@@ -70,7 +70,8 @@ func (a *Agent) Snapshot() metrics.Snapshot {
 	ob := a.outbox.Stats()
 	s := metrics.Snapshot{Time: now, Version: Version, DeviceID: a.cfg.DeviceID, Ready: a.obs.ready.Load(),
 		Broker: metrics.Broker{Listeners: bs.Listener, Clients: bs.Clients, Stored: bs.Stored, Refused: bs.Refused,
-			Failed: bs.Failed, LocalOnly: bs.Local},
+			Failed: bs.Failed, LocalOnly: bs.Local, Refusals: map[string]int64{"auth": bs.AuthFailures, "locked": bs.AuthLocked,
+				"anonymous": bs.Anonymous, "busy": bs.Busy, "acl": bs.ACLDenied, "rate": bs.RateLimited, "tls": bs.TLSFailures}},
 		Outbox: metrics.Outbox{Messages: ob.Messages, Bytes: ob.Bytes, Dropped: ob.Dropped},
 		Uplink: metrics.Uplink{Dialect: a.cfg.Uplink.Dialect},
 	}

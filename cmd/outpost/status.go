@@ -58,6 +58,16 @@ func printStatus(w io.Writer, s *metrics.Snapshot) {
 	b := s.Broker
 	fmt.Fprintf(tw, "local broker\t%s\t%d clients; %d stored, %d refused (full), %d failed, %d local only\n",
 		strings.Join(b.Listeners, ", "), b.Clients, b.Stored, b.Refused, b.Failed, b.LocalOnly)
+	var denied []string
+	for k, n := range b.Refusals {
+		if n > 0 {
+			denied = append(denied, fmt.Sprintf("%s %d", k, n))
+		}
+	}
+	if len(denied) > 0 {
+		sort.Strings(denied)
+		fmt.Fprintf(tw, "\t\tdenied: %s\n", strings.Join(denied, ", "))
+	}
 	u := s.Uplink
 	switch {
 	case !u.Configured:

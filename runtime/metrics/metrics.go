@@ -36,7 +36,12 @@ type Broker struct {
 	Refused   int64    `json:"refused"` // publishes refused: the outbox was full
 	Failed    int64    `json:"failed"`  // publishes refused: the store failed
 	LocalOnly int64    `json:"local"`   // publishes that matched no route
-	AuthFails int64    `json:"auth_failures,omitempty"`
+	// Refusals counts what the broker's security refused, by reason:
+	// auth (wrong username or password), locked (the address is locked
+	// out after failures), anonymous, busy (max_clients), acl (publishes,
+	// subscriptions and deliveries), rate (over a client's rate limit),
+	// tls (failed handshakes).
+	Refusals map[string]int64 `json:"refusals"`
 }
 
 // Outbox is the store-and-forward queue's state.
@@ -121,7 +126,7 @@ var (
 	dStored      = desc("broker_stored_total", "Local publishes stored in the outbox.")
 	dRefused     = desc("broker_refused_total", "Local publishes refused, by reason (full: the outbox was full, failed: the store failed).", "reason")
 	dLocal       = desc("broker_local_total", "Local publishes that matched no route (delivered locally only).")
-	dAuthFails   = desc("broker_auth_failures_total", "Local connections refused for bad credentials.")
+	dDenied      = desc("broker_denied_total", "What the local broker's security refused, by reason: auth (wrong username or password), locked (address locked out), anonymous, busy (max_clients), acl, rate (over the client's rate limit), tls (failed handshake).", "reason")
 	dDepth       = desc("outbox_messages", "Messages waiting in the outbox.", "route")
 	dBytes       = desc("outbox_bytes", "Bytes the outbox holds.", "route")
 	dOldest      = desc("outbox_oldest_age_seconds", "How long the oldest message of the route has waited (0 when empty).", "route")
@@ -139,7 +144,7 @@ var (
 	dRunning     = desc("plugin_running", "Calls in the guest now.", "plugin")
 	dBreaker     = desc("plugin_breaker_open", "1 while the plugin's breaker is open (calls answered 503).", "plugin")
 	dLatency     = desc("plugin_call_duration_seconds", "Time in a wasm handler's call, from the host's side.", "plugin")
-	allDescs     = []*prometheus.Desc{dInfo, dReady, dClients, dStored, dRefused, dLocal, dAuthFails, dDepth, dBytes, dOldest, dDropped, dTTD, dConnected, dReconnects, dForwarded, dResent, dInFlight, dOffline, dDrain, dCalls, dErrors, dRunning, dBreaker, dLatency}
+	allDescs     = []*prometheus.Desc{dInfo, dReady, dClients, dStored, dRefused, dLocal, dDenied, dDepth, dBytes, dOldest, dDropped, dTTD, dConnected, dReconnects, dForwarded, dResent, dInFlight, dOffline, dDrain, dCalls, dErrors, dRunning, dBreaker, dLatency}
 	droppedNames = []string{"ttl", "evicted", "rejected"}
 )
 
@@ -171,7 +176,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(dRefused, float64(s.Broker.Refused), "full")
 	counter(dRefused, float64(s.Broker.Failed), "failed")
 	counter(dLocal, float64(s.Broker.LocalOnly))
-	counter(dAuthFails, float64(s.Broker.AuthFails))
+	for _, k := range sortedKeys(s.Broker.Refusals) {
+		counter(dDenied, float64(s.Broker.Refusals[k]), k)
+	}
 	for _, r := range s.Outbox.Routes {
 		gauge(dDepth, float64(r.Messages), r.Name)
 		gauge(dBytes, float64(r.Bytes), r.Name)
@@ -223,6 +230,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstHistogram(dLatency, cum, float64(p.LatencySum), buckets, p.Name)
 		}
 	}
+}
+
+func sortedKeys(m map[string]int64) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 func contains(list []string, s string) bool {

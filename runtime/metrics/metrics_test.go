@@ -46,7 +46,7 @@ func TestRates(t *testing.T) {
 
 func TestHandler(t *testing.T) {
 	snap := Snapshot{Version: "v1", DeviceID: "gw1", Ready: true,
-		Broker: Broker{Clients: 3, Stored: 10},
+		Broker: Broker{Clients: 3, Stored: 10, Refusals: map[string]int64{"acl": 4}},
 		Outbox: Outbox{Messages: 4, Routes: []Route{{Name: "telemetry", Messages: 4, Bytes: 400, OldestAge: 2.5}},
 			Dropped: map[string]int64{"ttl": 2}},
 		Uplink: Uplink{Configured: true, Dialect: "azure", Connected: true, Forwarded: 7, Resent: 1, TimeToDrain: -1},
@@ -59,6 +59,7 @@ func TestHandler(t *testing.T) {
 	for _, want := range []string{
 		`outpost_info{device_id="gw1",dialect="azure",version="v1"} 1`,
 		`outpost_broker_clients 3`,
+		`outpost_broker_denied_total{reason="acl"} 4`,
 		`outpost_outbox_messages{route="telemetry"} 4`,
 		`outpost_outbox_oldest_age_seconds{route="telemetry"} 2.5`,
 		`outpost_outbox_dropped_total{reason="ttl"} 2`,
