@@ -51,6 +51,9 @@ type Options struct {
 	// Twin is the device state for plugins granted twin; nil = not
 	// available.
 	Twin sandbox.TwinAccess
+	// Reserved are names the agent serves itself (firmwareUpdate, the
+	// plugin rollout methods): no plugin may claim them.
+	Reserved []HandlerSpec
 }
 
 // Registry holds the installed plugins and which serves each name. Its
@@ -272,6 +275,11 @@ const DefaultKVQuota = 1 << 20
 // must be held.
 func (r *Registry) conflict(m *Manifest) error {
 	for _, h := range m.Handlers {
+		for _, res := range r.opts.Reserved {
+			if res.claim() == h.claim() {
+				return fmt.Errorf("plugins: %s: %w: %s %q is served by the agent itself", m.Name, ErrClaimed, h.Kind, h.Name)
+			}
+		}
 		if owner, ok := r.claims[h.claim()]; ok && owner != m.Name {
 			return fmt.Errorf("plugins: %s: %w: %s %q is already served by plugin %s", m.Name, ErrClaimed, h.Kind, h.Name, owner)
 		}

@@ -212,7 +212,7 @@ func (a *Agent) openPlugins() error {
 	bs := blobStore{a.blobs}
 	a.plugins, err = plugins.Open(context.Background(), plugins.Options{Dir: dir, Engine: a.engine, Trust: trust, Log: a.log,
 		KV: a.pluginKV, Publish: a.pluginPublish, Blobs: bs, Download: &plugins.Downloader{Blobs: bs}, Progress: a.progress,
-		Twin: agentTwin{a}})
+		Twin: agentTwin{a}, Reserved: reservedHandlers})
 	if err != nil {
 		_ = a.engine.Close(context.Background())
 		return err

@@ -5,6 +5,8 @@ import (
 
 	"github.com/outpost-edge/outpost/plugins"
 	"github.com/outpost-edge/outpost/plugins/sandbox"
+	"github.com/outpost-edge/outpost/runtime/dialect/azure"
+	"github.com/outpost-edge/outpost/runtime/dialect/watson"
 	"github.com/outpost-edge/outpost/runtime/dispatch"
 	"github.com/outpost-edge/outpost/runtime/rollout"
 )
@@ -52,4 +54,17 @@ func (a *Agent) closeRollout(ctx context.Context) {
 	if a.rollout != nil {
 		a.rollout.Close(ctx)
 	}
+}
+
+// reservedHandlers are the methods the agent serves itself, which no
+// plugin may claim: a plugin serving them would answer local callers
+// while the hub's calls never reach it.
+var reservedHandlers = []plugins.HandlerSpec{
+	{Kind: "method", Name: azure.MethodFirmwareUpdate},
+	{Kind: "method", Name: rollout.MethodInstall}, {Kind: "method", Name: rollout.MethodRollback},
+	{Kind: "method", Name: rollout.MethodRemove}, {Kind: "method", Name: rollout.MethodList},
+	{Kind: "dm_action", Name: watson.CustomAction(rollout.Bundle, rollout.ActionInstall)},
+	{Kind: "dm_action", Name: watson.CustomAction(rollout.Bundle, rollout.ActionRollback)},
+	{Kind: "dm_action", Name: watson.CustomAction(rollout.Bundle, rollout.ActionRemove)},
+	{Kind: "dm_action", Name: watson.CustomAction(rollout.Bundle, rollout.ActionList)},
 }
