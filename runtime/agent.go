@@ -578,7 +578,7 @@ func (a *Agent) openWatson(opts *uplink.Options) error {
 		Org: c.Org, Type: c.Type, ID: id, Token: c.Token, Gateway: c.Gateway, Children: children,
 		Manage: manage, Lifetime: time.Duration(c.Lifetime), DeviceInfo: c.Info, Metadata: c.Metadata,
 		DeviceActions: orTrue(a.cfg.DM.DeviceActions), FirmwareActions: orTrue(a.cfg.DM.FirmwareActions),
-		Bundles: a.rolloutBundles(c.Bundles), Installed: a.firmwareVersion(), EventFormat: c.Format,
+		Bundles: c.Bundles, SelfBundles: a.rolloutBundles(), Installed: a.firmwareVersion(), EventFormat: c.Format,
 		State: st, Server: server, Actions: actions,
 		Local: func(topic string, payload []byte) error { return a.broker.PublishLocal(topic, payload, 1) },
 		Log:   a.log.With("component", "watson"),

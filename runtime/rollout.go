@@ -34,18 +34,13 @@ func (a *Agent) requestServer(watsonType, watsonID string) (interface {
 	return a.rollout, nil
 }
 
-// rolloutBundles are the Watson custom action bundles to advertise: the
-// configured ones, and the rollout's when it is enabled.
-func (a *Agent) rolloutBundles(bundles []string) []string {
+// rolloutBundles are the Watson custom action bundles the gateway serves
+// for itself only: the rollout's, when it is enabled.
+func (a *Agent) rolloutBundles() []string {
 	if !a.cfg.Plugins.Rollout.Enabled {
-		return bundles
+		return nil
 	}
-	for _, b := range bundles {
-		if b == rollout.Bundle {
-			return bundles
-		}
-	}
-	return append(append([]string(nil), bundles...), rollout.Bundle)
+	return []string{rollout.Bundle}
 }
 
 // closeRollout ends the rollout operations in progress, before the

@@ -158,6 +158,18 @@ func TestAzurePluginRollout(t *testing.T) {
 	delete(p, "manifest")
 	p["manifestUri"] = srv.put("/v2.yaml", []byte(v2.manifest))
 	p["version"] = "2.0.0"
+	// The manifest grants the capabilities: one fetched by URI must be the
+	// one the operator hashed.
+	msum := sha256.Sum256([]byte(v2.manifest))
+	p["manifestSha256"] = strings.Repeat("0", 64)
+	if r := invokeJSON(t, h, rollout.MethodInstall, p); r.Status != 422 || !strings.Contains(r.Payload, "manifest's sha256") {
+		t.Fatalf("a manifest that is not the one hashed: %+v, want 422", r)
+	}
+	delete(p, "manifestSha256")
+	if r := invokeJSON(t, h, rollout.MethodInstall, p); r.Status != 400 || !strings.Contains(r.Payload, "manifestSha256") {
+		t.Fatalf("manifestUri without manifestSha256: %+v, want 400", r)
+	}
+	p["manifestSha256"] = hex.EncodeToString(msum[:])
 	r = invokeJSON(t, h, rollout.MethodInstall, p)
 	var ans rollout.Answer
 	if r.Status != 200 || json.Unmarshal([]byte(r.Payload), &ans) != nil || ans.Version != "2.0.0" || ans.Previous != "1.0.0" {
@@ -165,6 +177,12 @@ func TestAzurePluginRollout(t *testing.T) {
 	}
 	if got := servingVersion(t, h); got != "2.0.0" {
 		t.Fatalf("after the upgrade: %s", got)
+	}
+	// A retry (its answer lost) changes nothing: v1 stays the version to
+	// roll back to.
+	r = invokeJSON(t, h, rollout.MethodInstall, p)
+	if r.Status != 200 || !strings.Contains(r.Payload, `"version":"2.0.0"`) || strings.Contains(r.Payload, `"previous"`) {
+		t.Fatalf("a retried upgrade: %+v, want 200 without a previous version", r)
 	}
 
 	// A tampered module: the server gives other bytes than the sha256
@@ -246,12 +264,20 @@ func TestAzurePluginRollout(t *testing.T) {
 		t.Fatalf("after the refusals: %s", got)
 	}
 
-	r = invokeJSON(t, h, rollout.MethodRollback, map[string]string{"name": "versioned"})
+	r = invokeJSON(t, h, rollout.MethodRollback, map[string]string{"name": "versioned", "version": "1.0.0"})
 	if r.Status != 200 || !strings.Contains(r.Payload, `"version":"1.0.0"`) {
 		t.Fatalf("rollback: %+v", r)
 	}
 	if got := servingVersion(t, h); got != "1.0.0" {
 		t.Fatalf("after the rollback: %s", got)
+	}
+	// Retried with the version it wants, a rollback does not roll forward.
+	r = invokeJSON(t, h, rollout.MethodRollback, map[string]string{"name": "versioned", "version": "1.0.0"})
+	if r.Status != 200 || !strings.Contains(r.Payload, `"version":"1.0.0"`) {
+		t.Fatalf("a retried rollback: %+v", r)
+	}
+	if got := servingVersion(t, h); got != "1.0.0" {
+		t.Fatalf("after a retried rollback: %s, want 1.0.0", got)
 	}
 	r = invokeJSON(t, h, rollout.MethodList, nil)
 	if r.Status != 200 || !strings.Contains(r.Payload, `"name":"versioned","version":"1.0.0"`) {
@@ -428,8 +454,8 @@ func TestWatsonPluginRollout(t *testing.T) {
 	if got := serving(); got != "status 501" {
 		t.Fatalf("after the remove: %s", got)
 	}
-	if r := action("remove", map[string]string{"name": "versioned"}); r.RC != 400 {
-		t.Fatalf("remove again: %+v, want rc 400 (not installed)", r)
+	if r := action("remove", map[string]string{"name": "versioned"}); r.RC != 404 {
+		t.Fatalf("remove again: %+v, want rc 404 (not installed)", r)
 	}
 	if r := action("upgrade-all", nil); r.RC != 501 {
 		t.Fatalf("an unknown action: %+v, want 501", r)

@@ -40,7 +40,7 @@ const hubUsage = `Usage: outpost hub [serve] [flags]            run the hub emul
        outpost hub fault --op OP (--status S | --drop) [--device D] [--count N]
                                                   answer the next OP with an error (telemetry,
                                                   twin.get, twin.reported)
-       outpost hub plugin-install DEVICE --name N --uri URI --sha256 HEX (--manifest FILE | --manifest-uri URI)
+       outpost hub plugin-install DEVICE --name N --uri URI --sha256 HEX (--manifest FILE | --manifest-uri URI --manifest-sha256 HEX)
                                   [--signature FILE] [--version V] [--timeout 60s]
                                                   install or upgrade a plugin on the device
        outpost hub plugin-rollback DEVICE --name N    go back to the plugin's previous version
@@ -158,6 +158,7 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 	sha := fs.String("sha256", "", "plugin-install: the module's sha256 (64 hex digits)")
 	manifest := fs.String("manifest", "", "plugin-install: the manifest `file` (sent inline)")
 	manifestURI := fs.String("manifest-uri", "", "plugin-install: the manifest's http(s) URI")
+	manifestSHA := fs.String("manifest-sha256", "", "plugin-install: with --manifest-uri, the manifest's sha256 (hex)")
 	signature := fs.String("signature", "", "plugin-install: the manifest's signature `file` (base64 ed25519)")
 	var fault hub.Fault
 	fs.StringVar(&fault.Op, "op", "", "fault: the operation")
@@ -237,13 +238,13 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 		method, path = "POST", "/"+sub
 	case "plugin-install", "plugin-rollback", "plugin-remove", "plugin-list":
 		action := strings.TrimPrefix(sub, "plugin-")
-		p := hub.PluginParams{Name: fw.Name, Version: fw.Version, URI: fw.URI, SHA256: *sha, ManifestURI: *manifestURI}
+		p := hub.PluginParams{Name: fw.Name, Version: fw.Version, URI: fw.URI, SHA256: *sha, ManifestURI: *manifestURI, ManifestSHA256: *manifestSHA}
 		switch {
 		case action != "list" && p.Name == "":
 			fmt.Fprintf(stderr, "outpost hub %s: --name is required\n", sub)
 			return 2
-		case action == "install" && (p.URI == "" || p.SHA256 == "" || (*manifest == "") == (*manifestURI == "")):
-			fmt.Fprintln(stderr, "outpost hub plugin-install: want --uri, --sha256 and one of --manifest or --manifest-uri")
+		case action == "install" && (p.URI == "" || p.SHA256 == "" || (*manifest == "") == (*manifestURI == "") || (*manifestURI != "") != (*manifestSHA != "")):
+			fmt.Fprintln(stderr, "outpost hub plugin-install: want --uri, --sha256 and one of --manifest or --manifest-uri with --manifest-sha256")
 			return 2
 		}
 		for _, f := range []struct {

@@ -54,12 +54,15 @@ func startHubProc(t *testing.T, extra ...string) (api, mqttAddr string) {
 // bad usage.
 func TestHubPluginCLI(t *testing.T) {
 	files := t.TempDir()
-	versions := map[string]string{} // version -> sha256
+	versions := map[string]string{}  // version -> sha256
+	manifests := map[string]string{} // version -> the manifest's sha256
 	for _, v := range []string{"1", "2"} {
 		wasm := wasmtest.Wat(t, filepath.Join("..", "..", "runtime", "testdata", "rollout", "v"+v+".wat"))
 		sum := sha256.Sum256(wasm)
 		versions[v] = hex.EncodeToString(sum[:])
 		man := fmt.Sprintf("name: versioned\nversion: %s.0.0\nsha256: %s\nhandlers:\n  - {kind: method, name: version}\n", v, versions[v])
+		msum := sha256.Sum256([]byte(man))
+		manifests[v] = hex.EncodeToString(msum[:])
 		for name, b := range map[string][]byte{"v" + v + ".wasm": wasm, "v" + v + ".yaml": []byte(man)} {
 			if err := os.WriteFile(filepath.Join(files, name), b, 0o600); err != nil {
 				t.Fatal(err)
@@ -113,7 +116,7 @@ func TestHubPluginCLI(t *testing.T) {
 				t.Fatalf("plugin-install v1: %d %q %q", code, o, e)
 			}
 			if code, o, e := hubcli("plugin-install", dev, "--name", "versioned", "--uri", base+"v2.wasm", "--sha256", versions["2"],
-				"--manifest-uri", base+"v2.yaml"); code != 0 || !strings.Contains(o, "2.0.0") {
+				"--manifest-uri", base+"v2.yaml", "--manifest-sha256", manifests["2"]); code != 0 || !strings.Contains(o, "2.0.0") {
 				t.Fatalf("plugin-install v2, the manifest by URI: %d %q %q", code, o, e)
 			}
 			if code, _, e := install(dev, "2", base+"tampered.wasm"); code != 1 || !strings.Contains(e, "sha256") {

@@ -13,7 +13,8 @@ import (
 
 // PluginParams are the parameters of a remote plugin operation (see
 // rollout.Params): name for all but list; uri, sha256 and manifest (or
-// manifestUri) for an install; signature when the device has trust keys.
+// manifestUri with manifestSha256) for an install; signature when the
+// device has trust keys.
 type PluginParams struct {
 	Name        string `json:"name,omitempty"`
 	Version     string `json:"version,omitempty"`
@@ -21,6 +22,8 @@ type PluginParams struct {
 	SHA256      string `json:"sha256,omitempty"`
 	Manifest    string `json:"manifest,omitempty"`
 	ManifestURI string `json:"manifestUri,omitempty"`
+	// ManifestSHA256 is the sha256 of the manifest at ManifestURI.
+	ManifestSHA256 string `json:"manifestSha256,omitempty"`
 	Signature   string `json:"signature,omitempty"`
 }
 

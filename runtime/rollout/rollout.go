@@ -266,6 +266,9 @@ func (r *Rollout) serve(c dispatch.Call, o op) result {
 	timeout := c.Meta.Deadline
 	if timeout <= 0 {
 		timeout = r.o.Timeout
+	} else {
+		// Leave time for the answer to reach the hub before it gives up.
+		timeout -= min(5*time.Second, timeout/10)
 	}
 	ctx, cancel := context.WithTimeout(r.ctx, timeout)
 	defer cancel()
@@ -273,14 +276,22 @@ func (r *Rollout) serve(c dispatch.Call, o op) result {
 	case ActionInstall:
 		return r.install(ctx, p)
 	case ActionRollback:
+		if p.Version != "" {
+			// A retried rollback must not roll forward again.
+			for _, in := range r.o.Registry.List() {
+				if in.Name == p.Name && in.Version == p.Version {
+					return done(fmt.Sprintf("%s is already at version %s", in.Name, in.Version), in)
+				}
+			}
+		}
 		info, err := r.o.Registry.Rollback(ctx, p.Name)
 		if err != nil {
-			return registryFail(r.ctx, "rollback of "+p.Name, err, true)
+			return registryFail(r.ctx, ctx, "rollback of "+p.Name, err, true)
 		}
 		return done(fmt.Sprintf("rolled %s back to version %s", info.Name, info.Version), info)
 	default:
 		if err := r.o.Registry.Remove(ctx, p.Name); err != nil {
-			return registryFail(r.ctx, "remove "+p.Name, err, false)
+			return registryFail(r.ctx, ctx, "remove "+p.Name, err, false)
 		}
 		return done("removed "+p.Name, map[string]string{"name": p.Name, "removed": "true"})
 	}
@@ -342,6 +353,10 @@ func (r *Rollout) install(ctx context.Context, p Params) result {
 		if !ok {
 			return res
 		}
+		sum := sha256.Sum256(b)
+		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, p.ManifestSHA256) {
+			return fail(abi.StatusUnprocessable, "%s: the manifest's sha256 is %s, the request says %s: refused, nothing changed", p.Name, got, strings.ToLower(p.ManifestSHA256))
+		}
 		man = b
 	} else {
 		man = []byte(p.Manifest)
@@ -370,11 +385,17 @@ func (r *Rollout) install(ctx context.Context, p Params) result {
 	for _, in := range r.o.Registry.List() {
 		if in.Name == p.Name {
 			prev = in.Version
+			if strings.EqualFold(in.SHA256, m.SHA256) && in.Version == m.Version {
+				// A retry (an answer lost to a timeout): nothing to do, and
+				// the version kept for rollback stays the one before.
+				res := done(fmt.Sprintf("%s %s is already installed", in.Name, in.Version), in)
+				return res
+			}
 		}
 	}
 	info, err := r.o.Registry.Install(ctx, man, wasm, []byte(p.Signature))
 	if err != nil {
-		return registryFail(r.ctx, "install of "+p.Name+" "+m.Version, err, true)
+		return registryFail(r.ctx, ctx, "install of "+p.Name+" "+m.Version, err, true)
 	}
 	res = done(fmt.Sprintf("installed %s %s", info.Name, info.Version), info)
 	if prev != "" {
@@ -386,10 +407,11 @@ func (r *Rollout) install(ctx context.Context, p Params) result {
 	return res
 }
 
-// registryFail maps a registry's refusal to a status. Whatever it is, the
+// registryFail maps a registry's refusal to a status (base is the
+// rollout's context, op the operation's). Whatever it is, the
 // version that served before still serves, which the message says when
 // keeps.
-func registryFail(base context.Context, what string, err error, keeps bool) result {
+func registryFail(base, op context.Context, what string, err error, keeps bool) result {
 	var le *sandbox.LoadError
 	what += " refused"
 	if keeps {
@@ -399,6 +421,8 @@ func registryFail(base context.Context, what string, err error, keeps bool) resu
 	switch {
 	case base.Err() != nil:
 		st = abi.StatusUnavailable
+	case op.Err() != nil || errors.Is(err, context.DeadlineExceeded):
+		return result{status: abi.StatusTimeout, err: fmt.Errorf("rollout: %s: the request's time ran out: %w", what, err)}
 	case errors.Is(err, plugins.ErrBadName):
 		st = abi.StatusBadRequest
 	case errors.Is(err, plugins.ErrNotInstalled):
@@ -482,6 +506,11 @@ type Params struct {
 	// URI. One of the two is required.
 	Manifest    string `json:"manifest"`
 	ManifestURI string `json:"manifestUri"`
+	// ManifestSHA256 is the sha256 of the manifest fetched from
+	// ManifestURI (64 hex digits): required with it, so that the manifest,
+	// which grants the capabilities, is bound to the request as the module
+	// is.
+	ManifestSHA256 string `json:"manifestSha256"`
 	// Signature is the manifest's ed25519 signature, base64 (the .sig
 	// file's content); required when the agent has trust keys.
 	Signature string `json:"signature"`
@@ -513,11 +542,11 @@ func ParseParams(kind abi.Kind, payload []byte) (Params, error) {
 		}
 	}
 	known := map[string]*string{"name": &p.Name, "version": &p.Version, "uri": &p.URI, "sha256": &p.SHA256,
-		"manifest": &p.Manifest, "manifestUri": &p.ManifestURI, "signature": &p.Signature}
+		"manifest": &p.Manifest, "manifestUri": &p.ManifestURI, "manifestSha256": &p.ManifestSHA256, "signature": &p.Signature}
 	for k, v := range obj {
 		dst, ok := known[k]
 		if !ok {
-			return p, fmt.Errorf("unknown parameter %q: want name, version, uri, sha256, manifest, manifestUri, signature", k)
+			return p, fmt.Errorf("unknown parameter %q: want name, version, uri, sha256, manifest, manifestUri, manifestSha256, signature", k)
 		}
 		if err := json.Unmarshal(v, dst); err != nil {
 			return p, fmt.Errorf("parameter %s: want a string", k)
@@ -542,6 +571,11 @@ func (p Params) checkInstall() error {
 		if err := httpURI("manifestUri", p.ManifestURI); err != nil {
 			errs = append(errs, err)
 		}
+		if b, err := hex.DecodeString(p.ManifestSHA256); err != nil || len(b) != sha256.Size {
+			errs = append(errs, fmt.Errorf("manifestSha256: %q: want the manifest's 64 hex digits (required with manifestUri)", p.ManifestSHA256))
+		}
+	case p.ManifestSHA256 != "":
+		errs = append(errs, errors.New("manifestSha256: only with manifestUri"))
 	}
 	if len(errs) == 0 {
 		return nil

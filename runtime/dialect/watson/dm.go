@@ -503,6 +503,9 @@ func (d *Dialect) custom(mg *managed, bundle, action string, req request) (int, 
 	for _, b := range d.o.Bundles {
 		served = served || b == bundle
 	}
+	for _, b := range d.o.SelfBundles {
+		served = served || (b == bundle && mg == d.self)
+	}
 	if !served {
 		return 501, fmt.Sprintf("bundle %q is not supported", bundle), nil, nil
 	}
@@ -513,8 +516,11 @@ func (d *Dialect) custom(mg *managed, bundle, action string, req request) (int, 
 	}
 	d.call(mg, CustomAction(bundle, action), req.D, func(r *sandbox.Response) {
 		rc, msg := rcOf(r)
-		if rc == 202 {
+		switch {
+		case rc == 202:
 			rc = 200
+		case r.Status == abi.StatusNotFound || r.Status == abi.StatusConflict:
+			rc = int(r.Status) // both DM codes (PROTOCOLS.md 2.1); 409 may be retried
 		}
 		d.reply(mg.topicDev, req.ReqID, rc, msg, nil)
 	})
@@ -751,6 +757,11 @@ func (d *Dialect) manageBody(mg *managed) map[string]any {
 	supports := map[string]any{"deviceActions": d.o.DeviceActions, "firmwareActions": d.o.FirmwareActions}
 	for _, b := range d.o.Bundles {
 		supports[b] = true
+	}
+	if mg == d.self {
+		for _, b := range d.o.SelfBundles {
+			supports[b] = true
+		}
 	}
 	info, _ := d.fieldValue(mg, "deviceInfo")
 	body := map[string]any{"d": map[string]any{"lifetime": int(d.o.Lifetime / time.Second), "supports": supports,

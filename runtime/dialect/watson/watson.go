@@ -73,6 +73,9 @@ type Options struct {
 	DeviceActions   bool     // reboot and factory reset
 	FirmwareActions bool     // firmware download and update
 	Bundles         []string // custom action bundles served
+	// SelfBundles are bundles served for this device (the gateway) only,
+	// not for its children: the agent's own, such as the plugin rollout.
+	SelfBundles []string
 	// Installed is the firmware version running (deviceInfo.fwVersion)
 	// until an update changes it.
 	Installed string
@@ -181,7 +184,7 @@ func New(o Options) (*Dialect, error) {
 	if o.Lifetime != 0 && o.Lifetime < time.Hour {
 		return nil, fmt.Errorf("watson: manage lifetime %s: 0 (never dormant) or at least 1h", o.Lifetime)
 	}
-	for _, b := range o.Bundles {
+	for _, b := range append(append([]string(nil), o.Bundles...), o.SelfBundles...) {
 		if !customRe.MatchString(b) {
 			return nil, fmt.Errorf("watson: bundle %q: want 1 to 255 of A-Z a-z 0-9 . _ -", b)
 		}
