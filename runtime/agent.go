@@ -47,6 +47,7 @@ type Agent struct {
 	outbox   *storage.Outbox
 	router   atomic.Pointer[router.Router] // replaced by Reload
 	reloadMu sync.Mutex                    // one Reload at a time; guards cfg's live keys
+	users    []BrokerUser                  // the local broker's users as loaded at start (users_file included)
 	broker   *broker.Broker
 	uplink   *uplink.Uplink  // nil when no uplink is configured
 	azure    *azure.Dialect  // the azure dialect, when configured
@@ -115,6 +116,9 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 
 	bopts, err := brokerOptions(&cfg)
+	if err == nil {
+		a.users, err = cfg.BrokerUsers()
+	}
 	if err != nil {
 		_ = a.outbox.Close()
 		return nil, fmt.Errorf("runtime: %w", err)

@@ -578,13 +578,17 @@ func TestUnreachableUpstream(t *testing.T) {
 	}
 	dead := l.Addr().String()
 	l.Close() // nothing listens there now
-	a := testAgent(t, "mqtt://"+dead, nil)
+	// A password in the URL, which paho's errors quote.
+	a := testAgent(t, "mqtt://gw:url-pass-1234@"+dead, nil)
 	waitFor(t, 10*time.Second, func() error {
 		if e := a.Status().Uplink.LastError; !strings.Contains(e, "connection refused") {
 			return fmt.Errorf("last error %q does not say connection refused", e)
 		}
 		return nil
 	})
+	if e := a.Snapshot().Uplink.LastError; strings.Contains(e, "url-pass-1234") || !strings.Contains(e, "xxxxx") {
+		t.Errorf("the status shows the URL's password: %q", e)
+	}
 	publishLines(t, a.BrokerAddrs()[0], "meter/2", 0, 10)
 	if st := a.Status(); st.Outbox.Messages != 10 || st.Uplink.Connected {
 		t.Fatalf("want 10 stored and uplink down: %+v", st)

@@ -781,6 +781,11 @@ func (c *Config) Secrets() []string {
 	if u, err := url.Parse(c.Uplink.URL); err == nil && u.User != nil {
 		if p, ok := u.User.Password(); ok {
 			add(p)
+			// As a URL prints it: p@ss/w0rd is p%40ss%2Fw0rd.
+			_, esc, _ := strings.Cut(url.UserPassword("", p).String(), ":")
+			if esc != p {
+				add(esc)
+			}
 		}
 	}
 	return out

@@ -192,3 +192,18 @@ func TestChanges(t *testing.T) {
 		t.Errorf("no change: %v %v", live, restart)
 	}
 }
+
+func TestSecrets(t *testing.T) {
+	c := DefaultConfig()
+	c.Uplink.URL = "mqtt://u:p%40ss%2Fw0rd@hub:1883"
+	c.Uplink.Password = "plain-pw"
+	got := strings.Join(c.Secrets(), " ")
+	for _, want := range []string{"p@ss/w0rd", "p%40ss%2Fw0rd", "plain-pw"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Secrets() = %q lacks %q", got, want)
+		}
+	}
+	if r := c.Redacted(); strings.Contains(r.Uplink.URL, "w0rd") || r.Uplink.Password != "<redacted>" {
+		t.Errorf("Redacted: %q %q", r.Uplink.URL, r.Uplink.Password)
+	}
+}

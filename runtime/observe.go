@@ -75,6 +75,9 @@ func (a *Agent) Snapshot() metrics.Snapshot {
 		Outbox: metrics.Outbox{Messages: ob.Messages, Bytes: ob.Bytes, Dropped: ob.Dropped},
 		Uplink: metrics.Uplink{Dialect: a.cfg.Uplink.Dialect},
 	}
+	if ob.Messages > 0 {
+		s.Uplink.TimeToDrain = -1 // no uplink: it does not drain
+	}
 	oldest, err := a.outbox.Oldest()
 	if err != nil {
 		a.log.Debug("oldest messages not read", "error", err)

@@ -116,6 +116,16 @@ func (a *Agent) Reload(next Config) ([]string, error) {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
 	live, restart := a.cfg.Changes(&next)
+	// The users' hashes do not show in the YAML tree (they print
+	// redacted), nor does the content of users_file: compare them as
+	// loaded.
+	users, err := next.BrokerUsers()
+	if err != nil {
+		return nil, fmt.Errorf("runtime: reload refused, the configuration is not valid (nothing was applied): %w", err)
+	}
+	if !reflect.DeepEqual(users, a.users) && !contains(restart, "broker.users") {
+		restart = append(restart, "broker.users")
+	}
 	if len(restart) > 0 {
 		return nil, &ErrNeedsRestart{Keys: restart}
 	}

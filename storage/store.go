@@ -128,6 +128,7 @@ const metaHasExpiry = 1
 type routeState struct {
 	Route
 	configured bool   // in Options.Routes; adopted routes only drain
+	removed    bool   // configured until Reconfigure left it out
 	prefix     []byte // key prefix
 	count      int64
 	bytes      int64
@@ -372,8 +373,8 @@ type Limits struct {
 }
 
 // Reconfigure changes the routes and the limits while the outbox runs.
-// A new route takes messages at once; a route left out takes no more and
-// drains what it holds, last; the priority and TTL of a route apply to
+// A new route takes messages at once; a route left out drains what it
+// holds, last (it still takes what a router not yet replaced sends it); the priority and TTL of a route apply to
 // what is read and appended from then on (a stored message keeps its
 // expiry). Messages already stored are neither moved nor dropped, even
 // when the new caps are lower: the next append makes room.
@@ -397,14 +398,14 @@ func (o *Outbox) Reconfigure(routes []Route, lim Limits) error {
 	o.mu.Lock()
 	for name, rs := range o.routes {
 		if !seen[name] && rs.configured {
-			rs.configured = false
+			rs.configured, rs.removed = false, true
 			rs.Priority, rs.TTL = math.MinInt32, 0
 			o.log.Info("route removed: it drains what it holds, last", "route", name, "messages", rs.count)
 		}
 	}
 	for _, r := range routes {
 		if rs := o.routes[r.Name]; rs != nil {
-			rs.Priority, rs.TTL, rs.configured = r.Priority, r.TTL, true
+			rs.Priority, rs.TTL, rs.configured, rs.removed = r.Priority, r.TTL, true, false
 		} else {
 			o.routes[r.Name] = &routeState{Route: r, configured: true, prefix: routePrefix(r.Name)}
 		}
@@ -468,12 +469,15 @@ func (o *Outbox) AppendAsync(m *Message, done func(seq uint64, err error)) error
 	o.mu.Lock()
 	rs := o.routes[m.Route]
 	var routeTTL time.Duration
-	configured := rs != nil && rs.configured
-	if configured {
+	// A route Reconfigure just removed still takes the appends of a
+	// router that has not yet been replaced: it drains them last. A route
+	// only adopted at Open (stored, not configured) takes none.
+	known := rs != nil && (rs.configured || rs.removed)
+	if known {
 		routeTTL = rs.TTL
 	}
 	o.mu.Unlock()
-	if !configured {
+	if !known {
 		return fmt.Errorf("%w %q", ErrUnknownRoute, m.Route)
 	}
 	lim := o.lim.Load()

@@ -83,8 +83,8 @@ Ctrl-C stops the agent and the hub; the backlog stays in %s for the next start.
 // printHintsAlone prints the hints of an agent without the local hub.
 func printHintsAlone(w io.Writer, cfg runtime.Config, addr, mq, sock, hs, method string) {
 	up := "none: messages are stored in " + cfg.DataDir + " until an uplink is configured"
-	if cfg.Uplink.URL != "" {
-		up = cfg.Uplink.URL
+	if u, err := runtime.ParseUplinkURL(cfg.Uplink.URL); err == nil {
+		up = u.Redacted()
 	}
 	fmt.Fprintf(w, `
 Outpost is running.

@@ -192,6 +192,11 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outpost run:", err)
 		return 2
 	}
+	// SIGHUP from now on reloads, once the agent runs; until then it waits
+	// here rather than killing the process (its default).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	cfg, err := f.loadConfig()
 	if err != nil {
 		fmt.Fprintf(stderr, "outpost run: %s\n", indentErr(err))
@@ -262,9 +267,6 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		}
 		printHints(stdout, cfg, agent.BrokerAddrs()[0], agent.AdminHTTPAddr(), handlers, lh)
 	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for running := true; running; {
 		select {
 		case <-ctx.Done():

@@ -97,3 +97,32 @@ func TestReloadOnSIGHUP(t *testing.T) {
 		return nil
 	})
 }
+
+// TestReloadSeesUsers: a changed password hash, inline or in users_file,
+// is not "nothing changed": the reload is refused, naming broker.users.
+func TestReloadSeesUsers(t *testing.T) {
+	mosqtest.Require(t, "mosquitto")
+	dir := t.TempDir()
+	usersFile := dir + "/users.yaml"
+	hash := func(pw string) string { t.Helper(); return hashWith(t, pw) }
+	write := func(pw string) {
+		t.Helper()
+		if err := os.WriteFile(usersFile, []byte("users:\n  - username: dev1\n    password_hash: '"+hash(pw)+"'\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("first-password")
+	cfg := "uplink:\n  backoff_min: 50ms\n  backoff_max: 500ms\nbroker:\n  users_file: " + usersFile + "\n"
+	a := startAgentConfig(t, cfg, "mqtt://127.0.0.1:1")
+	write("second-password")
+	before := strings.Count(a.stderr.String(), "broker.users cannot change")
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		if strings.Count(a.stderr.String(), "broker.users cannot change") == before {
+			return fmt.Errorf("no refusal naming broker.users after a changed users_file")
+		}
+		return nil
+	})
+}

@@ -67,6 +67,10 @@ func (k *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if err == nil && h.offline && c.dev.dialect != dialectObserver {
+		// Accepted just before Offline closed the listener.
+		err = errString("the hub is offline")
+	}
 	if err != nil {
 		h.stats.Refused++
 		h.log.Warn("hub refused a connection", "client", cl.ID, "remote", cl.Net.Remote, "error", err)

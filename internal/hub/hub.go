@@ -223,12 +223,20 @@ func (h *Hub) Close() error {
 		return nil
 	}
 	h.closed = true
+	offline := h.offline
 	for ch := range h.follow {
 		close(ch)
 		delete(h.follow, ch)
 	}
 	h.mu.Unlock()
 	h.cancel()
+	if offline {
+		// With its listener gone, mochi's Close would not end the clients
+		// still connected (observers), and would wait for them.
+		for _, cl := range h.srv.Clients.GetAll() {
+			cl.Stop(packets.ErrServerShuttingDown)
+		}
+	}
 	var errs []error
 	if h.api != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -379,3 +379,29 @@ func TestServedFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestOfflineEdges: a device whose connection was accepted before the
+// outage is refused at its CONNECT, and Close does not wait for clients
+// still connected while offline.
+func TestOfflineEdges(t *testing.T) {
+	h := startTestHub(t)
+	early := dial(t, h)    // accepted before the outage
+	observer := dial(t, h) // an observer stays connected through it
+	observer.send(&packets.Connect{ProtocolName: "MQTT", ProtocolVersion: 5, ClientID: "watcher", CleanStart: true, KeepAlive: 60})
+	if ca, ok := observer.read().Content.(*packets.Connack); !ok || ca.ReasonCode != 0 {
+		t.Fatal("observer not admitted")
+	}
+	if err := h.Offline(); err != nil {
+		t.Fatal(err)
+	}
+	if rc := azureConnect(t, early, "dev1", nil); rc < 0x80 {
+		t.Errorf("a CONNECT during the outage: 0x%02x, want a refusal", rc)
+	}
+	done := make(chan error, 1)
+	go func() { done <- h.Close() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for a client connected while offline")
+	}
+}

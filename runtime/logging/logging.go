@@ -5,13 +5,14 @@ package logging
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/url"
 	"os"
 	"strings"
-	"sync"
+	"sync/atomic"
 )
 
 // Redacted replaces a secret in the logs.
@@ -92,11 +93,14 @@ func stderrIsTerminal() bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
-// levels are the default level and those by component.
-type levels struct {
-	mu    sync.RWMutex
-	def   slog.Level
-	comps map[string]slog.Level
+// levels are the default level and those by component, swapped whole
+// by set: a log call reads them without a lock.
+type levels struct{ p atomic.Pointer[levelSet] }
+
+type levelSet struct {
+	def    slog.Level
+	comps  map[string]slog.Level
+	lowest slog.Level // the lowest of def and comps
 }
 
 func (lv *levels) set(level string, components map[string]string) error {
@@ -104,42 +108,28 @@ func (lv *levels) set(level string, components map[string]string) error {
 	if err != nil {
 		return err
 	}
-	comps := make(map[string]slog.Level, len(components))
+	ls := &levelSet{def: def, comps: make(map[string]slog.Level, len(components)), lowest: def}
 	for c, s := range components {
 		l, err := ParseLevel(s)
 		if err != nil {
 			return fmt.Errorf("component %s: %w", c, err)
 		}
-		comps[c] = l
+		ls.comps[c] = l
+		ls.lowest = min(ls.lowest, l)
 	}
-	lv.mu.Lock()
-	lv.def, lv.comps = def, comps
-	lv.mu.Unlock()
+	lv.p.Store(ls)
 	return nil
 }
 
 // lowest reports whether l passes the lowest of the levels.
-func (lv *levels) lowest(l slog.Level) bool {
-	lv.mu.RLock()
-	defer lv.mu.RUnlock()
-	if l >= lv.def {
-		return true
-	}
-	for _, c := range lv.comps {
-		if l >= c {
-			return true
-		}
-	}
-	return false
-}
+func (lv *levels) lowest(l slog.Level) bool { return l >= lv.p.Load().lowest }
 
 func (lv *levels) enabled(component string, l slog.Level) bool {
-	lv.mu.RLock()
-	defer lv.mu.RUnlock()
-	if c, ok := lv.comps[component]; ok && component != "" {
+	ls := lv.p.Load()
+	if c, ok := ls.comps[component]; ok && component != "" {
 		return l >= c
 	}
-	return l >= lv.def
+	return l >= ls.def
 }
 
 // handler applies the component's level and scrubs the message (attributes
@@ -254,9 +244,16 @@ func secretKey(k string) bool {
 	return false
 }
 
-func (s *scrubber) replaceAttr(_ []string, a slog.Attr) slog.Attr {
+func (s *scrubber) replaceAttr(groups []string, a slog.Attr) slog.Attr {
 	if secretKey(a.Key) {
 		return slog.String(a.Key, Redacted)
+	}
+	for _, g := range groups {
+		if secretKey(g) {
+			// An attribute of a group named like a secret
+			// (slog.Group("password", ...)).
+			return slog.String(a.Key, Redacted)
+		}
 	}
 	switch a.Value.Kind() {
 	case slog.KindString:
@@ -267,6 +264,10 @@ func (s *scrubber) replaceAttr(_ []string, a slog.Attr) slog.Attr {
 		switch v := a.Value.Any().(type) {
 		case *url.URL:
 			return slog.String(a.Key, s.string(v.Redacted()))
+		case []byte:
+			return slog.String(a.Key, s.string(string(v)))
+		case json.RawMessage:
+			return slog.String(a.Key, s.string(string(v)))
 		case error:
 			return slog.String(a.Key, s.string(v.Error()))
 		case fmt.Stringer:

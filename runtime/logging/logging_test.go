@@ -2,8 +2,10 @@ package logging
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"strings"
 	"testing"
@@ -24,8 +26,10 @@ func TestRedaction(t *testing.T) {
 				"password", "anything", "shared_access_key", "whatever", "auth_data", []byte{1, 2, 3},
 				"detail", fmt.Sprintf("key=%s", "c2FzLWtleQ=="), "list", []string{"tok-123456"})
 			log.WithGroup("g").With("token", "x").Info("grouped", "nested", "hunter2-pw")
+			log.Info("more", slog.Group("password", "value", "grp-secret-77"), "raw", []byte("tok-123456"),
+				"json", json.RawMessage(`{"k":"c2FzLWtleQ=="}`))
 			out := b.String()
-			for _, secret := range []string{"hunter2-pw", "urlpass99", "tok-123456", "c2FzLWtleQ==", "anything", "whatever"} {
+			for _, secret := range []string{"hunter2-pw", "urlpass99", "tok-123456", "c2FzLWtleQ==", "anything", "whatever", "grp-secret-77"} {
 				if strings.Contains(out, secret) {
 					t.Errorf("the log shows %q:\n%s", secret, out)
 				}

@@ -395,7 +395,17 @@ func (u *Uplink) Stats() Stats {
 	}
 }
 
-func (u *Uplink) setErr(err error) { u.lastErr.Store(err.Error()) }
+// setErr keeps err for Stats, without the URL's password: paho's errors
+// quote the URL whole.
+func (u *Uplink) setErr(err error) { u.lastErr.Store(u.scrub(err.Error())) }
+
+// scrub replaces the URL with its redacted form in s.
+func (u *Uplink) scrub(s string) string {
+	if u.opts.URL == nil || u.opts.URL.User == nil {
+		return s
+	}
+	return strings.ReplaceAll(s, u.opts.URL.String(), u.opts.URL.Redacted())
+}
 
 // dial opens the network connection and keeps it so that the watchdog can
 // cut it.
@@ -523,7 +533,7 @@ func (u *Uplink) onDown() bool {
 
 func (u *Uplink) onConnectError(err error) {
 	u.setErr(err)
-	u.log.Warn("uplink connect failed", "url", u.opts.URL.Redacted(), "error", err)
+	u.log.Warn("uplink connect failed", "url", u.opts.URL.Redacted(), "error", u.scrub(err.Error()))
 }
 
 // notifyLoop wakes the publish loop when the outbox receives a message.
