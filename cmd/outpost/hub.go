@@ -145,7 +145,7 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 	fs.SetOutput(stderr)
 	api := fs.String("api", envOr("OUTPOST_HUB_API", defaultHubAPI), "the hub's API `address`")
 	payload := fs.String("payload", "", "payload; @FILE reads a file")
-	timeout := fs.Duration("timeout", 0, "how long to wait for a method's response (default: the hub's, 30s)")
+	timeout := fs.Duration("timeout", 0, "how long the hub waits for a method's response (default 30s); the agent's uplink.azure.method_timeout bounds its side")
 	command := fs.String("command", "", "the command's name (the @command application property)")
 	wait := fs.Duration("wait", 0, "wait this long for the command's fate")
 	follow := fs.Bool("follow", false, "print telemetry as it arrives")

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -96,14 +97,12 @@ func (h *Hub) routes() http.Handler {
 		writeJSON(w, 200, map[string]bool{"offline": false})
 	})
 	mux.HandleFunc("GET /files/{name}", func(w http.ResponseWriter, r *http.Request) {
-		b, ok := h.o.Files[r.PathValue("name")]
+		name := r.PathValue("name")
+		b, ok := h.o.Files[name]
 		if !ok {
-			if h.o.FilesDir == "" {
+			if !h.serveFile(w, r, name) {
 				http.NotFound(w, r)
-				return
 			}
-			// http.Dir keeps the name inside the directory.
-			http.StripPrefix("/files", http.FileServer(http.Dir(h.o.FilesDir))).ServeHTTP(w, r)
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
@@ -273,4 +272,31 @@ func writeErr(w http.ResponseWriter, err error) {
 		status = 400
 	}
 	writeJSON(w, status, map[string]string{"error": err.Error()})
+}
+
+// serveFile serves the regular file name of FilesDir: one path element,
+// not hidden, opened through an os.Root so that neither ".." nor a
+// symbolic link leads out of the directory. It reports false when there
+// is no such file.
+func (h *Hub) serveFile(w http.ResponseWriter, r *http.Request, name string) bool {
+	if h.o.FilesDir == "" || name == "" || strings.ContainsAny(name, "/\\") || strings.HasPrefix(name, ".") {
+		return false
+	}
+	root, err := os.OpenRoot(h.o.FilesDir)
+	if err != nil {
+		return false
+	}
+	defer root.Close()
+	f, err := root.Open(name)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return false
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	http.ServeContent(w, r, name, fi.ModTime(), f)
+	return true
 }

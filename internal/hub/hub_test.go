@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -403,5 +405,46 @@ func TestOfflineEdges(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close waited for a client connected while offline")
+	}
+}
+
+// TestFilesDir: the served directory's regular files, and nothing else:
+// no listing, no hidden file, no way out by "..", an encoded slash or a
+// symbolic link.
+func TestFilesDir(t *testing.T) {
+	dir, outside := t.TempDir(), t.TempDir()
+	for name, body := range map[string]string{"m.wasm": "module", ".env": "secret"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(outside, "x"), []byte("outside"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "sub"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(outside, "x"), filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	h, err := New(Options{Listen: "127.0.0.1:0", API: "127.0.0.1:0", FilesDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for path, want := range map[string]int{"/files/m.wasm": 200, "/files/.env": 404, "/files/sub": 404, "/files/.%2F": 404,
+		"/files/sub%2F..%2Fm.wasm": 404, "/files/..%2F..%2Fetc%2Fpasswd": 404, "/files/link": 404, "/files/": 404} {
+		resp, err := http.Get("http://" + h.APIAddr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || (want == 200 && string(b) != "module") {
+			t.Errorf("GET %s: %d %q, want %d", path, resp.StatusCode, b, want)
+		}
 	}
 }

@@ -24,7 +24,7 @@ type PluginParams struct {
 	ManifestURI string `json:"manifestUri,omitempty"`
 	// ManifestSHA256 is the sha256 of the manifest at ManifestURI.
 	ManifestSHA256 string `json:"manifestSha256,omitempty"`
-	Signature   string `json:"signature,omitempty"`
+	Signature      string `json:"signature,omitempty"`
 }
 
 // PluginResult is a device's answer to a remote plugin operation: the
