@@ -816,6 +816,11 @@ func (a *Agent) Start() error {
 	} else {
 		a.log.Warn("no uplink configured (uplink.url): messages are stored until one is")
 	}
+	for _, w := range a.cfg.Warnings() {
+		if !strings.HasPrefix(w, "broker.") { // the broker logs its own
+			a.log.Warn("configuration: " + w)
+		}
+	}
 	st := a.outbox.Stats()
 	a.obs.ready.Store(true)
 	a.log.Info("outpost ready", "device_id", a.cfg.DeviceID, "data_dir", a.cfg.DataDir,

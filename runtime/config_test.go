@@ -207,3 +207,26 @@ func TestSecrets(t *testing.T) {
 		t.Errorf("Redacted: %q %q", r.Uplink.URL, r.Uplink.Password)
 	}
 }
+
+func TestWarnings(t *testing.T) {
+	c := DefaultConfig()
+	if w := c.Warnings(); len(w) != 0 {
+		t.Errorf("the defaults warn: %q", w)
+	}
+	c.Broker.Listeners = []ListenerConfig{{Address: "0.0.0.0:1883", AllowAnonymous: true}}
+	c.Admin.HTTP = "0.0.0.0:9181"
+	c.Uplink.URL = "mqtt://u:pw@broker.example:1883"
+	c.Uplink.TLS.InsecureSkipVerify = true
+	c.Storage.MaxBytes = 0
+	got := strings.Join(c.Warnings(), "\n")
+	for _, key := range []string{"broker.listeners[0]: 0.0.0.0:1883 is reachable from the network and admits anonymous",
+		"admin.http:", "uplink.url: credentials go to mqtt://u:xxxxx@broker.example:1883 over plain TCP",
+		"uplink.tls.insecure_skip_verify:", "storage.max_bytes: the outbox has no cap"} {
+		if !strings.Contains(got, key) {
+			t.Errorf("warnings lack %q:\n%s", key, got)
+		}
+	}
+	if strings.Contains(got, "pw@") {
+		t.Errorf("a warning shows the password:\n%s", got)
+	}
+}

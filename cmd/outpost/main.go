@@ -339,9 +339,13 @@ func cmdConfig(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprint(stderr, "usage: outpost config validate FILE\n")
 			return 2
 		}
-		if _, err := runtime.LoadConfig(args[1]); err != nil {
+		cfg, err := runtime.LoadConfig(args[1])
+		if err != nil {
 			fmt.Fprintf(stderr, "%s\n", indentErr(err))
 			return 1
+		}
+		for _, w := range cfg.Warnings() {
+			fmt.Fprintf(stderr, "warning: %s\n", w)
 		}
 		fmt.Fprintf(stdout, "%s: valid\n", args[1])
 		return 0
