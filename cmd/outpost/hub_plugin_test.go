@@ -17,35 +17,42 @@ import (
 	"github.com/outpost-edge/outpost/internal/wasmtest"
 )
 
-// startHubProc runs `outpost hub` on free loopback ports with extra flags
-// and returns its API and MQTT addresses.
-func startHubProc(t *testing.T, extra ...string) (api, mqttAddr string) {
+// hubProc is `outpost hub` running as a child process.
+type hubProc struct {
+	api, mqtt string
+	cmd       *exec.Cmd
+	stderr    *lockedBuffer
+}
+
+// startHubProc runs `outpost hub` on a free API port and a free MQTT port
+// (extra flags come last, so they win), and reads the addresses it prints.
+func startHubProc(t *testing.T, extra ...string) *hubProc {
 	t.Helper()
 	apiPort, err := mosqtest.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	api = fmt.Sprintf("127.0.0.1:%d", apiPort)
-	hub := exec.Command(binary, append([]string{"hub", "--listen", "127.0.0.1:0", "--api", api, "--log-level", "warn"}, extra...)...)
-	out, err := hub.StdoutPipe()
+	h := &hubProc{api: fmt.Sprintf("127.0.0.1:%d", apiPort), stderr: &lockedBuffer{}}
+	h.cmd = exec.Command(binary, append([]string{"hub", "--listen", "127.0.0.1:0", "--api", h.api, "--log-level", "warn"}, extra...)...)
+	out, err := h.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var hubErr lockedBuffer
-	hub.Stderr = &hubErr
-	if err := hub.Start(); err != nil {
+	h.cmd.Stderr = h.stderr
+	if err := h.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = hub.Process.Kill(); _ = hub.Wait() })
+	t.Cleanup(func() { _ = h.cmd.Process.Kill(); _ = h.cmd.Wait() })
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
-		t.Fatalf("hub: %v %s", err, hubErr.String())
+		t.Fatalf("hub: %v %s", err, h.stderr.String())
 	}
 	m := regexp.MustCompile(`MQTT on (\S+),`).FindStringSubmatch(line)
 	if m == nil {
 		t.Fatalf("hub printed %q", line)
 	}
-	return api, m[1]
+	h.mqtt = m[1]
+	return h
 }
 
 // TestHubPluginCLI rolls a plugin out with the hub's CLI, from the files
@@ -74,7 +81,8 @@ func TestHubPluginCLI(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(files, "tampered.wasm"), append(tampered, 0, 4, 3, 'x', 'y', 'z'), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	api, mqttAddr := startHubProc(t, "--serve", files)
+	hp := startHubProc(t, "--serve", files)
+	api, mqttAddr := hp.api, hp.mqtt
 	base := "http://" + api + "/files/"
 	rolloutCfg := "plugins:\n  rollout:\n    enabled: true\n    hosts: [\"" + api + "\"]\n"
 	startAgentConfig(t, `uplink:

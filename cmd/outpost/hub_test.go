@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"os/exec"
-	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,31 +16,8 @@ import (
 // a method, a command, the twin, telemetry, a fault, and bad usage.
 func TestHubCLI(t *testing.T) {
 	mosqtest.Require(t, "mosquitto_pub")
-	apiPort, err := mosqtest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	api := fmt.Sprintf("127.0.0.1:%d", apiPort)
-	hub := exec.Command(binary, "hub", "--listen", "127.0.0.1:0", "--api", api, "--log-level", "warn")
-	out, err := hub.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var hubErr lockedBuffer
-	hub.Stderr = &hubErr
-	if err := hub.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = hub.Process.Kill(); _ = hub.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatalf("hub: %v %s", err, hubErr.String())
-	}
-	m := regexp.MustCompile(`MQTT on (\S+),`).FindStringSubmatch(line)
-	if m == nil {
-		t.Fatalf("hub printed %q", line)
-	}
-	mqttAddr := m[1]
+	hp := startHubProc(t)
+	api, mqttAddr, hub, hubErr := hp.api, hp.mqtt, hp.cmd, hp.stderr
 
 	cfg := `uplink:
   backoff_min: 50ms

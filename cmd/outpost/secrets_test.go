@@ -1,13 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"encoding/base64"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -32,23 +29,8 @@ func TestNoSecretsInLogs(t *testing.T) {
 	key := base64.StdEncoding.EncodeToString([]byte(rawKey))
 	secrets := []string{rawKey, key, token, password, urlPass}
 
-	hub := exec.Command(binary, "hub", "--listen", "127.0.0.1:0", "--api", "off", "--log-level", "debug",
-		"--device-key", "gw="+key, "--token", token)
-	out, err := hub.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var hubErr lockedBuffer
-	hub.Stderr = &hubErr
-	if err := hub.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = hub.Process.Kill(); _ = hub.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := regexp.MustCompile(`MQTT on (\S+),`).FindStringSubmatch(line)[1]
+	hp := startHubProc(t, "--api", "off", "--log-level", "debug", "--device-key", "gw="+key, "--token", token)
+	hubAddr, hubErr := hp.mqtt, hp.stderr
 	up := mosqtest.StartT(t, mosqtest.Options{})
 
 	cases := []struct {
