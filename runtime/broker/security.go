@@ -27,6 +27,7 @@ var v3Refusal = map[byte]byte{
 	packets.ErrClientIdentifierNotValid.Code: 0x02, // identifier rejected
 	packets.ErrBadUsernameOrPassword.Code:    0x04, // bad user name or password
 	packets.ErrConnectionRateExceeded.Code:   0x03, // server unavailable
+	packets.ErrNotAuthorized.Code:            0x05, // not authorized
 }
 
 // setUsers checks and compiles the users and the ACLs.
@@ -102,7 +103,20 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 			"client", cl.ID, "username", string(cl.Properties.Username), "remote", cl.Net.Remote)
 		return h.refuseConnect(cl, packets.ErrClientIdentifierNotValid)
 	}
+	if c.WillFlag && !h.willAllowed(cl, c.WillTopic) {
+		h.warnACL(cl, "will", c.WillTopic)
+		return h.refuseConnect(cl, packets.ErrNotAuthorized)
+	}
 	return true
+}
+
+// willAllowed reports whether cl may leave a will on topic. mochi delivers
+// and retains a will without OnACLCheck or OnPublish, so the will is
+// checked here, once the identity is known: the client must be allowed to
+// publish to the topic, and it may be neither one of the agent's request
+// topics (a will is not served) nor a '$' topic.
+func (h *ingestHook) willAllowed(cl *mqtt.Client, topic string) bool {
+	return h.allowed(cl, topic, true) && !h.isRequest(topic) && !strings.HasPrefix(topic, "$")
 }
 
 // login checks a client's username and password.

@@ -110,18 +110,37 @@ func login(addr, id, username, password string, configure func(*paho.ClientConfi
 }
 
 func loginConn(conn net.Conn, id, username, password string, configure func(*paho.ClientConfig)) (*paho.Client, *paho.Connack, error) {
-	cfg := paho.ClientConfig{ClientID: id, Conn: conn}
+	return connectConn(conn, newConnect(id, username, password), configure)
+}
+
+// newConnect is an MQTT 5 CONNECT with a clean start and, unless username
+// is "", credentials.
+func newConnect(id, username, password string) *paho.Connect {
+	cp := &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30}
+	if username != "" {
+		cp.Username, cp.UsernameFlag = username, true
+		cp.Password, cp.PasswordFlag = []byte(password), true
+	}
+	return cp
+}
+
+// connect dials addr and sends cp.
+func connect(addr string, cp *paho.Connect, configure func(*paho.ClientConfig)) (*paho.Client, *paho.Connack, error) {
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	return connectConn(conn, cp, configure)
+}
+
+func connectConn(conn net.Conn, cp *paho.Connect, configure func(*paho.ClientConfig)) (*paho.Client, *paho.Connack, error) {
+	cfg := paho.ClientConfig{ClientID: cp.ClientID, Conn: conn}
 	if configure != nil {
 		configure(&cfg)
 	}
 	c := paho.NewClient(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cp := &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30}
-	if username != "" {
-		cp.Username, cp.UsernameFlag = username, true
-		cp.Password, cp.PasswordFlag = []byte(password), true
-	}
 	ack, err := c.Connect(ctx, cp)
 	if err != nil {
 		conn.Close()
@@ -160,14 +179,21 @@ func connackCode(t *testing.T, addr, id, username, password string) byte {
 // code.
 func connackV311(t *testing.T, addr, id, username, password string) byte {
 	t.Helper()
+	return connackV311With(t, addr, packets.ConnectParams{ClientIdentifier: id,
+		UsernameFlag: username != "", Username: []byte(username), PasswordFlag: username != "", Password: []byte(password)})
+}
+
+// connackV311With sends an MQTT 3.1.1 CONNECT with c (a clean session) and
+// returns the CONNACK's return code.
+func connackV311With(t *testing.T, addr string, c packets.ConnectParams) byte {
+	t.Helper()
 	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: id,
-			UsernameFlag: username != "", Username: []byte(username), PasswordFlag: username != "", Password: []byte(password)}}
+	c.ProtocolName, c.Clean, c.Keepalive = []byte("MQTT"), true, 30
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4, Connect: c}
 	var buf bytes.Buffer
 	if err := pk.ConnectEncode(&buf); err != nil {
 		t.Fatal(err)
@@ -801,4 +827,65 @@ func makeCert(t *testing.T, cn string, parent *x509.Certificate, parentKey *ecds
 func execCommand(ctx context.Context, path string, args ...string) (string, error) {
 	out, err := exec.CommandContext(ctx, path, args...).CombinedOutput()
 	return string(out), err
+}
+
+// TestWillChecked: a will is published by the broker without the ACL
+// check of a publish (mochi delivers and retains it directly), so a CONNECT
+// whose will the client could not publish itself is refused: CONNACK 0x87
+// Not authorized (MQTT 3.1.1: 0x05). A will on one of the agent's request
+// topics or a '$' topic is refused even when the ACL allows it. An allowed
+// will is delivered.
+func TestWillChecked(t *testing.T) {
+	b := secureBroker(t, nil)
+	if err := b.HandleRequests("outpost/methods/+", 1, func(Request) { t.Error("a will was served as a request") }); err != nil {
+		t.Fatal(err)
+	}
+	addr := b.Addrs()[0]
+	tests := []struct{ name, id, user, pass, topic string }{
+		{"another device's topic", "a-1", "device-a", "secret-a", "devices/device-b/cmd"},
+		{"a request topic the user may publish to", "app-1", "app", "secret-app", "outpost/methods/reboot"},
+		{"a request topic, anonymous", "anon", "", "", "outpost/methods/reboot"},
+		{"a $ topic, anonymous", "anon", "", "", "$SYS/x"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cp := newConnect(tc.id, tc.user, tc.pass)
+			cp.WillMessage = &paho.WillMessage{Topic: tc.topic, Payload: []byte("gone"), QoS: 1, Retain: true}
+			c, ack, err := connect(addr, cp, nil)
+			if err == nil {
+				_ = c.Disconnect(&paho.Disconnect{})
+				t.Fatalf("CONNECT with a will on %s accepted", tc.topic)
+			}
+			if ack == nil || ack.ReasonCode != notAuthorized {
+				t.Fatalf("CONNECT with a will on %s: %+v, %v; want CONNACK 0x87", tc.topic, ack, err)
+			}
+			code := connackV311With(t, addr, packets.ConnectParams{ClientIdentifier: tc.id,
+				UsernameFlag: tc.user != "", Username: []byte(tc.user), PasswordFlag: tc.user != "", Password: []byte(tc.pass),
+				WillFlag: true, WillTopic: tc.topic, WillPayload: []byte("gone"), WillQos: 1, WillRetain: true})
+			if code != 0x05 {
+				t.Fatalf("MQTT 3.1.1 CONNECT with a will on %s: CONNACK 0x%02x, want 0x05", tc.topic, code)
+			}
+		})
+	}
+
+	// A will on the device's own topics is left and, when the connection
+	// drops, delivered.
+	onB, gotB := received()
+	devB := mustLogin(t, addr, "b-1", "device-b", "secret-b", onB)
+	if code := subscribe(t, devB, "devices/device-b/#"); code >= 0x80 {
+		t.Fatalf("B subscribing: 0x%02x", code)
+	}
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp := newConnect("b-2", "device-b", "secret-b")
+	cp.WillMessage = &paho.WillMessage{Topic: "devices/device-b/status", Payload: []byte("gone"), QoS: 1}
+	if _, ack, err := connectConn(conn, cp, nil); err != nil {
+		t.Fatalf("CONNECT with a will on its own topic: %+v, %v", ack, err)
+	}
+	conn.Close()
+	if got := next(t, gotB); got != "devices/device-b/status" {
+		t.Fatalf("B received %q, want its will", got)
+	}
 }
