@@ -24,6 +24,13 @@ type AuthBackoff struct {
 }
 
 const (
+	// maxAttemptsPerRemote are the logins from one address whose password
+	// may be checked at once; more are refused at once, so that parallel
+	// guesses cannot all pass the lockout check before the first fails.
+	maxAttemptsPerRemote = 2
+	// verifyWait bounds the wait for a password check to start when the
+	// broker is checking as many as it may.
+	verifyWait       = 2 * time.Second
 	backoffBase      = time.Second
 	maxConnackDelay  = 2 * time.Second
 	forgetFailures   = 15 * time.Minute
@@ -36,8 +43,9 @@ type authGuard struct {
 	cfg AuthBackoff
 	now func() time.Time
 
-	mu    sync.Mutex
-	peers map[string]*failures
+	mu     sync.Mutex
+	peers  map[string]*failures
+	active map[string]int // logins in progress by address
 }
 
 type failures struct {
@@ -47,7 +55,7 @@ type failures struct {
 }
 
 func newAuthGuard(cfg AuthBackoff, now func() time.Time) *authGuard {
-	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}}
+	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}, active: map[string]int{}}
 }
 
 // remoteIP is the address part of a remote host:port.
@@ -67,6 +75,29 @@ func (g *authGuard) locked(ip string) bool {
 	defer g.mu.Unlock()
 	f := g.peers[ip]
 	return f != nil && g.now().Before(f.until)
+}
+
+// begin records a login from ip in progress, or returns false when
+// maxAttemptsPerRemote already are. A true return must be followed by end.
+func (g *authGuard) begin(ip string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.active[ip] >= maxAttemptsPerRemote {
+		return false
+	}
+	g.active[ip]++
+	return true
+}
+
+// end records the end of a login begun with begin.
+func (g *authGuard) end(ip string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.active[ip] <= 1 {
+		delete(g.active, ip)
+		return
+	}
+	g.active[ip]--
 }
 
 // fail records a failed login from ip and returns how long to delay its

@@ -28,6 +28,7 @@ var v3Refusal = map[byte]byte{
 	packets.ErrBadUsernameOrPassword.Code:    0x04, // bad user name or password
 	packets.ErrConnectionRateExceeded.Code:   0x03, // server unavailable
 	packets.ErrNotAuthorized.Code:            0x05, // not authorized
+	packets.ErrServerBusy.Code:               0x03, // server unavailable
 }
 
 // setUsers checks and compiles the users and the ACLs.
@@ -119,28 +120,41 @@ func (h *ingestHook) willAllowed(cl *mqtt.Client, topic string) bool {
 	return h.allowed(cl, topic, true) && !h.isRequest(topic) && !strings.HasPrefix(topic, "$")
 }
 
-// login checks a client's username and password.
+// login checks a client's username and password. At most
+// maxAttemptsPerRemote logins from one address are checked at once, and the
+// lockout is checked again once a check may start, so that parallel guesses
+// cost no more checks than sequential ones.
 func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 	ip := remoteIP(cl.Net.Remote)
 	name := string(pk.Connect.Username)
 	if h.guard.locked(ip) {
-		h.authLocked.Add(1)
-		h.log.Warn("refused a login from a locked-out address (too many failed logins)",
-			"username", name, "client", cl.ID, "remote", cl.Net.Remote)
-		return h.refuseConnect(cl, packets.ErrConnectionRateExceeded)
+		return h.refuseLocked(cl, name, "too many failed logins")
+	}
+	if !h.guard.begin(ip) {
+		return h.refuseLocked(cl, name, "too many logins in progress from the address")
 	}
 	u := h.users[name]
 	hash := dummyHash
 	if u != nil {
 		hash = u.hash
 	}
-	select {
-	case h.verifying <- struct{}{}:
-	case <-h.done:
-		return false
+	release, ok := h.verifySlot(hash)
+	if !ok {
+		h.guard.end(ip)
+		h.busy.Add(1)
+		h.log.Warn("refused a login: no password check could start in time (too many logins at once)",
+			"username", name, "client", cl.ID, "remote", cl.Net.Remote, "wait", verifyWait)
+		return h.refuseConnect(cl, packets.ErrServerBusy)
 	}
-	ok := verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
-	<-h.verifying
+	if h.guard.locked(ip) {
+		release()
+		h.guard.end(ip)
+		return h.refuseLocked(cl, name, "too many failed logins")
+	}
+	h.checks.Add(1)
+	ok = verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
+	release()
+	h.guard.end(ip)
 	if ok {
 		h.guard.succeed(ip)
 		return true
@@ -151,6 +165,49 @@ func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 		"username", name, "known_user", u != nil, "client", cl.ID, "remote", cl.Net.Remote, "delay", delay)
 	h.sleep(delay, h.done)
 	return h.refuseConnect(cl, packets.ErrBadUsernameOrPassword)
+}
+
+// refuseLocked refuses a login from a locked-out address, or one with too
+// many logins in progress, without checking its password.
+func (h *ingestHook) refuseLocked(cl *mqtt.Client, name, why string) bool {
+	h.authLocked.Add(1)
+	h.log.Warn("refused a login from a locked-out address: "+why,
+		"username", name, "client", cl.ID, "remote", cl.Net.Remote)
+	return h.refuseConnect(cl, packets.ErrConnectionRateExceeded)
+}
+
+// verifySlot waits, at most verifyWait, until a password check of hash may
+// start, and returns the function that ends it; false when none could
+// start in time or the broker is closing. argon2id checks, which take up to
+// 64 MiB each, also take one of fewer argon2id slots.
+func (h *ingestHook) verifySlot(hash string) (release func(), ok bool) {
+	t := time.NewTimer(h.verifyWait)
+	defer t.Stop()
+	argon := strings.HasPrefix(hash, "$argon2id$")
+	if argon {
+		select {
+		case h.argonSlots <- struct{}{}:
+		case <-t.C:
+			return nil, false
+		case <-h.done:
+			return nil, false
+		}
+	}
+	select {
+	case h.verifying <- struct{}{}:
+		return func() {
+			<-h.verifying
+			if argon {
+				<-h.argonSlots
+			}
+		}, true
+	case <-t.C:
+	case <-h.done:
+	}
+	if argon {
+		<-h.argonSlots
+	}
+	return nil, false
 }
 
 // refuseConnect makes the client's CONNACK carry code (see OnPacketEncode)

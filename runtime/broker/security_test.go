@@ -889,3 +889,88 @@ func TestWillChecked(t *testing.T) {
 		t.Fatalf("B received %q, want its will", got)
 	}
 }
+
+// TestParallelGuessesLockOut: wrong logins sent in parallel from one
+// address cost no more password checks than sequential ones (the free
+// failures, plus the checks already in progress when the lockout begins)
+// and end in a lockout; a device at another address still logs in.
+func TestParallelGuessesLockOut(t *testing.T) {
+	clock := newFakeClock()
+	// A slower hash than the other tests', so that without the limits the
+	// parallel guesses would all be checked before the first one fails.
+	slow, err := bcrypt.GenerateFromPassword([]byte("secret-a"), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := secureBroker(t, func(o *Options) {
+		o.Users[0].PasswordHash = string(slow)
+		o.AuthBackoff = AuthBackoff{FreeFailures: 3, Max: 30 * time.Second}
+		o.now, o.sleep = clock.now, clock.sleep
+	})
+	addr := b.Addrs()[0]
+	const parallel = 30
+	for wave := 0; !b.hook.guard.locked("127.0.0.1"); wave++ {
+		if wave == 20 {
+			t.Fatalf("not locked out after %d waves of %d parallel guesses; stats %+v", wave, parallel, b.Stats())
+		}
+		var wg sync.WaitGroup
+		codes := make(chan byte, parallel)
+		for i := range parallel {
+			wg.Go(func() {
+				c, ack, err := login(addr, fmt.Sprintf("g-%d", i), "device-a", "guess", nil)
+				switch {
+				case err == nil:
+					_ = c.Disconnect(&paho.Disconnect{})
+					codes <- 0
+				case ack != nil:
+					codes <- ack.ReasonCode
+				}
+			})
+		}
+		wg.Wait()
+		close(codes)
+		for code := range codes {
+			if code != 0x86 && code != 0x9F {
+				t.Fatalf("parallel guess: CONNACK 0x%02x, want 0x86 or 0x9F", code)
+			}
+		}
+	}
+	if n, most := b.hook.checks.Load(), int64(3+maxAttemptsPerRemote); n > most {
+		t.Fatalf("%d password checks, want at most %d (free failures + attempts in progress)", n, most)
+	}
+	if code := connackCode(t, addr, "a-1", "device-a", "secret-a"); code != 0x9F {
+		t.Fatalf("right password after the guesses: CONNACK 0x%02x, want 0x9F (locked out)", code)
+	}
+	// 127.0.0.2 is another address on the loopback interface.
+	conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second}).Dial("tcp", addr)
+	if err != nil {
+		t.Skipf("no second loopback address: %v", err)
+	}
+	c, ack, err := loginConn(conn, "a-2", "device-a", "secret-a", nil)
+	if err != nil {
+		t.Fatalf("login from another address: %+v, %v", ack, err)
+	}
+	_ = c.Disconnect(&paho.Disconnect{})
+}
+
+// TestLoginBusy: when every password check slot stays taken, a login is
+// refused after a bounded wait (CONNACK 0x89 Server busy, MQTT 3.1.1 0x03)
+// instead of waiting for as long as the others take.
+func TestLoginBusy(t *testing.T) {
+	b := secureBroker(t, func(o *Options) { o.verifyWait = time.Millisecond })
+	for range cap(b.hook.verifying) {
+		b.hook.verifying <- struct{}{}
+	}
+	addr := b.Addrs()[0]
+	if code := connackCode(t, addr, "a-1", "device-a", "secret-a"); code != 0x89 {
+		t.Fatalf("login with every check slot taken: CONNACK 0x%02x, want 0x89", code)
+	}
+	if code := connackV311(t, addr, "a-1", "device-a", "secret-a"); code != 0x03 {
+		t.Fatalf("MQTT 3.1.1 login with every check slot taken: CONNACK 0x%02x, want 0x03", code)
+	}
+	<-b.hook.verifying
+	mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
+	if st := b.Stats(); st.Busy != 2 || st.AuthFailures != 0 {
+		t.Fatalf("stats %+v, want 2 busy, no auth failure", st)
+	}
+}
