@@ -445,7 +445,13 @@ func (h *ingestHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.
 	if v, ok := h.refusals.LoadAndDelete(cl); ok {
 		code := v.(packets.Code)
 		if cl.Properties.ProtocolVersion < 5 {
-			pk.ReasonCode = v3Refusal[code.Code]
+			// A refusal without a 3.1.1 equivalent is "not authorized",
+			// never 0x00 (accepted).
+			v3, ok := v3Refusal[code.Code]
+			if !ok {
+				v3 = 0x05
+			}
+			pk.ReasonCode = v3
 		} else {
 			pk.ReasonCode, pk.Properties.ReasonString = code.Code, code.Reason
 		}

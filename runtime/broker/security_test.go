@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/crypto/bcrypt"
 
@@ -972,5 +973,19 @@ func TestLoginBusy(t *testing.T) {
 	mustLogin(t, addr, "a-1", "device-a", "secret-a", nil)
 	if st := b.Stats(); st.Busy != 2 || st.AuthFailures != 0 {
 		t.Fatalf("stats %+v, want 2 busy, no auth failure", st)
+	}
+}
+
+// TestRefusalWithoutV3Code: a CONNACK refusal whose reason has no MQTT
+// 3.1.1 equivalent in v3Refusal is sent as 0x05 Not authorized, never as
+// 0x00 (accepted).
+func TestRefusalWithoutV3Code(t *testing.T) {
+	h := &ingestHook{}
+	cl := &mqtt.Client{}
+	cl.Properties.ProtocolVersion = 4
+	h.refuseConnect(cl, packets.ErrUnspecifiedError)
+	pk := h.OnPacketEncode(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}})
+	if pk.ReasonCode != 0x05 {
+		t.Fatalf("MQTT 3.1.1 CONNACK for an unmapped refusal: 0x%02x, want 0x05", pk.ReasonCode)
 	}
 }
