@@ -743,6 +743,17 @@ func TestHashes(t *testing.T) {
 			t.Errorf("CheckHash(%q) accepted it", bad)
 		}
 	}
+	// A valid bcrypt hash with its cost raised: the cost is capped.
+	for _, cost := range []string{"15", "31"} {
+		h := strings.Replace(bc, fmt.Sprintf("$%02d$", bcrypt.MinCost), "$"+cost+"$", 1)
+		err := CheckHash(h)
+		if err == nil || !strings.Contains(err.Error(), "cost "+cost) || !strings.Contains(err.Error(), "maximum 14") {
+			t.Errorf("CheckHash of a cost %s hash: %v, want an error naming the cost and the maximum 14", cost, err)
+		}
+	}
+	if err := CheckHash(strings.Replace(bc, fmt.Sprintf("$%02d$", bcrypt.MinCost), "$14$", 1)); err != nil {
+		t.Errorf("CheckHash of a cost 14 hash: %v", err)
+	}
 }
 
 // testPKI is a CA with a server certificate for 127.0.0.1 and a client
