@@ -402,6 +402,7 @@ type ingestHook struct {
 
 	// Read-only after New.
 	users      map[string]*user
+	decoys     []string  // the users' hashes, sorted: see decoyHash
 	userRules  *aclRules // Options.UserACL, with no user's own rules
 	anonRules  *aclRules // nil = anonymous clients may do anything
 	rate       RateLimit

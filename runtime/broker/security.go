@@ -3,6 +3,8 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,10 +18,6 @@ type user struct {
 	hash  string
 	rules *aclRules // the user's own rules and Options.UserACL
 }
-
-// dummyHash is verified for an unknown username, so that a refusal takes as
-// long whether or not the user exists.
-const dummyHash = "$2a$10$T.zIqJ7D7A4SLtGPYTJySeMeWBxugd9En2cCl2gdM0m1bAZfS.bWG"
 
 // v3Refusal maps the MQTT 5 CONNACK reasons the hook refuses with to MQTT
 // 3.1.1 return codes.
@@ -64,7 +62,22 @@ func (h *ingestHook) setUsers(opts Options) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
+	for _, u := range h.users {
+		h.decoys = append(h.decoys, u.hash)
+	}
+	slices.Sort(h.decoys)
 	return nil
+}
+
+// decoyHash is the hash verified for an unknown username, so that its
+// refusal takes as long as a known user's: one of the users' own hashes,
+// the same for the same name, so that its algorithm and cost are ones the
+// configured users have (a fixed dummy hash of one cost would tell users
+// with other costs or argon2id from unknown names).
+func (h *ingestHook) decoyHash(name string) string {
+	f := fnv.New32a()
+	f.Write([]byte(name))
+	return h.decoys[f.Sum32()%uint32(len(h.decoys))]
 }
 
 // userOf returns the user a client logged in as, or nil for an anonymous
@@ -134,7 +147,7 @@ func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 		return h.refuseLocked(cl, name, "too many logins in progress from the address")
 	}
 	u := h.users[name]
-	hash := dummyHash
+	hash := h.decoyHash(name) // refused below whatever it verifies
 	if u != nil {
 		hash = u.hash
 	}

@@ -1000,3 +1000,33 @@ func TestRefusalWithoutV3Code(t *testing.T) {
 		t.Fatalf("MQTT 3.1.1 CONNACK for an unmapped refusal: 0x%02x, want 0x05", pk.ReasonCode)
 	}
 }
+
+// TestUnknownUserVerified: a login as an unknown user costs a password
+// check like a known user's, against one of the configured users' own
+// hashes (so with their algorithms and costs), the same one for the same
+// name, and is refused even with that user's password.
+func TestUnknownUserVerified(t *testing.T) {
+	b := secureBroker(t, func(o *Options) { o.AuthBackoff = AuthBackoff{} })
+	h := b.hook
+	configured := map[string]string{}
+	for _, u := range h.users {
+		configured[u.hash] = u.name
+	}
+	for _, name := range []string{"device-z", "x", "Device-A", ""} {
+		d := h.decoyHash(name)
+		if _, ok := configured[d]; !ok {
+			t.Fatalf("decoy hash for %q is not a configured user's: %q", name, d)
+		}
+		if h.decoyHash(name) != d {
+			t.Fatalf("decoy hash for %q changes", name)
+		}
+	}
+	owner := configured[h.decoyHash("device-z")]
+	password := map[string]string{"device-a": "secret-a", "device-b": "secret-b", "app": "secret-app"}[owner]
+	if code := connackCode(t, b.Addrs()[0], "z-1", "device-z", password); code != 0x86 {
+		t.Fatalf("unknown user with its decoy's password: CONNACK 0x%02x, want 0x86", code)
+	}
+	if n := h.checks.Load(); n != 1 {
+		t.Fatalf("%d password checks for an unknown user, want 1", n)
+	}
+}
