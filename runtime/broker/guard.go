@@ -58,12 +58,22 @@ func newAuthGuard(cfg AuthBackoff, now func() time.Time) *authGuard {
 	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}, active: map[string]int{}}
 }
 
-// remoteIP is the address part of a remote host:port.
+// remoteIP is the key of a remote host:port for the guard: the IPv4
+// address, or the /64 prefix of an IPv6 address (a host is routinely given a
+// whole /64 and can use any address in it).
 func remoteIP(remote string) string {
-	if host, _, err := net.SplitHostPort(remote); err == nil {
+	host := remote
+	if h, _, err := net.SplitHostPort(remote); err == nil {
+		host = h
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
 		return host
 	}
-	return remote
+	if ip4 := ip.To4(); ip4 != nil {
+		return ip4.String()
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // locked reports whether ip is locked out now.
@@ -142,16 +152,23 @@ func (g *authGuard) succeed(ip string) {
 }
 
 // sweepLocked forgets addresses without a recent failure; when all are
-// recent (many addresses guessing at once), it forgets them all rather
-// than grow without bound.
+// recent (many addresses guessing at once), it forgets the one whose last
+// failure is the oldest, so that the table stays bounded and an address
+// that keeps failing stays locked out.
 func (g *authGuard) sweepLocked(now time.Time) {
+	var oldest string
+	var oldestLast time.Time
 	for ip, f := range g.peers {
 		if now.Sub(f.last) > forgetFailures && !now.Before(f.until) {
 			delete(g.peers, ip)
+			continue
+		}
+		if oldest == "" || f.last.Before(oldestLast) {
+			oldest, oldestLast = ip, f.last
 		}
 	}
 	if len(g.peers) >= maxTrackedRemote {
-		clear(g.peers)
+		delete(g.peers, oldest)
 	}
 }
 
