@@ -123,6 +123,11 @@ type Broker struct {
 	closeOnce sync.Once
 }
 
+// maxSessionExpiry caps the session expiry interval a client may ask for,
+// in seconds (mochi grants up to 136 years), and is the expiry of an MQTT
+// 3.1.1 persistent session.
+const maxSessionExpiry = 7 * 24 * 60 * 60
+
 // New binds the listeners and returns a broker that is not yet serving; call
 // Start. Binding happens here so that Addrs is known before Start.
 func New(opts Options) (*Broker, error) {
@@ -148,6 +153,7 @@ func New(opts Options) (*Broker, error) {
 	verifySlots := max(1, min(4, goruntime.GOMAXPROCS(0)))
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = opts.MaxPacketSize
+	caps.MaximumSessionExpiryInterval = maxSessionExpiry
 	if opts.MaxClients > 0 {
 		caps.MaximumClients = int64(opts.MaxClients)
 	}

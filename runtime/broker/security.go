@@ -94,7 +94,8 @@ func (h *ingestHook) userOf(cl *mqtt.Client) *user {
 // anonymous client on a listener that allows them. A client that sends
 // credentials must match a user, on any listener, unless there are no
 // users. Failed logins lock the remote address out for a while (AuthBackoff).
-// A client may not take over a session (client id) of another user.
+// A client may not take over the client id of another user's connected
+// client; a disconnected session of another user's is discarded.
 func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	if cl.Net.Inline {
 		return true
@@ -112,8 +113,10 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 		// mochi's answer, as before users existed: 0x86, MQTT 3.1.1 0x05.
 		return false
 	}
-	if old, ok := h.srv.Clients.Get(cl.ID); ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl)) {
-		h.log.Warn("refused a client whose id belongs to another user's session",
+	old, ok := h.srv.Clients.Get(cl.ID)
+	foreign := ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl))
+	if foreign && (old.Net.Inline || !old.Closed()) {
+		h.log.Warn("refused a client whose id is another user's connected client",
 			"client", cl.ID, "username", string(cl.Properties.Username), "remote", cl.Net.Remote)
 		return h.refuseConnect(cl, packets.ErrClientIdentifierNotValid)
 	}
@@ -121,7 +124,26 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 		h.warnACL(cl, "will", c.WillTopic)
 		return h.refuseConnect(cl, packets.ErrNotAuthorized)
 	}
+	if foreign {
+		h.discardSession(old, cl)
+	}
 	return true
+}
+
+// discardSession deletes the session that a disconnected client of
+// another identity left under cl's client id, so that cl starts clean
+// instead of inheriting its subscriptions and queued messages (mochi's
+// inheritClientSession would), and the id cannot be squatted by leaving a
+// session behind.
+func (h *ingestHook) discardSession(old, cl *mqtt.Client) {
+	h.srv.UnsubscribeClient(old)
+	old.ClearInflights()
+	if cur, ok := h.srv.Clients.Get(old.ID); ok && cur == old {
+		h.srv.Clients.Delete(old.ID)
+	}
+	h.log.Info("discarded another user's disconnected session for a client id it now logs in with",
+		"client", cl.ID, "username", string(cl.Properties.Username), "old_username", string(old.Properties.Username),
+		"remote", cl.Net.Remote)
 }
 
 // willAllowed reports whether cl may leave a will on topic. mochi delivers

@@ -1030,3 +1030,63 @@ func TestUnknownUserVerified(t *testing.T) {
 		t.Fatalf("%d password checks for an unknown user, want 1", n)
 	}
 }
+
+// TestClientIDSquatting: a session that another user left under a client
+// id does not keep the id's own device out: once that client has
+// disconnected, a client of another identity logging in with the id is
+// admitted with a clean session (none of the other's subscriptions), while
+// a connected client's id stays refused (0x85). The session expiry a
+// client may ask for is capped at 7 days.
+func TestClientIDSquatting(t *testing.T) {
+	b := secureBroker(t, nil)
+	addr := b.Addrs()[0]
+	forever := uint32(0xFFFFFFFF)
+	cp := newConnect("a-1", "device-b", "secret-b")
+	cp.CleanStart = false
+	cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: &forever}
+	squatter, ack, err := connect(addr, cp, nil)
+	if err != nil {
+		t.Fatalf("B connecting as a-1: %+v, %v", ack, err)
+	}
+	if got := ack.Properties.SessionExpiryInterval; got == nil || *got != 7*24*3600 {
+		t.Fatalf("session expiry granted: %v, want 604800 (7 days)", got)
+	}
+	if code := subscribe(t, squatter, "devices/device-b/#"); code >= 0x80 {
+		t.Fatalf("B subscribing: 0x%02x", code)
+	}
+	if code := connackCode(t, addr, "a-1", "device-a", "secret-a"); code != 0x85 {
+		t.Fatalf("A on its id while B is connected with it: CONNACK 0x%02x, want 0x85", code)
+	}
+	if err := squatter.Disconnect(&paho.Disconnect{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := mosqtest.Eventually(10*time.Second, 10*time.Millisecond, func() error {
+		if cl, ok := b.srv.Clients.Get("a-1"); !ok || !cl.Closed() {
+			return fmt.Errorf("B's session under a-1: present %v, want present and disconnected", ok)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	cp = newConnect("a-1", "device-a", "secret-a")
+	cp.CleanStart = false
+	c, ack, err := connect(addr, cp, nil)
+	if err != nil {
+		t.Fatalf("A on its own id after B left: %+v, %v; want admitted", ack, err)
+	}
+	defer c.Disconnect(&paho.Disconnect{})
+	if ack.SessionPresent {
+		t.Fatal("A inherited B's session")
+	}
+	cl, ok := b.srv.Clients.Get("a-1")
+	if !ok || cl.Properties.Username == nil || string(cl.Properties.Username) != "device-a" {
+		t.Fatalf("client a-1 is not A's")
+	}
+	if n := cl.State.Subscriptions.Len(); n != 0 {
+		t.Fatalf("A's session has %d subscriptions, want none of B's", n)
+	}
+	if subs := b.srv.Topics.Subscribers("devices/device-b/x"); len(subs.Subscriptions) != 0 {
+		t.Fatalf("B's old subscription is still in the topic tree: %v", subs.Subscriptions)
+	}
+}
