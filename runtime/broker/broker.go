@@ -488,6 +488,12 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		h.local.Add(1)
 		return pk, nil
 	}
+	// The topic is checked again now that a topic alias is resolved
+	// (OnACLCheck lets an alias's empty topic through).
+	if !h.allowed(cl, pk.TopicName, true) {
+		h.warnACL(cl, "publish", pk.TopicName)
+		return h.refuse(cl, pk, packets.ErrNotAuthorized)
+	}
 	if h.rate.MessagesPerSecond > 0 && !h.takeToken(cl) {
 		return h.refuse(cl, pk, packets.ErrMessageRateTooHigh)
 	}

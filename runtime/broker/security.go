@@ -254,7 +254,13 @@ func (h *ingestHook) refuseConnect(cl *mqtt.Client, code packets.Code) bool {
 
 // OnACLCheck applies the ACLs: write is a publish to topic; otherwise topic
 // is a subscription's filter or the topic of a message to deliver.
+// mochi checks a publish before it resolves an MQTT 5 topic alias, so a
+// publish that reuses an alias comes with an empty topic: it is let
+// through here and its resolved topic checked in OnPublish.
 func (h *ingestHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if write && topic == "" && cl.Properties.ProtocolVersion == 5 {
+		return true
+	}
 	if h.allowed(cl, topic, write) {
 		return true
 	}

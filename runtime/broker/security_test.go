@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -10,6 +11,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -1088,5 +1090,132 @@ func TestClientIDSquatting(t *testing.T) {
 	}
 	if subs := b.srv.Topics.Subscribers("devices/device-b/x"); len(subs.Subscriptions) != 0 {
 		t.Fatalf("B's old subscription is still in the topic tree: %v", subs.Subscriptions)
+	}
+}
+
+// rawV5 is an MQTT 5 connection that sends and reads mochi's packets, for
+// what paho does not send (a publish that reuses a topic alias).
+type rawV5 struct {
+	t    *testing.T
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func dialRawV5(t *testing.T, addr string, connect packets.ConnectParams) (*rawV5, packets.Packet) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	r := &rawV5{t: t, conn: conn, r: bufio.NewReader(conn)}
+	connect.ProtocolName, connect.Keepalive = []byte("MQTT"), 30
+	r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: connect}, (*packets.Packet).ConnectEncode)
+	return r, r.read()
+}
+
+func (r *rawV5) send(pk packets.Packet, encode func(*packets.Packet, *bytes.Buffer) error) {
+	r.t.Helper()
+	pk.ProtocolVersion = 5
+	var buf bytes.Buffer
+	if err := encode(&pk, &buf); err != nil {
+		r.t.Fatal(err)
+	}
+	if _, err := r.conn.Write(buf.Bytes()); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// read reads one CONNACK, PUBACK or PUBLISH.
+func (r *rawV5) read() packets.Packet {
+	r.t.Helper()
+	_ = r.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var pk packets.Packet
+	pk.ProtocolVersion = 5
+	b, err := r.r.ReadByte()
+	if err != nil {
+		r.t.Fatalf("read: %v", err)
+	}
+	if err := pk.FixedHeader.Decode(b); err != nil {
+		r.t.Fatal(err)
+	}
+	n, _, err := packets.DecodeLength(r.r)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	pk.FixedHeader.Remaining = n
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r.r, body); err != nil {
+		r.t.Fatal(err)
+	}
+	switch pk.FixedHeader.Type {
+	case packets.Connack:
+		err = pk.ConnackDecode(body)
+	case packets.Puback:
+		err = pk.PubackDecode(body)
+	case packets.Publish:
+		err = pk.PublishDecode(body)
+	default:
+		r.t.Fatalf("unexpected packet type %d", pk.FixedHeader.Type)
+	}
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return pk
+}
+
+// TestTopicAliases: an MQTT 5 publish that reuses a topic alias (an empty
+// topic) is checked by the topic the alias stands for: allowed when the
+// client may publish there; an alias cannot be set to a topic the client
+// may not publish to.
+func TestTopicAliases(t *testing.T) {
+	b := secureBroker(t, nil)
+	onA, gotA := received()
+	devA := mustLogin(t, b.Addrs()[0], "a-2", "device-a", "secret-a", onA)
+	if code := subscribe(t, devA, "devices/device-a/#"); code >= 0x80 {
+		t.Fatalf("A subscribing: 0x%02x", code)
+	}
+	r, ack := dialRawV5(t, b.Addrs()[0], packets.ConnectParams{ClientIdentifier: "a-1", Clean: true,
+		UsernameFlag: true, Username: []byte("device-a"), PasswordFlag: true, Password: []byte("secret-a")})
+	if ack.FixedHeader.Type != packets.Connack || ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %+v", ack)
+	}
+	pub := func(id uint16, topic string, alias uint16) byte {
+		t.Helper()
+		r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: id, TopicName: topic,
+			Payload: []byte("x"), Properties: packets.Properties{TopicAlias: alias, TopicAliasFlag: true}}, (*packets.Packet).PublishEncode)
+		pk := r.read()
+		if pk.FixedHeader.Type != packets.Puback || pk.PacketID != id {
+			t.Fatalf("publish %d: got %+v, want its PUBACK", id, pk)
+		}
+		return pk.ReasonCode
+	}
+	if code := pub(1, "devices/device-a/x", 1); code != 0 {
+		t.Fatalf("setting alias 1 to an allowed topic: PUBACK 0x%02x", code)
+	}
+	if code := pub(2, "", 1); code != 0 {
+		t.Fatalf("reusing alias 1 (an allowed topic): PUBACK 0x%02x, want 0x00", code)
+	}
+	if code := pub(3, "devices/device-b/x", 1); code != notAuthorized {
+		t.Fatalf("setting alias 1 to another device's topic: PUBACK 0x%02x, want 0x87", code)
+	}
+	if code := pub(4, "", 1); code != 0 {
+		t.Fatalf("reusing alias 1 after the refused change: PUBACK 0x%02x, want 0x00", code)
+	}
+	for range 3 {
+		if got := next(t, gotA); got != "devices/device-a/x" {
+			t.Fatalf("A received %q, want devices/device-a/x (alias 1 unchanged)", got)
+		}
+	}
+	// Were an alias ever to resolve to a topic the client may not
+	// publish to, OnPublish, which sees the resolved topic, refuses it.
+	cl, ok := b.srv.Clients.Get("a-1")
+	if !ok {
+		t.Fatal("client a-1 not found")
+	}
+	_, err := b.hook.OnPublish(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 9,
+		TopicName: "devices/device-b/x", Payload: []byte("x")})
+	if !errors.Is(err, packets.ErrNotAuthorized) {
+		t.Fatalf("OnPublish of a resolved topic the client may not publish to: %v, want 0x87", err)
 	}
 }
