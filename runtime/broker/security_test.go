@@ -1219,3 +1219,36 @@ func TestTopicAliases(t *testing.T) {
 		t.Fatalf("OnPublish of a resolved topic the client may not publish to: %v, want 0x87", err)
 	}
 }
+
+// TestDeliveryChecked: a message is checked again when it is delivered, so
+// a subscription wider than the subscriber's ACL (as a session restored
+// from storage or made under an older ACL would carry; here put in the
+// topic tree directly) receives nothing outside it, retained or not.
+func TestDeliveryChecked(t *testing.T) {
+	b := secureBroker(t, nil)
+	addr := b.Addrs()[0]
+	onA, gotA := received()
+	devA := mustLogin(t, addr, "a-1", "device-a", "secret-a", onA)
+	cl, ok := b.srv.Clients.Get("a-1")
+	if !ok {
+		t.Fatal("client a-1 not found")
+	}
+	sub := packets.Subscription{Filter: "devices/#", Qos: 1}
+	b.srv.Topics.Subscribe(cl.ID, sub)
+	cl.State.Subscriptions.Add(sub.Filter, sub)
+
+	devB := mustLogin(t, addr, "b-1", "device-b", "secret-b", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, retain := range []bool{true, false} {
+		if _, err := devB.Publish(ctx, &paho.Publish{Topic: "devices/device-b/x", QoS: 1, Retain: retain, Payload: []byte("x")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := devA.Publish(ctx, &paho.Publish{Topic: "devices/device-a/marker", QoS: 1, Payload: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := next(t, gotA); got != "devices/device-a/marker" {
+		t.Fatalf("A received %q first, want only the marker on its own topic", got)
+	}
+}
