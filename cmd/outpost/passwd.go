@@ -33,7 +33,7 @@ func cmdPasswd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	fromStdin := fs.Bool("password-stdin", false, "read the password from standard input even when it is a terminal")
 	useArgon := fs.Bool("argon2id", false, "hash with argon2id (64 MiB, 3 passes) instead of bcrypt")
-	cost := fs.Int("cost", broker.DefaultBcryptCost, "bcrypt `cost` (4 to 31; each step doubles the work)")
+	cost := fs.Int("cost", broker.DefaultBcryptCost, fmt.Sprintf("bcrypt `cost` (4 to %d; each step doubles the work)", broker.MaxBcryptCost))
 	fs.Usage = func() {
 		fmt.Fprint(stderr, passwdUsage)
 		fs.PrintDefaults()

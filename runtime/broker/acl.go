@@ -86,7 +86,12 @@ func (p pattern) expand(user, client string) (string, bool) {
 	return strings.NewReplacer("%u", user, "%c", client).Replace(p.filter), true
 }
 
-func safeLevel(s string) bool { return s != "" && !strings.ContainsAny(s, "/+#") }
+// safeLevel reports whether s may stand for one topic level in a filter:
+// not empty, no '/', '+' or '#', and not beginning with '$' (a client id
+// "$SYS" would turn "%c/#" into "$SYS/#").
+func safeLevel(s string) bool {
+	return s != "" && !strings.ContainsAny(s, "/+#") && !strings.HasPrefix(s, "$")
+}
 
 // allowPublish reports whether the rules let the identity publish to topic.
 func (r *aclRules) allowPublish(user, client, topic string) bool {
@@ -103,14 +108,14 @@ func (r *aclRules) allowPublish(user, client, topic string) bool {
 
 // allowSubscribe reports whether the rules let the identity subscribe to
 // filter (which must lie within an allowed filter) or, for a topic name,
-// receive it. A shared subscription ($share/group/filter) is checked by its
-// filter.
+// receive it. A shared subscription ($share/group/filter, the prefix in any
+// case, as mochi takes it) is checked by its filter.
 func (r *aclRules) allowSubscribe(user, client, filter string) bool {
 	if r == nil {
 		return true
 	}
-	if rest, ok := strings.CutPrefix(filter, "$share/"); ok {
-		_, f, found := strings.Cut(rest, "/")
+	if len(filter) >= len("$share/") && strings.EqualFold(filter[:len("$share/")], "$share/") {
+		_, f, found := strings.Cut(filter[len("$share/"):], "/")
 		if !found {
 			return false
 		}

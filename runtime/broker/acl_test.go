@@ -50,6 +50,7 @@ func TestExpandRefusesWideningValues(t *testing.T) {
 		{"a", "c/1", "clients/c/1", false},
 		{"", "c1", "devices//x", false},
 		{"a+", "c1", "devices/a+/x", false},
+		{"$a", "c1", "devices/$a/x", false},
 	} {
 		if got := r.allowPublish(tc.user, tc.client, tc.topic); got != tc.want {
 			t.Errorf("user %q client %q publish %q: %v, want %v", tc.user, tc.client, tc.topic, got, tc.want)
@@ -76,4 +77,32 @@ func FuzzFilterCovers(f *testing.F) {
 			t.Fatalf("topic %q: covered %v, matches %v under %q", topic, filterCovers(allowed, topic), topicMatches(allowed, topic), allowed)
 		}
 	})
+}
+
+// TestSubscribeDollarAndShared: a client id or username beginning with '$'
+// matches nothing (a client "$SYS" with "%c/#" must not get "$SYS/#"), and
+// a shared subscription is checked by its filter whatever the case of
+// "$share", as mochi takes it.
+func TestSubscribeDollarAndShared(t *testing.T) {
+	r, err := compileACL(ACL{Subscribe: []string{"%c/#", "devices/%u/#"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		user, client, filter string
+		want                 bool
+	}{
+		{"a", "$SYS", "$SYS/#", false},
+		{"a", "$SYS", "$SYS/broker/uptime", false},
+		{"a", "c1", "c1/#", true},
+		{"$a", "c1", "devices/$a/#", false},
+		{"a", "c1", "$share/g/devices/a/#", true},
+		{"a", "c1", "$SHARE/g/devices/a/#", true},
+		{"a", "c1", "$Share/g/devices/b/#", false},
+		{"a", "c1", "$SHARE/g", false},
+	} {
+		if got := r.allowSubscribe(tc.user, tc.client, tc.filter); got != tc.want {
+			t.Errorf("user %q client %q subscribe %q: %v, want %v", tc.user, tc.client, tc.filter, got, tc.want)
+		}
+	}
 }

@@ -87,9 +87,11 @@ type Options struct {
 	Store  func(m *storage.Message, done func(seq uint64, err error)) error
 	Logger *slog.Logger // nil = discard
 
-	// now and sleep replace the clock in tests.
-	now   func() time.Time
-	sleep func(d time.Duration, done <-chan struct{})
+	// now and sleep replace the clock in tests; verifyWait the wait for a
+	// password check slot.
+	now        func() time.Time
+	sleep      func(d time.Duration, done <-chan struct{})
+	verifyWait time.Duration
 }
 
 // Stats are the broker's counters.
@@ -104,7 +106,7 @@ type Stats struct {
 	AuthFailures int64 // logins refused for a wrong username or password
 	AuthLocked   int64 // logins refused because their address was locked out
 	Anonymous    int64 // anonymous logins refused (listener does not allow them)
-	Busy         int64 // logins refused because max_clients were connected
+	Busy         int64 // logins refused because max_clients were connected or no password check could start within 2s
 	ACLDenied    int64 // publishes, subscriptions and deliveries the ACL refused
 	RateLimited  int64 // publishes over a client's rate limit
 	TLSFailures  int64 // TLS handshakes that failed (e.g. no client certificate)
@@ -120,6 +122,11 @@ type Broker struct {
 
 	closeOnce sync.Once
 }
+
+// maxSessionExpiry caps the session expiry interval a client may ask for,
+// in seconds (mochi grants up to 136 years), and is the expiry of an MQTT
+// 3.1.1 persistent session.
+const maxSessionExpiry = 7 * 24 * 60 * 60
 
 // New binds the listeners and returns a broker that is not yet serving; call
 // Start. Binding happens here so that Addrs is known before Start.
@@ -140,8 +147,13 @@ func New(opts Options) (*Broker, error) {
 	if opts.sleep == nil {
 		opts.sleep = sleep
 	}
+	if opts.verifyWait == 0 {
+		opts.verifyWait = verifyWait
+	}
+	verifySlots := max(1, min(4, goruntime.GOMAXPROCS(0)))
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = opts.MaxPacketSize
+	caps.MaximumSessionExpiryInterval = maxSessionExpiry
 	if opts.MaxClients > 0 {
 		caps.MaximumClients = int64(opts.MaxClients)
 	}
@@ -164,7 +176,10 @@ func New(opts Options) (*Broker, error) {
 		now:       opts.now,
 		sleep:     opts.sleep,
 		done:      make(chan struct{}),
-		verifying: make(chan struct{}, max(1, min(4, goruntime.GOMAXPROCS(0)))),
+		verifying: make(chan struct{}, verifySlots),
+		// argon2id checks take up to 64 MiB each: half the slots.
+		argonSlots: make(chan struct{}, max(1, verifySlots/2)),
+		verifyWait: opts.verifyWait,
 	}
 	if err := h.setUsers(opts); err != nil {
 		return nil, err
@@ -392,22 +407,26 @@ type ingestHook struct {
 	requests       *router.Router
 
 	// Read-only after New.
-	users     map[string]*user
-	userRules *aclRules // Options.UserACL, with no user's own rules
-	anonRules *aclRules // nil = anonymous clients may do anything
-	rate      RateLimit
-	guard     *authGuard
-	now       func() time.Time
-	sleep     func(time.Duration, <-chan struct{})
-	done      chan struct{} // closed by Close: delayed refusals end
-	verifying chan struct{} // bounds concurrent password verifications
-	buckets   sync.Map      // *mqtt.Client -> *bucket
-	refusals  sync.Map      // *mqtt.Client -> packets.Code for its CONNACK
+	users      map[string]*user
+	decoys     []string  // the users' hashes, sorted: see decoyHash
+	userRules  *aclRules // Options.UserACL, with no user's own rules
+	anonRules  *aclRules // nil = anonymous clients may do anything
+	rate       RateLimit
+	guard      *authGuard
+	now        func() time.Time
+	sleep      func(time.Duration, <-chan struct{})
+	done       chan struct{} // closed by Close: delayed refusals end
+	verifying  chan struct{} // bounds concurrent password verifications
+	argonSlots chan struct{} // bounds concurrent argon2id verifications
+	verifyWait time.Duration // bounds the wait for a verification slot
+	buckets    sync.Map      // *mqtt.Client -> *bucket
+	refusals   sync.Map      // *mqtt.Client -> packets.Code for its CONNACK
 
 	stored, refused, failed, local atomic.Int64
 	lastWarn                       atomic.Int64 // unix nanos of the last "full" warning
 
 	authFailures, authLocked, anonRefused, busy, aclDenied, rateLimited, tlsFailures atomic.Int64
+	checks                                                                           atomic.Int64 // password verifications
 	lastTLSWarn, lastBusyWarn, lastACLWarn, lastRateWarn                             atomic.Int64
 }
 
@@ -433,7 +452,13 @@ func (h *ingestHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.
 	if v, ok := h.refusals.LoadAndDelete(cl); ok {
 		code := v.(packets.Code)
 		if cl.Properties.ProtocolVersion < 5 {
-			pk.ReasonCode = v3Refusal[code.Code]
+			// A refusal without a 3.1.1 equivalent is "not authorized",
+			// never 0x00 (accepted).
+			v3, ok := v3Refusal[code.Code]
+			if !ok {
+				v3 = 0x05
+			}
+			pk.ReasonCode = v3
 		} else {
 			pk.ReasonCode, pk.Properties.ReasonString = code.Code, code.Reason
 		}
@@ -462,6 +487,12 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if cl.Net.Inline {
 		h.local.Add(1)
 		return pk, nil
+	}
+	// The topic is checked again now that a topic alias is resolved
+	// (OnACLCheck lets an alias's empty topic through).
+	if !h.allowed(cl, pk.TopicName, true) {
+		h.warnACL(cl, "publish", pk.TopicName)
+		return h.refuse(cl, pk, packets.ErrNotAuthorized)
 	}
 	if h.rate.MessagesPerSecond > 0 && !h.takeToken(cl) {
 		return h.refuse(cl, pk, packets.ErrMessageRateTooHigh)

@@ -24,6 +24,13 @@ type AuthBackoff struct {
 }
 
 const (
+	// maxAttemptsPerRemote are the logins from one address whose password
+	// may be checked at once; more are refused at once, so that parallel
+	// guesses cannot all pass the lockout check before the first fails.
+	maxAttemptsPerRemote = 2
+	// verifyWait bounds the wait for a password check to start when the
+	// broker is checking as many as it may.
+	verifyWait       = 2 * time.Second
 	backoffBase      = time.Second
 	maxConnackDelay  = 2 * time.Second
 	forgetFailures   = 15 * time.Minute
@@ -36,8 +43,9 @@ type authGuard struct {
 	cfg AuthBackoff
 	now func() time.Time
 
-	mu    sync.Mutex
-	peers map[string]*failures
+	mu     sync.Mutex
+	peers  map[string]*failures
+	active map[string]int // logins in progress by address
 }
 
 type failures struct {
@@ -47,15 +55,25 @@ type failures struct {
 }
 
 func newAuthGuard(cfg AuthBackoff, now func() time.Time) *authGuard {
-	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}}
+	return &authGuard{cfg: cfg, now: now, peers: map[string]*failures{}, active: map[string]int{}}
 }
 
-// remoteIP is the address part of a remote host:port.
+// remoteIP is the key of a remote host:port for the guard: the IPv4
+// address, or the /64 prefix of an IPv6 address (a host is routinely given a
+// whole /64 and can use any address in it).
 func remoteIP(remote string) string {
-	if host, _, err := net.SplitHostPort(remote); err == nil {
+	host := remote
+	if h, _, err := net.SplitHostPort(remote); err == nil {
+		host = h
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
 		return host
 	}
-	return remote
+	if ip4 := ip.To4(); ip4 != nil {
+		return ip4.String()
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // locked reports whether ip is locked out now.
@@ -67,6 +85,29 @@ func (g *authGuard) locked(ip string) bool {
 	defer g.mu.Unlock()
 	f := g.peers[ip]
 	return f != nil && g.now().Before(f.until)
+}
+
+// begin records a login from ip in progress, or returns false when
+// maxAttemptsPerRemote already are. A true return must be followed by end.
+func (g *authGuard) begin(ip string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.active[ip] >= maxAttemptsPerRemote {
+		return false
+	}
+	g.active[ip]++
+	return true
+}
+
+// end records the end of a login begun with begin.
+func (g *authGuard) end(ip string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.active[ip] <= 1 {
+		delete(g.active, ip)
+		return
+	}
+	g.active[ip]--
 }
 
 // fail records a failed login from ip and returns how long to delay its
@@ -111,16 +152,23 @@ func (g *authGuard) succeed(ip string) {
 }
 
 // sweepLocked forgets addresses without a recent failure; when all are
-// recent (many addresses guessing at once), it forgets them all rather
-// than grow without bound.
+// recent (many addresses guessing at once), it forgets the one whose last
+// failure is the oldest, so that the table stays bounded and an address
+// that keeps failing stays locked out.
 func (g *authGuard) sweepLocked(now time.Time) {
+	var oldest string
+	var oldestLast time.Time
 	for ip, f := range g.peers {
 		if now.Sub(f.last) > forgetFailures && !now.Before(f.until) {
 			delete(g.peers, ip)
+			continue
+		}
+		if oldest == "" || f.last.Before(oldestLast) {
+			oldest, oldestLast = ip, f.last
 		}
 	}
 	if len(g.peers) >= maxTrackedRemote {
-		clear(g.peers)
+		delete(g.peers, oldest)
 	}
 }
 

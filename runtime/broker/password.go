@@ -16,6 +16,12 @@ import (
 // verification on a current core, a few hundred ms on a small ARM board.
 const DefaultBcryptCost = 10
 
+// MaxBcryptCost is the highest bcrypt cost CheckHash accepts: each step
+// doubles the work, and cost 14 already takes about a second per check on a
+// small board; a higher one would make every login, and every failed guess,
+// take minutes.
+const MaxBcryptCost = 14
+
 // Limits on argon2id parameters that a hash may ask for: every failed login
 // costs the broker this much memory and time, and verifications run a few
 // at a time.
@@ -26,8 +32,8 @@ const (
 )
 
 // HashPassword returns the bcrypt hash of password, as the broker's users
-// take it ($2a$...). cost 0 means DefaultBcryptCost. It is safe for
-// concurrent use.
+// take it ($2a$...). cost 0 means DefaultBcryptCost; a cost above
+// MaxBcryptCost is an error. It is safe for concurrent use.
 func HashPassword(password []byte, cost int) (string, error) {
 	if len(password) == 0 {
 		return "", errors.New("broker: empty password")
@@ -37,6 +43,9 @@ func HashPassword(password []byte, cost int) (string, error) {
 	}
 	if cost == 0 {
 		cost = DefaultBcryptCost
+	}
+	if cost > MaxBcryptCost {
+		return "", fmt.Errorf("broker: bcrypt cost %d is above the maximum %d", cost, MaxBcryptCost)
 	}
 	h, err := bcrypt.GenerateFromPassword(password, cost)
 	if err != nil {
@@ -65,13 +74,17 @@ func HashPasswordArgon2id(password []byte) (string, error) {
 }
 
 // CheckHash reports whether hash is a password hash the broker verifies:
-// bcrypt ($2a$, $2b$, $2y$) or argon2id in PHC form with at most 64 MiB, 10
+// bcrypt ($2a$, $2b$, $2y$) of cost at most MaxBcryptCost or argon2id in PHC form with at most 64 MiB, 10
 // passes and 16 lanes.
 func CheckHash(hash string) error {
 	switch {
 	case strings.HasPrefix(hash, "$2a$"), strings.HasPrefix(hash, "$2b$"), strings.HasPrefix(hash, "$2y$"):
-		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
+		cost, err := bcrypt.Cost([]byte(hash))
+		if err != nil {
 			return fmt.Errorf("broker: bcrypt hash: %w", err)
+		}
+		if cost > MaxBcryptCost {
+			return fmt.Errorf("broker: bcrypt hash: cost %d is above the maximum %d (make one with 'outpost passwd')", cost, MaxBcryptCost)
 		}
 		return nil
 	case strings.HasPrefix(hash, "$argon2id$"):

@@ -3,6 +3,8 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"slices"
 	"strings"
 	"time"
 
@@ -17,16 +19,14 @@ type user struct {
 	rules *aclRules // the user's own rules and Options.UserACL
 }
 
-// dummyHash is verified for an unknown username, so that a refusal takes as
-// long whether or not the user exists.
-const dummyHash = "$2a$10$T.zIqJ7D7A4SLtGPYTJySeMeWBxugd9En2cCl2gdM0m1bAZfS.bWG"
-
 // v3Refusal maps the MQTT 5 CONNACK reasons the hook refuses with to MQTT
 // 3.1.1 return codes.
 var v3Refusal = map[byte]byte{
 	packets.ErrClientIdentifierNotValid.Code: 0x02, // identifier rejected
 	packets.ErrBadUsernameOrPassword.Code:    0x04, // bad user name or password
 	packets.ErrConnectionRateExceeded.Code:   0x03, // server unavailable
+	packets.ErrNotAuthorized.Code:            0x05, // not authorized
+	packets.ErrServerBusy.Code:               0x03, // server unavailable
 }
 
 // setUsers checks and compiles the users and the ACLs.
@@ -62,7 +62,22 @@ func (h *ingestHook) setUsers(opts Options) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
+	for _, u := range h.users {
+		h.decoys = append(h.decoys, u.hash)
+	}
+	slices.Sort(h.decoys)
 	return nil
+}
+
+// decoyHash is the hash verified for an unknown username, so that its
+// refusal takes as long as a known user's: one of the users' own hashes,
+// the same for the same name, so that its algorithm and cost are ones the
+// configured users have (a fixed dummy hash of one cost would tell users
+// with other costs or argon2id from unknown names).
+func (h *ingestHook) decoyHash(name string) string {
+	f := fnv.New32a()
+	f.Write([]byte(name))
+	return h.decoys[f.Sum32()%uint32(len(h.decoys))]
 }
 
 // userOf returns the user a client logged in as, or nil for an anonymous
@@ -79,7 +94,8 @@ func (h *ingestHook) userOf(cl *mqtt.Client) *user {
 // anonymous client on a listener that allows them. A client that sends
 // credentials must match a user, on any listener, unless there are no
 // users. Failed logins lock the remote address out for a while (AuthBackoff).
-// A client may not take over a session (client id) of another user.
+// A client may not take over the client id of another user's connected
+// client; a disconnected session of another user's is discarded.
 func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	if cl.Net.Inline {
 		return true
@@ -97,36 +113,83 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 		// mochi's answer, as before users existed: 0x86, MQTT 3.1.1 0x05.
 		return false
 	}
-	if old, ok := h.srv.Clients.Get(cl.ID); ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl)) {
-		h.log.Warn("refused a client whose id belongs to another user's session",
+	old, ok := h.srv.Clients.Get(cl.ID)
+	foreign := ok && (old.Net.Inline || h.userOf(old) != h.userOf(cl))
+	if foreign && (old.Net.Inline || !old.Closed()) {
+		h.log.Warn("refused a client whose id is another user's connected client",
 			"client", cl.ID, "username", string(cl.Properties.Username), "remote", cl.Net.Remote)
 		return h.refuseConnect(cl, packets.ErrClientIdentifierNotValid)
+	}
+	if c.WillFlag && !h.willAllowed(cl, c.WillTopic) {
+		h.warnACL(cl, "will", c.WillTopic)
+		return h.refuseConnect(cl, packets.ErrNotAuthorized)
+	}
+	if foreign {
+		h.discardSession(old, cl)
 	}
 	return true
 }
 
-// login checks a client's username and password.
+// discardSession deletes the session that a disconnected client of
+// another identity left under cl's client id, so that cl starts clean
+// instead of inheriting its subscriptions and queued messages (mochi's
+// inheritClientSession would), and the id cannot be squatted by leaving a
+// session behind.
+func (h *ingestHook) discardSession(old, cl *mqtt.Client) {
+	h.srv.UnsubscribeClient(old)
+	old.ClearInflights()
+	if cur, ok := h.srv.Clients.Get(old.ID); ok && cur == old {
+		h.srv.Clients.Delete(old.ID)
+	}
+	h.log.Info("discarded another user's disconnected session for a client id it now logs in with",
+		"client", cl.ID, "username", string(cl.Properties.Username), "old_username", string(old.Properties.Username),
+		"remote", cl.Net.Remote)
+}
+
+// willAllowed reports whether cl may leave a will on topic. mochi delivers
+// and retains a will without OnACLCheck or OnPublish, so the will is
+// checked here, once the identity is known: the client must be allowed to
+// publish to the topic, and it may be neither one of the agent's request
+// topics (a will is not served) nor a '$' topic.
+func (h *ingestHook) willAllowed(cl *mqtt.Client, topic string) bool {
+	return h.allowed(cl, topic, true) && !h.isRequest(topic) && !strings.HasPrefix(topic, "$")
+}
+
+// login checks a client's username and password. At most
+// maxAttemptsPerRemote logins from one address are checked at once, and the
+// lockout is checked again once a check may start, so that parallel guesses
+// cost no more checks than sequential ones.
 func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 	ip := remoteIP(cl.Net.Remote)
 	name := string(pk.Connect.Username)
 	if h.guard.locked(ip) {
-		h.authLocked.Add(1)
-		h.log.Warn("refused a login from a locked-out address (too many failed logins)",
-			"username", name, "client", cl.ID, "remote", cl.Net.Remote)
-		return h.refuseConnect(cl, packets.ErrConnectionRateExceeded)
+		return h.refuseLocked(cl, name, "too many failed logins")
+	}
+	if !h.guard.begin(ip) {
+		return h.refuseLocked(cl, name, "too many logins in progress from the address")
 	}
 	u := h.users[name]
-	hash := dummyHash
+	hash := h.decoyHash(name) // refused below whatever it verifies
 	if u != nil {
 		hash = u.hash
 	}
-	select {
-	case h.verifying <- struct{}{}:
-	case <-h.done:
-		return false
+	release, ok := h.verifySlot(hash)
+	if !ok {
+		h.guard.end(ip)
+		h.busy.Add(1)
+		h.log.Warn("refused a login: no password check could start in time (too many logins at once)",
+			"username", name, "client", cl.ID, "remote", cl.Net.Remote, "wait", verifyWait)
+		return h.refuseConnect(cl, packets.ErrServerBusy)
 	}
-	ok := verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
-	<-h.verifying
+	if h.guard.locked(ip) {
+		release()
+		h.guard.end(ip)
+		return h.refuseLocked(cl, name, "too many failed logins")
+	}
+	h.checks.Add(1)
+	ok = verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
+	release()
+	h.guard.end(ip)
 	if ok {
 		h.guard.succeed(ip)
 		return true
@@ -139,6 +202,49 @@ func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 	return h.refuseConnect(cl, packets.ErrBadUsernameOrPassword)
 }
 
+// refuseLocked refuses a login from a locked-out address, or one with too
+// many logins in progress, without checking its password.
+func (h *ingestHook) refuseLocked(cl *mqtt.Client, name, why string) bool {
+	h.authLocked.Add(1)
+	h.log.Warn("refused a login from a locked-out address: "+why,
+		"username", name, "client", cl.ID, "remote", cl.Net.Remote)
+	return h.refuseConnect(cl, packets.ErrConnectionRateExceeded)
+}
+
+// verifySlot waits, at most verifyWait, until a password check of hash may
+// start, and returns the function that ends it; false when none could
+// start in time or the broker is closing. argon2id checks, which take up to
+// 64 MiB each, also take one of fewer argon2id slots.
+func (h *ingestHook) verifySlot(hash string) (release func(), ok bool) {
+	t := time.NewTimer(h.verifyWait)
+	defer t.Stop()
+	argon := strings.HasPrefix(hash, "$argon2id$")
+	if argon {
+		select {
+		case h.argonSlots <- struct{}{}:
+		case <-t.C:
+			return nil, false
+		case <-h.done:
+			return nil, false
+		}
+	}
+	select {
+	case h.verifying <- struct{}{}:
+		return func() {
+			<-h.verifying
+			if argon {
+				<-h.argonSlots
+			}
+		}, true
+	case <-t.C:
+	case <-h.done:
+	}
+	if argon {
+		<-h.argonSlots
+	}
+	return nil, false
+}
+
 // refuseConnect makes the client's CONNACK carry code (see OnPacketEncode)
 // and returns false.
 func (h *ingestHook) refuseConnect(cl *mqtt.Client, code packets.Code) bool {
@@ -148,7 +254,13 @@ func (h *ingestHook) refuseConnect(cl *mqtt.Client, code packets.Code) bool {
 
 // OnACLCheck applies the ACLs: write is a publish to topic; otherwise topic
 // is a subscription's filter or the topic of a message to deliver.
+// mochi checks a publish before it resolves an MQTT 5 topic alias, so a
+// publish that reuses an alias comes with an empty topic: it is let
+// through here and its resolved topic checked in OnPublish.
 func (h *ingestHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if write && topic == "" && cl.Properties.ProtocolVersion == 5 {
+		return true
+	}
 	if h.allowed(cl, topic, write) {
 		return true
 	}
