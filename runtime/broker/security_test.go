@@ -4,21 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,6 +22,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/outpost-edge/outpost/internal/mosqtest"
+	"github.com/outpost-edge/outpost/internal/testpki"
 	"github.com/outpost-edge/outpost/storage"
 )
 
@@ -652,14 +644,14 @@ func TestMaxClients(t *testing.T) {
 // counted), one with a certificate from another CA too, and one with a
 // certificate from the configured CA connects and logs in.
 func TestTLSClientCertRequired(t *testing.T) {
-	pki := newPKI(t)
+	pki := testpki.New(t, "device-a")
 	b := secureBroker(t, func(o *Options) {
-		o.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: &TLS{CertFile: pki.serverCert, KeyFile: pki.serverKey,
-			ClientCAFile: pki.caFile, RequireClientCert: true}}}
+		o.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: &TLS{CertFile: pki.ServerCert, KeyFile: pki.ServerKey,
+			ClientCAFile: pki.CAFile, RequireClientCert: true}}}
 	})
 	addr := b.Addrs()[0]
 	dial := func(certs []tls.Certificate) (*paho.Client, error) {
-		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.roots, Certificates: certs, ServerName: "127.0.0.1"})
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.Roots, Certificates: certs, ServerName: "127.0.0.1"})
 		if err != nil {
 			return nil, err
 		}
@@ -670,11 +662,11 @@ func TestTLSClientCertRequired(t *testing.T) {
 		_ = c.Disconnect(&paho.Disconnect{})
 		t.Fatal("a client without a certificate connected")
 	}
-	if c, err := dial([]tls.Certificate{pki.otherClient}); err == nil {
+	if c, err := dial([]tls.Certificate{pki.OtherClient}); err == nil {
 		_ = c.Disconnect(&paho.Disconnect{})
 		t.Fatal("a client with a certificate from another CA connected")
 	}
-	c, err := dial([]tls.Certificate{pki.client})
+	c, err := dial([]tls.Certificate{pki.Client})
 	if err != nil {
 		t.Fatalf("a client with a certificate: %v", err)
 	}
@@ -756,85 +748,6 @@ func TestHashes(t *testing.T) {
 	if err := CheckHash(strings.Replace(bc, fmt.Sprintf("$%02d$", bcrypt.MinCost), "$14$", 1)); err != nil {
 		t.Errorf("CheckHash of a cost 14 hash: %v", err)
 	}
-}
-
-// testPKI is a CA with a server certificate for 127.0.0.1 and a client
-// certificate, and a client certificate of another CA.
-type testPKI struct {
-	caFile, serverCert, serverKey string
-	roots                         *x509.CertPool
-	client, otherClient           tls.Certificate
-}
-
-func newPKI(t *testing.T) *testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	ca, caKey := makeCert(t, "test CA", nil, nil)
-	srv, srvKey := makeCert(t, "127.0.0.1", ca, caKey)
-	cli, cliKey := makeCert(t, "device-a", ca, caKey)
-	other, otherKey := makeCert(t, "other CA", nil, nil)
-	oc, ocKey := makeCert(t, "device-a", other, otherKey)
-	p := &testPKI{roots: x509.NewCertPool()}
-	p.roots.AddCert(ca)
-	write := func(name, typ string, der []byte) string {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
-	keyDER := func(k *ecdsa.PrivateKey) []byte {
-		der, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return der
-	}
-	p.caFile = write("ca.pem", "CERTIFICATE", ca.Raw)
-	p.serverCert = write("server.pem", "CERTIFICATE", srv.Raw)
-	p.serverKey = write("server-key.pem", "EC PRIVATE KEY", keyDER(srvKey))
-	p.client = tls.Certificate{Certificate: [][]byte{cli.Raw}, PrivateKey: cliKey}
-	p.otherClient = tls.Certificate{Certificate: [][]byte{oc.Raw}, PrivateKey: ocKey}
-	return p
-}
-
-// makeCert makes a certificate signed by parent, or a self-signed CA when
-// parent is nil.
-func makeCert(t *testing.T, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	signer, signerKey := tmpl, key
-	if parent == nil {
-		tmpl.IsCA, tmpl.BasicConstraintsValid = true, true
-		tmpl.KeyUsage |= x509.KeyUsageCertSign
-		tmpl.ExtKeyUsage = nil
-	} else {
-		signer, signerKey = parent, parentKey
-	}
-	if ip := net.ParseIP(cn); ip != nil {
-		tmpl.IPAddresses = []net.IP{ip}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, key
 }
 
 // execCommand runs a program and returns its combined output.
