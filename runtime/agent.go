@@ -115,14 +115,12 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
 
-	bopts, err := brokerOptions(&cfg)
-	if err == nil {
-		a.users, err = cfg.BrokerUsers()
-	}
+	a.users, err = cfg.BrokerUsers()
 	if err != nil {
 		_ = a.outbox.Close()
 		return nil, fmt.Errorf("runtime: %w", err)
 	}
+	bopts := brokerOptions(&cfg, a.users)
 	bopts.Route, bopts.Store, bopts.Logger = a.match, a.outbox.AppendAsync, log.With("component", "broker")
 	a.broker, err = broker.New(bopts)
 	if err != nil {
@@ -157,9 +155,9 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	return a, nil
 }
 
-// brokerOptions translates the broker's configuration; it reads
-// broker.users_file.
-func brokerOptions(cfg *Config) (broker.Options, error) {
+// brokerOptions translates the broker's configuration, with its users
+// (broker.users and broker.users_file, loaded).
+func brokerOptions(cfg *Config, users []BrokerUser) broker.Options {
 	bc := &cfg.Broker
 	o := broker.Options{
 		MaxPacketSize: uint32(bc.MaxPacketSize),
@@ -180,14 +178,10 @@ func brokerOptions(cfg *Config) (broker.Options, error) {
 		acl := broker.ACL(*bc.AnonymousACL)
 		o.AnonymousACL = &acl
 	}
-	users, err := cfg.BrokerUsers()
-	if err != nil {
-		return o, err
-	}
 	for _, u := range users {
 		o.Users = append(o.Users, broker.User{Username: u.Username, PasswordHash: string(u.PasswordHash), ACL: broker.ACL(u.ACL)})
 	}
-	return o, nil
+	return o
 }
 
 // openPlugins loads the installed plugins and serves local requests with

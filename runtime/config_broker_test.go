@@ -95,10 +95,7 @@ broker:
 	if len(users) != 2 || users[0].Username != "device-a" || users[1].Username != "device-b" {
 		t.Fatalf("users %+v, want device-a then device-b", users)
 	}
-	opts, err := brokerOptions(&cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	opts := brokerOptions(&cfg, users)
 	if len(opts.Users) != 2 || opts.Listeners[1].TLS == nil || !opts.Listeners[1].TLS.RequireClientCert ||
 		opts.AnonymousACL == nil || opts.RateLimit.Burst != 200 || opts.MaxClients != 50 || opts.UserACL.Publish[0] != "devices/%u/#" {
 		t.Fatalf("broker options %+v", opts)
