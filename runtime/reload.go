@@ -16,7 +16,8 @@ import (
 // LiveKeys are the configuration keys a reload applies while the agent
 // runs; a change to any other key needs a restart.
 var LiveKeys = []string{"routes", "storage.max_bytes", "storage.max_messages", "storage.when_full", "storage.ttl",
-	"plugins.max_concurrent", "log.level", "log.components"}
+	"plugins.max_concurrent", "log.level", "log.components",
+	"broker.users", "broker.users_file", "broker.acl", "broker.anonymous_acl"}
 
 // ErrNeedsRestart is returned by Reload when the new configuration changes
 // a key that cannot change while the agent runs.
@@ -35,6 +36,8 @@ func withLive(next, cur Config) Config {
 	next.Storage.WhenFull, next.Storage.TTL = cur.Storage.WhenFull, cur.Storage.TTL
 	next.Plugins.MaxConcurrent = cur.Plugins.MaxConcurrent
 	next.Log.Level, next.Log.Components = cur.Log.Level, cur.Log.Components
+	next.Broker.Users, next.Broker.UsersFile = cur.Broker.Users, cur.Broker.UsersFile
+	next.Broker.ACL, next.Broker.AnonymousACL = cur.Broker.ACL, cur.Broker.AnonymousACL
 	return next
 }
 
@@ -104,8 +107,9 @@ func diffPaths(prefix string, a, b any) []string {
 }
 
 // Reload applies next, a valid configuration, while the agent runs: the
-// routes, the outbox's caps and TTL, and the bound on requests served at
-// once. Connections stay up. Log levels are the caller's (it owns the
+// routes, the outbox's caps and TTL, the bound on requests served at once,
+// and the local broker's users and ACLs. Connections stay up, but for the
+// clients of a removed user or a changed password. Log levels are the caller's (it owns the
 // logger). If next changes any other key, nothing is applied and the
 // error is an *ErrNeedsRestart naming the keys. It returns the keys
 // changed.
@@ -123,8 +127,9 @@ func (a *Agent) Reload(next Config) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("runtime: reload refused, the configuration is not valid (nothing was applied): %w", err)
 	}
-	if !reflect.DeepEqual(users, a.users) && !contains(restart, "broker.users") {
-		restart = append(restart, "broker.users")
+	usersChanged := !reflect.DeepEqual(users, a.users)
+	if usersChanged && !contains(live, "broker.users") {
+		live = append(live, "broker.users")
 	}
 	if len(restart) > 0 {
 		return nil, &ErrNeedsRestart{Keys: restart}
@@ -136,6 +141,17 @@ func (a *Agent) Reload(next Config) ([]string, error) {
 	rt, err := router.New(rules)
 	if err != nil {
 		return nil, fmt.Errorf("runtime: reload: %w", err)
+	}
+	if usersChanged || !reflect.DeepEqual(next.Broker.ACL, a.cfg.Broker.ACL) ||
+		!reflect.DeepEqual(next.Broker.AnonymousACL, a.cfg.Broker.AnonymousACL) {
+		// First, so that a refusal leaves everything as it was.
+		bo := brokerOptions(&next, users)
+		if _, err := a.broker.SetUsers(bo.Users, bo.UserACL, bo.AnonymousACL); err != nil {
+			return nil, fmt.Errorf("runtime: reload refused (nothing was applied): %w", err)
+		}
+		a.users = users
+		a.cfg.Broker.Users, a.cfg.Broker.UsersFile = next.Broker.Users, next.Broker.UsersFile
+		a.cfg.Broker.ACL, a.cfg.Broker.AnonymousACL = next.Broker.ACL, next.Broker.AnonymousACL
 	}
 	if err := a.outbox.Reconfigure(routes, limitsOf(next.Storage)); err != nil {
 		return nil, fmt.Errorf("runtime: reload: %w", err)

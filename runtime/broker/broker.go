@@ -170,7 +170,6 @@ func New(opts Options) (*Broker, error) {
 		store:     opts.Store,
 		log:       log,
 		anonymous: map[string]bool{},
-		users:     map[string]*user{},
 		rate:      opts.RateLimit,
 		guard:     newAuthGuard(opts.AuthBackoff, opts.now),
 		now:       opts.now,
@@ -181,9 +180,11 @@ func New(opts Options) (*Broker, error) {
 		argonSlots: make(chan struct{}, max(1, verifySlots/2)),
 		verifyWait: opts.verifyWait,
 	}
-	if err := h.setUsers(opts); err != nil {
+	c, err := compileCreds(opts.Users, opts.UserACL, opts.AnonymousACL)
+	if err != nil {
 		return nil, err
 	}
+	h.creds.Store(c)
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add ingest hook: %w", err)
 	}
@@ -210,7 +211,7 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: listen on %s: %w", l.Address, err)
 		}
 		b.addrs = append(b.addrs, tcp.Address())
-		warnListener(log, tcp.Address(), l, loopback, len(h.users) > 0)
+		warnListener(log, tcp.Address(), l, loopback, len(h.creds.Load().users) > 0)
 	}
 	return b, nil
 }
@@ -406,11 +407,9 @@ type ingestHook struct {
 	requestFilters []string
 	requests       *router.Router
 
+	creds atomic.Pointer[creds] // the users and ACLs: replaced by SetUsers
+
 	// Read-only after New.
-	users      map[string]*user
-	decoys     []string  // the users' hashes, sorted: see decoyHash
-	userRules  *aclRules // Options.UserACL, with no user's own rules
-	anonRules  *aclRules // nil = anonymous clients may do anything
 	rate       RateLimit
 	guard      *authGuard
 	now        func() time.Time

@@ -29,44 +29,89 @@ var v3Refusal = map[byte]byte{
 	packets.ErrServerBusy.Code:               0x03, // server unavailable
 }
 
-// setUsers checks and compiles the users and the ACLs.
-func (h *ingestHook) setUsers(opts Options) error {
+// creds are the users and the ACLs, compiled; SetUsers replaces them whole.
+type creds struct {
+	users     map[string]*user
+	decoys    []string  // the users' hashes, sorted: see decoyHash
+	userRules *aclRules // Options.UserACL, with no user's own rules
+	anonRules *aclRules // nil = anonymous clients may do anything
+}
+
+// compileCreds checks and compiles the users and the ACLs.
+func compileCreds(users []User, userACL ACL, anonymousACL *ACL) (*creds, error) {
 	var errs []error
 	var err error
-	if h.userRules, err = compileACL(opts.UserACL); err != nil {
+	c := &creds{users: map[string]*user{}}
+	if c.userRules, err = compileACL(userACL); err != nil {
 		errs = append(errs, fmt.Errorf("user ACL: %w", err))
 	}
-	if opts.AnonymousACL != nil {
-		if h.anonRules, err = compileACL(*opts.AnonymousACL); err != nil {
+	if anonymousACL != nil {
+		if c.anonRules, err = compileACL(*anonymousACL); err != nil {
 			errs = append(errs, fmt.Errorf("anonymous ACL: %w", err))
 		}
 	}
-	for _, u := range opts.Users {
+	for _, u := range users {
 		switch {
 		case u.Username == "" || strings.ContainsAny(u.Username, "/+#"):
 			errs = append(errs, fmt.Errorf("user %q: a username is not empty and has no '/', '+', '#'", u.Username))
 			continue
-		case h.users[u.Username] != nil:
+		case c.users[u.Username] != nil:
 			errs = append(errs, fmt.Errorf("user %q: defined twice", u.Username))
 			continue
 		}
 		if err := CheckHash(u.PasswordHash); err != nil {
 			errs = append(errs, fmt.Errorf("user %q: %w", u.Username, err))
 		}
-		rules, err := compileACL(u.ACL, opts.UserACL)
+		rules, err := compileACL(u.ACL, userACL)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("user %q: %w", u.Username, err))
 		}
-		h.users[u.Username] = &user{name: u.Username, hash: u.PasswordHash, rules: rules}
+		c.users[u.Username] = &user{name: u.Username, hash: u.PasswordHash, rules: rules}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("broker: %w", err)
+		return nil, fmt.Errorf("broker: %w", err)
 	}
-	for _, u := range h.users {
-		h.decoys = append(h.decoys, u.hash)
+	for _, u := range c.users {
+		c.decoys = append(c.decoys, u.hash)
 	}
-	slices.Sort(h.decoys)
-	return nil
+	slices.Sort(c.decoys)
+	return c, nil
+}
+
+// SetUsers replaces the users and the ACLs while the broker runs. The
+// ACLs apply from the next check (a delivery included). A connected
+// client that logged in with a username keeps its connection only if its
+// user is still there with the same password hash: the others (a user
+// removed, a password changed, or credentials that no user checked
+// because there were none) are disconnected, to log in again under the
+// new users. It returns how many were.
+func (b *Broker) SetUsers(users []User, userACL ACL, anonymousACL *ACL) (int, error) {
+	c, err := compileCreds(users, userACL, anonymousACL)
+	if err != nil {
+		return 0, err
+	}
+	h := b.hook
+	old := h.creds.Swap(c)
+	cut := 0
+	for _, cl := range b.srv.Clients.GetAll() {
+		name := string(cl.Properties.Username)
+		if cl.Net.Inline || cl.Closed() || name == "" {
+			continue
+		}
+		before, after := old.users[name], c.users[name]
+		if before != nil && after != nil && before.hash == after.hash {
+			continue
+		}
+		cut++
+		h.log.Warn("disconnected a client: its user was removed or its password changed", "client", cl.ID, "username", name)
+		if cl.Properties.ProtocolVersion == 5 {
+			_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect},
+				ReasonCode: packets.ErrNotAuthorized.Code})
+		}
+		cl.Stop(packets.ErrNotAuthorized)
+	}
+	h.log.Info("broker users and ACLs replaced", "users", len(c.users), "disconnected", cut)
+	return cut, nil
 }
 
 // decoyHash is the hash verified for an unknown username, so that its
@@ -77,7 +122,8 @@ func (h *ingestHook) setUsers(opts Options) error {
 func (h *ingestHook) decoyHash(name string) string {
 	f := fnv.New32a()
 	f.Write([]byte(name))
-	return h.decoys[f.Sum32()%uint32(len(h.decoys))]
+	decoys := h.creds.Load().decoys
+	return decoys[f.Sum32()%uint32(len(decoys))]
 }
 
 // userOf returns the user a client logged in as, or nil for an anonymous
@@ -87,7 +133,7 @@ func (h *ingestHook) userOf(cl *mqtt.Client) *user {
 	if len(cl.Properties.Username) == 0 {
 		return nil
 	}
-	return h.users[string(cl.Properties.Username)]
+	return h.creds.Load().users[string(cl.Properties.Username)]
 }
 
 // OnConnectAuthenticate admits a client with a user's right password, or an
@@ -102,7 +148,7 @@ func (h *ingestHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 	}
 	c := &pk.Connect
 	switch {
-	case len(h.users) > 0 && (c.UsernameFlag || c.PasswordFlag):
+	case len(h.creds.Load().users) > 0 && (c.UsernameFlag || c.PasswordFlag):
 		if !h.login(cl, pk) {
 			return false
 		}
@@ -168,7 +214,7 @@ func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 	if !h.guard.begin(ip) {
 		return h.refuseLocked(cl, name, "too many logins in progress from the address")
 	}
-	u := h.users[name]
+	u := h.creds.Load().users[name]
 	hash := h.decoyHash(name) // refused below whatever it verifies
 	if u != nil {
 		hash = u.hash
@@ -278,7 +324,7 @@ func (h *ingestHook) allowed(cl *mqtt.Client, topic string, write bool) bool {
 	if cl.Net.Inline {
 		return true
 	}
-	rules, name := h.anonRules, ""
+	rules, name := h.creds.Load().anonRules, ""
 	if u := h.userOf(cl); u != nil {
 		rules, name = u.rules, u.name
 	}

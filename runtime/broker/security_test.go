@@ -924,7 +924,7 @@ func TestUnknownUserVerified(t *testing.T) {
 	b := secureBroker(t, func(o *Options) { o.AuthBackoff = AuthBackoff{} })
 	h := b.hook
 	configured := map[string]string{}
-	for _, u := range h.users {
+	for _, u := range h.creds.Load().users {
 		configured[u.hash] = u.name
 	}
 	for _, name := range []string{"device-z", "x", "Device-A", ""} {
@@ -1163,5 +1163,81 @@ func TestDeliveryChecked(t *testing.T) {
 	}
 	if got := next(t, gotA); got != "devices/device-a/marker" {
 		t.Fatalf("A received %q first, want only the marker on its own topic", got)
+	}
+}
+
+// TestSetUsers: users and ACLs change while the broker runs. A client of a
+// removed user or a changed password is disconnected, a client of an
+// unchanged user keeps its connection, the new password logs in and the
+// old one no longer does, and a changed ACL applies to the next publish.
+func TestSetUsers(t *testing.T) {
+	b := secureBroker(t, func(o *Options) { o.AuthBackoff = AuthBackoff{} })
+	addr := b.Addrs()[0]
+	dropped := func(id, user, pw string) (*paho.Client, chan struct{}) {
+		t.Helper()
+		gone := make(chan struct{})
+		var once sync.Once
+		c, ack, err := login(addr, id, user, pw, func(cfg *paho.ClientConfig) {
+			cfg.OnServerDisconnect = func(*paho.Disconnect) { once.Do(func() { close(gone) }) }
+			cfg.OnClientError = func(error) { once.Do(func() { close(gone) }) }
+		})
+		if err != nil || ack.ReasonCode != 0 {
+			t.Fatalf("login %s: %v %+v", user, err, ack)
+		}
+		t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+		return c, gone
+	}
+	a, aGone := dropped("a-1", "device-a", "secret-a")
+	_, bGone := dropped("b-1", "device-b", "secret-b")
+	pub := func(c *paho.Client, topic string) byte {
+		t.Helper()
+		r, err := c.Publish(context.Background(), &paho.Publish{Topic: topic, QoS: 1, Payload: []byte("x")})
+		if r == nil {
+			t.Fatalf("publish %s: %v", topic, err)
+		}
+		return r.ReasonCode
+	}
+	if rc := pub(a, "devices/device-a/t"); rc != 0 {
+		t.Fatalf("before: 0x%02x", rc)
+	}
+
+	// device-a keeps its password; device-b's changes; the ACL narrows to
+	// telemetry only.
+	cut, err := b.SetUsers([]User{
+		{Username: "device-a", PasswordHash: b.hook.creds.Load().users["device-a"].hash},
+		{Username: "device-b", PasswordHash: testHash(t, "new-secret-b")},
+	}, ACL{Publish: []string{"devices/%u/telemetry"}, Subscribe: []string{"devices/%u/#"}}, nil)
+	if err != nil || cut != 1 {
+		t.Fatalf("SetUsers: %d disconnected, %v; want 1", cut, err)
+	}
+	select {
+	case <-bGone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("device-b's client, whose password changed, is still connected")
+	}
+	select {
+	case <-aGone:
+		t.Fatal("device-a's client was disconnected although its user did not change")
+	default:
+	}
+	if rc := pub(a, "devices/device-a/t"); rc != 0x87 {
+		t.Errorf("a publish the new ACL forbids: 0x%02x, want 0x87", rc)
+	}
+	if rc := pub(a, "devices/device-a/telemetry"); rc != 0 {
+		t.Errorf("a publish the new ACL allows: 0x%02x", rc)
+	}
+	if _, ack, err := login(addr, "b-2", "device-b", "secret-b", nil); err == nil || ack == nil || ack.ReasonCode != 0x86 {
+		t.Errorf("device-b's old password: %v %+v, want 0x86", err, ack)
+	}
+	if c, ack, err := login(addr, "b-3", "device-b", "new-secret-b", nil); err != nil || ack.ReasonCode != 0 {
+		t.Errorf("device-b's new password: %v %+v", err, ack)
+	} else {
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	if _, err := b.SetUsers([]User{{Username: "x/y", PasswordHash: "nope"}}, ACL{}, nil); err == nil {
+		t.Error("SetUsers accepted a bad user")
+	}
+	if _, ok := b.hook.creds.Load().users["device-a"]; !ok {
+		t.Error("a refused SetUsers changed the users")
 	}
 }
