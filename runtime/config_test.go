@@ -230,3 +230,19 @@ func TestWarnings(t *testing.T) {
 		t.Errorf("a warning shows the password:\n%s", got)
 	}
 }
+
+// TestLiveKeysDocumented: the operator's guide lists every key a reload
+// applies live.
+func TestLiveKeysDocumented(t *testing.T) {
+	b, err := os.ReadFile("../docs/OPERATIONS.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(b), "### Reload")
+	section, _, _ = strings.Cut(section, "## Observe")
+	for _, k := range liveKeys {
+		if !strings.Contains(section, "`"+k+"`") {
+			t.Errorf("docs/OPERATIONS.md, Reload, does not list %s", k)
+		}
+	}
+}

@@ -13,9 +13,9 @@ import (
 	"github.com/outpost-edge/outpost/storage"
 )
 
-// LiveKeys are the configuration keys a reload applies while the agent
+// liveKeys are the configuration keys a reload applies while the agent
 // runs; a change to any other key needs a restart.
-var LiveKeys = []string{"routes", "storage.max_bytes", "storage.max_messages", "storage.when_full", "storage.ttl",
+var liveKeys = []string{"routes", "storage.max_bytes", "storage.max_messages", "storage.when_full", "storage.ttl",
 	"plugins.max_concurrent", "log.level", "log.components",
 	"broker.users", "broker.users_file", "broker.acl", "broker.anonymous_acl"}
 
