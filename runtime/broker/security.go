@@ -234,6 +234,9 @@ func (h *ingestHook) login(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	h.checks.Add(1)
 	ok = verifyPassword(hash, pk.Connect.Password) && u != nil && pk.Connect.PasswordFlag
+	if cur := h.creds.Load().users[name]; ok && (cur == nil || cur.hash != hash) {
+		ok = false // SetUsers removed the user or changed its password during the check
+	}
 	release()
 	h.guard.end(ip)
 	if ok {
