@@ -507,6 +507,12 @@ func (u *Uplink) onUp(cm *autopaho.ConnectionManager, ca *paho.Connack) {
 		"maximum_packet_size", maxPacket, "reconnects", n-1)
 	u.stopLink()
 	u.mu.Lock()
+	if u.cm == nil && cm != nil {
+		// The first connection can be up before NewConnection has returned
+		// to Start: Send and Reauthenticate, which the OnConnect callback
+		// may call, need the manager now.
+		u.cm = cm
+	}
 	l.conn = u.dialled
 	l.ctx, l.cancel = context.WithCancel(u.ctx)
 	u.link = l
