@@ -203,8 +203,15 @@ func TestSecrets(t *testing.T) {
 			t.Errorf("Secrets() = %q lacks %q", got, want)
 		}
 	}
-	if r := c.Redacted(); strings.Contains(r.Uplink.URL, "w0rd") || r.Uplink.Password != "<redacted>" {
-		t.Errorf("Redacted: %q %q", r.Uplink.URL, r.Uplink.Password)
+	c.Uplink.Azure.SharedAccessKey, c.Uplink.Watson.Token = "a2V5LWtleQ==", "tok-tok-tok"
+	r := c.Redacted()
+	if strings.Contains(r.Uplink.URL, "w0rd") || r.Uplink.Password != "<redacted>" ||
+		r.Uplink.Azure.SharedAccessKey != "<redacted>" || r.Uplink.Watson.Token != "<redacted>" {
+		t.Errorf("Redacted: url %q password %q key %q token %q", r.Uplink.URL, r.Uplink.Password,
+			r.Uplink.Azure.SharedAccessKey, r.Uplink.Watson.Token)
+	}
+	if c.Uplink.Password != "plain-pw" {
+		t.Error("Redacted changed the configuration it copied")
 	}
 }
 

@@ -15,7 +15,6 @@ import (
 type observer struct {
 	rates metrics.Rates
 	ready atomic.Bool
-	start time.Time
 	stop  chan struct{}
 	done  chan struct{}
 }
@@ -27,7 +26,7 @@ const sampleEvery = time.Second
 // startObserving samples the uplink once a second until close.
 func (a *Agent) startObserving() {
 	o := &a.obs
-	o.start, o.stop, o.done = time.Now(), make(chan struct{}), make(chan struct{})
+	o.stop, o.done = make(chan struct{}), make(chan struct{})
 	a.sample(time.Now())
 	go func() {
 		defer close(o.done)
@@ -59,7 +58,7 @@ func (a *Agent) sample(now time.Time) {
 		us := a.uplink.Stats()
 		connected, forwarded = us.Connected, us.Forwarded
 	}
-	a.obs.rates.Observe(now, connected, forwarded, a.broker.Stats().Stored)
+	a.obs.rates.Observe(now, connected, forwarded, a.broker.Stored())
 }
 
 // Snapshot returns the agent's state: the local broker, the outbox by

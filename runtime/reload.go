@@ -3,6 +3,7 @@ package runtime
 import (
 	"fmt"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -49,20 +50,11 @@ func (c *Config) Changes(next *Config) (live, restart []string) {
 	restart = diffPaths("", toTree(*c), toTree(fixed))
 	all := diffPaths("", toTree(*c), toTree(*next))
 	for _, k := range all {
-		if !contains(restart, k) {
+		if !slices.Contains(restart, k) {
 			live = append(live, k)
 		}
 	}
 	return live, restart
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // toTree is c as YAML's generic tree.
@@ -128,7 +120,7 @@ func (a *Agent) Reload(next Config) ([]string, error) {
 		return nil, fmt.Errorf("runtime: reload refused, the configuration is not valid (nothing was applied): %w", err)
 	}
 	usersChanged := !reflect.DeepEqual(users, a.users)
-	if usersChanged && !contains(live, "broker.users") {
+	if usersChanged && !slices.Contains(live, "broker.users") {
 		live = append(live, "broker.users")
 	}
 	if len(restart) > 0 {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/outpost-edge/outpost/runtime"
@@ -68,7 +69,7 @@ Try, in another terminal:
        bin/outpost hub online%[1]s
        bin/outpost status%[3]s
 `, hubFlag, mq, sock)
-	if hasHandler(handlers, "dm_action:firmware.update") {
+	if slices.Contains(handlers, "dm_action:firmware.update") {
 		fmt.Fprintf(w, `  6. Update the firmware from the cloud: the firmware handler (wasm) downloads the
      image, checks its sha256, and the install command copies it to %[5]s:
        bin/outpost hub firmware-update %[1]s --uri http://%[2]s/files/%[3]s --version %[4]s --verifier sha256:%[6]s%[7]s
@@ -109,13 +110,4 @@ Stop with Ctrl-C: the backlog stays in %s and drains on the next start, for exam
 forwarded to any MQTT 5 broker, under outpost/%s/..., with
        bin/outpost run --upstream mqtt://BROKER:1883
 `, sock, cfg.DataDir, cfg.DeviceID)
-}
-
-func hasHandler(handlers []string, h string) bool {
-	for _, x := range handlers {
-		if x == h {
-			return true
-		}
-	}
-	return false
 }

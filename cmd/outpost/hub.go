@@ -140,7 +140,7 @@ func hubServe(args []string, stdout, stderr io.Writer) int {
 }
 
 // hubClient runs one API call against a running hub.
-func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
+func hubClient(sub string, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("outpost hub "+sub, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	api := fs.String("api", envOr("OUTPOST_HUB_API", defaultHubAPI), "the hub's API `address`")
@@ -337,21 +337,21 @@ func hubClient(sub string, args []string, stdout, stderr io.Writer) (code int) {
 			return 0
 		}
 	}
-	if sub == "firmware-update" {
-		// The report is printed either way; the exit status says whether
-		// the update took.
-		var rep hub.FirmwareReport
-		if json.Unmarshal(out, &rep) == nil && rep.Result != "success" {
-			defer fmt.Fprintf(stderr, "outpost hub firmware-update: %s\n", rep.Result)
-			defer func() { code = 1 }()
-		}
-	}
 	var pretty bytes.Buffer
 	if json.Indent(&pretty, out, "", "  ") == nil {
 		out = pretty.Bytes()
 	}
 	stdout.Write(bytes.TrimRight(out, "\n"))
 	fmt.Fprintln(stdout)
+	if sub == "firmware-update" {
+		// The report is printed either way; the exit status says whether
+		// the update took.
+		var rep hub.FirmwareReport
+		if json.Unmarshal(out, &rep) == nil && rep.Result != "success" {
+			fmt.Fprintf(stderr, "outpost hub firmware-update: %s\n", rep.Result)
+			return 1
+		}
+	}
 	return 0
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"crypto/sha256"
+	"encoding/base64"
 	byteorder "encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -52,7 +53,11 @@ func startLocalHub(cfg *runtime.Config, listen, api string, log *slog.Logger) (*
 	}
 	img := demoFirmware()
 	sum := sha256.Sum256(img)
-	h, err := hub.New(hub.Options{Listen: listen, API: api, AzureHost: demoAzureHost, DefaultKey: []byte(defaultHubKeyRaw),
+	key, err := base64.StdEncoding.DecodeString(defaultHubKey)
+	if err != nil {
+		return nil, err
+	}
+	h, err := hub.New(hub.Options{Listen: listen, API: api, AzureHost: demoAzureHost, DefaultKey: key,
 		DefaultToken: "outpost-local-token", Files: map[string][]byte{demoFirmwareFile: img}, Log: log.With("component", "hub")})
 	if err != nil {
 		return nil, err
@@ -95,6 +100,3 @@ func (lh *localHub) configure(cfg *runtime.Config) error {
 	}
 	return nil
 }
-
-// defaultHubKeyRaw is defaultHubKey decoded.
-const defaultHubKeyRaw = "outpost-local-hub-device-key-001"

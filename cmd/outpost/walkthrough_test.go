@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -48,7 +49,7 @@ func TestWalkthrough(t *testing.T) {
 		}
 		args = append(args, runLine[i])
 	}
-	if !contains(args, "--hub") || !contains(args, "--hints") || len(installed) != 3 {
+	if !slices.Contains(args, "--hub") || !slices.Contains(args, "--hints") || len(installed) != 3 {
 		t.Fatalf("make run does not run the hub with hints and the three handlers: %q", runLine)
 	}
 	// Free ports instead of the fixed ones (a later flag wins).
@@ -263,13 +264,4 @@ func TestWalkthrough(t *testing.T) {
 	if !strings.Contains(stderr.String(), `"msg":"outpost stopped","backlog":0`) {
 		t.Errorf("no clean stop in the log:\n%s", stderr.String())
 	}
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

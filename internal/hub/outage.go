@@ -66,10 +66,3 @@ func (h *Hub) Online() error {
 	h.log.Info("hub online again", "mqtt", h.addr)
 	return nil
 }
-
-// IsOffline reports whether the hub is in an outage begun by Offline.
-func (h *Hub) IsOffline() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.offline
-}

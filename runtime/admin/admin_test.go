@@ -88,3 +88,40 @@ func TestStatuses(t *testing.T) {
 		}
 	}
 }
+
+// TestListenHTTPReadOnly: the TCP listener serves the observability routes
+// and nothing that changes the agent: installs, removals, rollbacks and
+// invocations are not routes there.
+func TestListenHTTPReadOnly(t *testing.T) {
+	observe := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("seen " + r.URL.Path)) })
+	s, err := ListenHTTP("127.0.0.1:0", observe, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(context.Background())
+	base := "http://" + s.Addr()
+	for _, p := range ObservePaths {
+		resp, err := http.Get(base + p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("GET %s: %d, want 200", p, resp.StatusCode)
+		}
+	}
+	for _, c := range []struct{ method, path string }{
+		{"PUT", "/v1/plugins/x"}, {"DELETE", "/v1/plugins/x"}, {"POST", "/v1/plugins/x/rollback"},
+		{"POST", "/v1/invoke"}, {"GET", "/v1/plugins"}, {"POST", "/metrics"},
+	} {
+		req, _ := http.NewRequest(c.method, base+c.path, strings.NewReader("{}"))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 404 && resp.StatusCode != 405 {
+			t.Errorf("%s %s on the TCP listener: %d, want 404 or 405", c.method, c.path, resp.StatusCode)
+		}
+	}
+}

@@ -261,6 +261,10 @@ func (b *Broker) Start() error {
 // Addrs returns the bound address of each listener, in configuration order.
 func (b *Broker) Addrs() []string { return append([]string(nil), b.addrs...) }
 
+// Stored is the count of publishes stored in the outbox (Stats.Stored),
+// without the walk over the clients that Stats makes.
+func (b *Broker) Stored() int64 { return b.hook.stored.Load() }
+
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {
 	connected := 0

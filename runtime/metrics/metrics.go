@@ -6,6 +6,7 @@ package metrics
 import (
 	"math"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"time"
@@ -186,7 +187,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	reasons := append([]string(nil), droppedNames...)
 	for k := range s.Outbox.Dropped {
-		if !contains(reasons, k) {
+		if !slices.Contains(reasons, k) {
 			reasons = append(reasons, k)
 		}
 	}
@@ -239,15 +240,6 @@ func sortedKeys(m map[string]int64) []string {
 	}
 	sort.Strings(keys)
 	return keys
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // String formats s for people: "1.5s", "3m20s".
